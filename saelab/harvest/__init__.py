@@ -1,0 +1,1 @@
+"""Corpus → tokens → activations on disk."""

@@ -1,0 +1,186 @@
+"""Run a language model over a corpus and write its activations at chosen hooks to a sharded store.
+
+The harvest is deterministic and resumable: contexts are numbered in corpus order, shard `i`
+holds contexts `[i·S, (i+1)·S)` computed in the same batches every time, and the manifest lists
+a shard only after the shard is safely on disk. A rerun of the same command after a kill skips the
+listed shards, deletes anything unlisted, and ends with the store an uninterrupted run would make.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+from dataclasses import asdict
+from importlib.metadata import version
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+import saelab
+from saelab.atomic import remove_stale_temporaries
+from saelab.errors import SaelabError
+from saelab.harvest.config import HarvestConfig
+from saelab.harvest.corpus import describe_corpus, iter_documents
+from saelab.harvest.manifest import MANIFEST_FILE, StoreManifest, read_manifest
+from saelab.harvest.packing import iter_contexts
+from saelab.harvest.shards import SHARD_DIR, write_shard
+from saelab.locking import LOCK_FILE, folder_lock
+from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Settings that do not change what a store contains; everything else must match to resume.
+_NOT_IDENTITY = ("out", "device")
+
+
+def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress: bool = True) -> StoreManifest:
+    """Harvest (or finish harvesting) the store `cfg.out`; returns its complete manifest."""
+    cfg.validate()
+    out = Path(cfg.out)
+    with folder_lock(out, what="harvest"):
+        model = model if model is not None else load_model(cfg.model, cfg.device)
+        hooks = [parse_hook(name, model.cfg.n_layers) for name in cfg.hooks]
+        manifest = _open_or_create_manifest(out, cfg, model)
+        _remove_unlisted_shards(out, manifest)
+        _write_remaining_shards(out, cfg, model, hooks, manifest, progress)
+        if manifest.n_contexts == 0:
+            raise SaelabError(
+                f"the corpus yields no full context of {cfg.context_size} tokens; add text or lower context_size"
+            )
+        manifest.complete = True
+        manifest.save(out)
+    return manifest
+
+
+def _write_remaining_shards(
+    out: Path,
+    cfg: HarvestConfig,
+    model: TransformerBridge,
+    hooks: list[HookPoint],
+    manifest: StoreManifest,
+    progress: bool,
+) -> None:
+    contexts = iter_contexts(iter_documents(cfg.corpus), model.tokenizer, cfg.context_size, cfg.prepend_bos)
+    remaining = islice(contexts, manifest.n_contexts, manifest.n_contexts_planned)
+    bar = tqdm(
+        total=manifest.n_contexts_planned * manifest.rows_per_context,
+        initial=manifest.n_rows,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {', '.join(cfg.hooks)}",
+        disable=not progress,
+    )
+    with bar:
+        while chunk := list(islice(remaining, cfg.shard_contexts)):
+            first_context = manifest.n_contexts
+            tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
+            record = write_shard(out, len(manifest.shards), first_context, len(chunk), tensors)
+            manifest.shards.append(record)
+            manifest.save(out)
+
+
+def _shard_tensors(
+    model: TransformerBridge,
+    contexts: torch.Tensor,
+    hooks: list[HookPoint],
+    cfg: HarvestConfig,
+    manifest: StoreManifest,
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    """Activations for `contexts: [n, context_size]`, batch by batch, as `{hook: [n·rows, d_model]}`."""
+    first, rows = manifest.first_position, manifest.rows_per_context
+    device = next(model.parameters()).device
+    names = [hook.name for hook in hooks]
+    stored = {
+        name: torch.empty(len(contexts) * rows, manifest.d_model, dtype=STORE_DTYPES[cfg.dtype]) for name in names
+    }
+    for start in range(0, len(contexts), cfg.batch_size):
+        batch = contexts[start : start + cfg.batch_size]
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(
+                batch.to(device), names_filter=names, stop_at_layer=stop_at_layer(hooks), return_cache_object=False
+            )
+        for name in names:
+            kept = cache[name][:, first:, :].reshape(-1, manifest.d_model)
+            stored[name][start * rows : (start + len(batch)) * rows] = kept.to("cpu", STORE_DTYPES[cfg.dtype])
+        bar.update(len(batch) * rows)
+    token_ids = contexts[:, first:].reshape(-1).to(torch.int32)
+    return {**stored, "token_ids": token_ids, "contexts": contexts.to(torch.int32)}
+
+
+def _identity(cfg: HarvestConfig) -> dict[str, Any]:
+    config = asdict(cfg)
+    for key in _NOT_IDENTITY:
+        config.pop(key)
+    return config
+
+
+def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
+    if (out / MANIFEST_FILE).exists():
+        manifest = read_manifest(out)
+        _check_same_config(out, manifest.config, _identity(cfg))
+        return manifest
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, SHARD_DIR))
+    if foreign:
+        raise SaelabError(
+            f"{out} already holds {', '.join(foreign[:3])}{'…' if len(foreign) > 3 else ''} and is not an activation "
+            "store; choose an empty or new `out` folder"
+        )
+    manifest = _new_manifest(cfg, model)
+    manifest.save(out)
+    return manifest
+
+
+def _check_same_config(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    changed = [
+        f"{key}: {stored.get(key)!r} → {wanted.get(key)!r}" for key in wanted if stored.get(key) != wanted.get(key)
+    ]
+    if changed:
+        raise SaelabError(
+            f"{out} was harvested with a different config ({'; '.join(changed)}); "
+            "rerun with the original settings to resume, or harvest into a new `out` folder"
+        )
+
+
+def _new_manifest(cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
+    first_position = 1 if cfg.exclude_first_position else 0
+    tokenizer = model.tokenizer
+    return StoreManifest(
+        config=_identity(cfg),
+        model=cfg.model,
+        hooks=list(cfg.hooks),
+        d_model=model.cfg.d_model,
+        dtype=cfg.dtype,
+        context_size=cfg.context_size,
+        first_position=first_position,
+        n_contexts_planned=math.ceil(cfg.n_tokens / (cfg.context_size - first_position)),
+        tokenizer={
+            "name_or_path": str(tokenizer.name_or_path),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer),
+        },
+        corpus=describe_corpus(cfg.corpus),
+        versions={
+            **{package: version(package) for package in ("torch", "transformer-lens", "transformers")},
+            "saelab": saelab.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+    )
+
+
+def _remove_unlisted_shards(out: Path, manifest: StoreManifest) -> None:
+    """Delete shards a killed run wrote after its last manifest update; they are recomputed identically."""
+    shard_dir = out / SHARD_DIR
+    if not shard_dir.is_dir():
+        return
+    remove_stale_temporaries(shard_dir)
+    listed = {Path(record.file).name for record in manifest.shards}
+    for path in shard_dir.iterdir():
+        if path.name not in listed:
+            path.unlink()

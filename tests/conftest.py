@@ -1,0 +1,50 @@
+"""Shared fixtures: the real SmolLM2 model (loaded once per session) and a tiny random Llama folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.models import SMOLLM2_SPEC, load_model
+from saelab.models.smollm2 import converted_smollm2_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real offline default model as saelab loads it (a TransformerBridge on the CPU)."""
+    return load_model(SMOLLM2_SPEC, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer random Llama saved as a local Hugging Face folder, with SmolLM2's real tokenizer.
+
+    It goes through the same loading path as any hub model a user names, without a network.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir), device="cpu")
