@@ -190,3 +190,26 @@ def test_cli_reports_bad_input_in_one_line(argv, message, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_a_harvested_store_reads_back_and_detects_corruption(smollm2, tmp_path):
+    from saelab.harvest.store import ActivationStore
+
+    manifest = harvest(small_config(tmp_path / "store", n_tokens=31 * 8), model=smollm2, progress=False)
+    store = ActivationStore(tmp_path / "store")
+    shard = map_shard(tmp_path / "store" / manifest.shards[1].file)
+    rows = torch.tensor([0, 5, 31 * 4 + 3, 31 * 8 - 1])
+    local = rows[rows >= 31 * 4] - 31 * 4
+    assert torch.equal(store.rows(rows)[2:], shard["blocks.15.hook_resid_post"][local])
+    assert torch.equal(store.token_ids(rows)[2:], shard["token_ids"][local].long())
+    shuffled = torch.cat(list(store.batches(batch_size=31, seed=3)))
+    in_order = store.rows(torch.arange(31 * 8))
+    assert shuffled.shape == in_order.shape and not torch.equal(shuffled, in_order)
+    by_first_value = lambda rows: rows[rows[:, 0].argsort()]  # noqa: E731
+    assert torch.equal(by_first_value(shuffled), by_first_value(in_order))
+    path = tmp_path / "store" / manifest.shards[1].file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SaelabError, match="shard-000001.safetensors"):
+        ActivationStore(tmp_path / "store")

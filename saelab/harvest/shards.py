@@ -77,8 +77,11 @@ def verify_shard(store: Path, record: ShardRecord, checksum: bool = True) -> Non
 def map_shard(path: Path) -> dict[str, torch.Tensor]:
     """Memory-map every tensor of a safetensors file (copy-on-write: the file is never modified)."""
     raw = np.memmap(path, dtype=np.uint8, mode="c")
-    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
-    header = json.loads(raw[8 : 8 + header_len].tobytes())
+    try:
+        (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
+        header = json.loads(raw[8 : 8 + header_len].tobytes())
+    except (struct.error, ValueError) as error:
+        raise SaelabError(f"{path} is not a readable safetensors file ({error}): it is damaged") from error
     start = 8 + header_len
     tensors = {}
     for name, info in header.items():

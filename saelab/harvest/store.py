@@ -1,0 +1,298 @@
+"""Reading an activation store: random access to rows, and seeded shuffled batches for training.
+
+The store is the folder the harvester writes: `manifest.json` plus memory-mapped safetensors
+shards. Only shards listed in the manifest are read, so a store can be read while its harvest
+is still running. Batches shuffle across shards through a bounded buffer of row *indices*:
+the order is a pure function of the seed and the sizes, the data are gathered per batch, and
+memory stays proportional to the buffer, never to the store.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saelab.errors import SaelabError
+from saelab.harvest.manifest import ShardRecord, StoreManifest, read_manifest
+from saelab.harvest.shards import map_shard, verify_shard
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Indices = torch.Tensor | Sequence[int] | np.ndarray
+
+
+class StoreIndexError(SaelabError, IndexError):
+    """A row or context index outside the store; the message names the valid range."""
+
+
+class ActivationStore:
+    """An activation store on disk, opened read-only.
+
+    Opening checks every listed shard (sizes always, sha256 when `verify`); shards are mapped
+    lazily, once each, on first use.
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        self._manifest = read_manifest(self.path)
+        if self._manifest.dtype not in _DTYPES:
+            raise SaelabError(f"{self.path}: activation dtype {self._manifest.dtype!r} is not one of {list(_DTYPES)}")
+        _check_layout(self._manifest)
+        for record in self._manifest.shards:
+            verify_shard(self.path, record, checksum=verify)
+        shards = self._manifest.shards
+        # starts[s] = global index of shard s's first row; searchsorted over it finds a row's shard.
+        self._row_starts = torch.tensor([0, *itertools.accumulate(r.n_rows for r in shards)][:-1], dtype=torch.int64)
+        self._first_contexts = torch.tensor([r.first_context for r in shards], dtype=torch.int64)
+        self._mapped: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, hooks={self.hooks}, n_rows={self.n_rows})"
+
+    # ---- what the store holds -------------------------------------------------------------
+
+    @property
+    def manifest(self) -> StoreManifest:
+        return self._manifest
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self._manifest.hooks)
+
+    @property
+    def d_model(self) -> int:
+        return self._manifest.d_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations are stored (and returned by `rows`) in."""
+        return _DTYPES[self._manifest.dtype]
+
+    @property
+    def n_rows(self) -> int:
+        return self._manifest.n_rows
+
+    @property
+    def n_contexts(self) -> int:
+        return self._manifest.n_contexts
+
+    @property
+    def context_size(self) -> int:
+        return self._manifest.context_size
+
+    @property
+    def complete(self) -> bool:
+        """False while the harvest is still running (the listed shards are complete all the same)."""
+        return self._manifest.complete
+
+    def hook_name(self, hook: str | None) -> str:
+        """Resolve `hook`; None means the store's only hook."""
+        if hook is None:
+            if len(self._manifest.hooks) != 1:
+                raise SaelabError(f"{self.path} holds several hooks {self._manifest.hooks}; name one")
+            return self._manifest.hooks[0]
+        if hook not in self._manifest.hooks:
+            raise SaelabError(f"{self.path} has no hook {hook!r}; its hooks are {self._manifest.hooks}")
+        return hook
+
+    # ---- random access --------------------------------------------------------------------
+
+    def rows(self, indices: Indices, hook: str | None = None) -> torch.Tensor:
+        """Activations of global rows `indices: [n]` → `[n, d_model]` in the store dtype."""
+        name = self.hook_name(hook)
+        return self._gather(name, self._check_rows(indices), (self.d_model,), self.dtype)
+
+    def token_ids(self, indices: Indices) -> torch.Tensor:
+        """The token at each row: `indices: [n]` → `[n]` int64."""
+        return self._gather("token_ids", self._check_rows(indices), (), torch.int32).long()
+
+    def context_of(self, indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each row comes from: `indices: [n]` → (context index `[n]`, position in it `[n]`), int64."""
+        index = self._check_rows(indices)
+        shard = self._shard_of(index)
+        local = index - self._row_starts[shard]
+        per_context = self._manifest.rows_per_context
+        context = self._first_contexts[shard] + local // per_context
+        return context, self._manifest.first_position + local % per_context
+
+    def context_tokens(self, context_index: int) -> torch.Tensor:
+        """The full token context `[context_size]` (int64) that rows of `context_index` come from."""
+        shards = self._manifest.shards
+        s = bisect.bisect_right(self._first_contexts.tolist(), context_index) - 1
+        if s < 0 or context_index >= shards[s].first_context + shards[s].n_contexts:
+            end = shards[-1].first_context + shards[-1].n_contexts if shards else 0
+            held = f"[{shards[0].first_context}, {end})" if shards else "none"
+            raise StoreIndexError(f"context {context_index} is not in {self.path}; it holds contexts {held}")
+        return self._shard(s)["contexts"][context_index - shards[s].first_context].long()
+
+    # ---- batches for training ---------------------------------------------------------------
+
+    def n_batches(self, batch_size: int, drop_last: bool = True) -> int:
+        """How many batches one epoch of `batches` yields."""
+        full, rest = divmod(self.n_rows, batch_size)
+        return full + (rest > 0 and not drop_last)
+
+    def batch_indices(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_rows: int = 2**18,
+        drop_last: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """The global row indices `[batch_size]` of each batch of one epoch, in the order `batches` yields them.
+
+        Shuffled: shards in a seeded random order, each read as chunks of a seeded permutation of
+        its rows, mixed through `buffered_shuffle`. Every row appears exactly once; with
+        `drop_last` a short final batch is left out. The order depends only on the arguments
+        (and the shards' row counts), so a run resumes by skipping batches.
+        """
+        if batch_size < 1:
+            raise SaelabError(f"batch_size must be at least 1, not {batch_size}")
+        if not shuffle:
+            batches = self._ordered_indices(batch_size)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            chunks = self._shuffled_chunks(generator, chunk_rows=max(1, buffer_rows // 4))
+            batches = buffered_shuffle(chunks, buffer_rows, batch_size, generator)
+        return (batch for batch in batches if not (drop_last and len(batch) < batch_size))
+
+    def batches(
+        self,
+        batch_size: int,
+        hook: str | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_rows: int = 2**18,
+        drop_last: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        start_batch: int = 0,
+    ) -> Iterator[torch.Tensor]:
+        """One epoch of activation batches `[batch_size, d_model]` as `dtype` on `device`.
+
+        Same arguments, same sequence. `start_batch` skips that many batches without reading
+        their rows (resuming a run needs the other arguments unchanged).
+        """
+        name = self.hook_name(hook)
+        if start_batch < 0:
+            raise SaelabError(f"start_batch must be non-negative, not {start_batch}")
+        epoch = self.batch_indices(batch_size, seed, shuffle, buffer_rows, drop_last)
+        indices = itertools.islice(epoch, start_batch, None)
+        # Move in the store dtype (bfloat16 is half the bytes), convert on the device.
+        return (self.rows(index, name).to(device).to(dtype) for index in indices)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _ordered_indices(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.n_rows, batch_size):
+            yield torch.arange(start, min(start + batch_size, self.n_rows))
+
+    def _shuffled_chunks(self, generator: torch.Generator, chunk_rows: int) -> Iterator[torch.Tensor]:
+        """Global row indices, shard by shard in a random order, each shard's rows permuted."""
+        for s in torch.randperm(len(self._manifest.shards), generator=generator).tolist():
+            order = torch.randperm(self._manifest.shards[s].n_rows, generator=generator) + self._row_starts[s]
+            yield from order.split(chunk_rows)
+
+    def _check_rows(self, indices: Indices) -> torch.Tensor:
+        index = torch.as_tensor(indices)
+        if index.ndim == 1 and index.numel() == 0:
+            return index.long()  # an empty list becomes float32 in torch
+        if index.ndim != 1 or index.is_floating_point() or index.is_complex():
+            raise SaelabError(f"row indices must be 1-D integers, not shape {tuple(index.shape)} {index.dtype}")
+        index = index.long()
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.n_rows):
+            bad = int(index[(index < 0) | (index >= self.n_rows)][0])
+            raise StoreIndexError(f"row {bad} is out of range for {self.path}: valid rows are [0, {self.n_rows})")
+        return index
+
+    def _shard_of(self, index: torch.Tensor) -> torch.Tensor:
+        # right=True: a zero-row shard shares its start with the next one and is skipped.
+        return torch.searchsorted(self._row_starts, index, right=True) - 1
+
+    def _gather(self, name: str, index: torch.Tensor, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Tensor `name` at global rows `index: [n]` → `[n, *row_shape]`, read shard by shard in sorted order."""
+        out = torch.empty((len(index), *row_shape), dtype=dtype)
+        order = torch.argsort(index)  # sorted reads touch each shard once, front to back
+        ordered = index[order]
+        shard = self._shard_of(ordered)
+        shards, counts = torch.unique_consecutive(shard, return_counts=True)
+        local = (ordered - self._row_starts[shard]).split(counts.tolist())
+        positions = order.split(counts.tolist())
+        for s, rows, where in zip(shards.tolist(), local, positions, strict=True):
+            out[where] = self._shard(s)[name].index_select(0, rows)
+        return out
+
+    def _shard(self, s: int) -> dict[str, torch.Tensor]:
+        """Shard `s`'s tensors, memory-mapped on first use and kept."""
+        if s not in self._mapped:
+            record = self._manifest.shards[s]
+            tensors = map_shard(self.path / record.file)
+            _check_shard(self.path, self._manifest, record, tensors)
+            self._mapped[s] = tensors
+        return self._mapped[s]
+
+
+def buffered_shuffle(
+    chunks: Iterable[torch.Tensor], buffer_rows: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Mix a stream of chunks `[n_i, ...]` into batches `[batch_size, ...]` through a bounded buffer.
+
+    Chunks are appended to the buffer; once it holds `buffer_rows` rows it is shuffled, batches
+    are emitted until about half remains, and the rest waits to mix with later chunks. At the end
+    the remainder is shuffled and emitted, the last batch possibly short. The buffer never holds
+    more than `buffer_rows` plus one chunk; `buffer_rows` must be at least `2 * batch_size`.
+    """
+    if batch_size < 1 or buffer_rows < 2 * batch_size:
+        raise SaelabError(f"need 1 <= batch_size ({batch_size}) and 2 * batch_size <= buffer_rows ({buffer_rows})")
+    return _mix(chunks, buffer_rows, batch_size, generator)
+
+
+def _mix(
+    chunks: Iterable[torch.Tensor], buffer_rows: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    buffer: torch.Tensor | None = None
+    for chunk in chunks:
+        buffer = chunk if buffer is None else torch.cat([buffer, chunk])
+        if len(buffer) >= buffer_rows:
+            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+            keep = len(buffer) - (len(buffer) - buffer_rows // 2) // batch_size * batch_size
+            yield from buffer[keep:].split(batch_size)
+            buffer = buffer[:keep]
+    if buffer is not None and len(buffer):
+        yield from buffer[torch.randperm(len(buffer), generator=generator)].split(batch_size)
+
+
+def _check_layout(manifest: StoreManifest) -> None:
+    """Shards must hold whole contexts in ascending, non-overlapping order (`context_of` relies on it)."""
+    end = None
+    for record in manifest.shards:
+        if record.n_rows != record.n_contexts * manifest.rows_per_context:
+            raise SaelabError(
+                f"manifest lists shard {record.file} with {record.n_rows} rows for {record.n_contexts} contexts of "
+                f"{manifest.rows_per_context} rows each; the manifest is damaged"
+            )
+        if end is not None and record.first_context < end:
+            raise SaelabError(f"manifest lists shard {record.file} out of context order; the manifest is damaged")
+        end = record.first_context + record.n_contexts
+
+
+def _check_shard(store: Path, manifest: StoreManifest, record: ShardRecord, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise a SaelabError naming the shard if its tensors do not have the shapes the manifest implies."""
+    expected = {name: ((record.n_rows, manifest.d_model), _DTYPES[manifest.dtype]) for name in manifest.hooks}
+    expected["token_ids"] = ((record.n_rows,), torch.int32)
+    expected["contexts"] = ((record.n_contexts, manifest.context_size), torch.int32)
+    for name, (shape, dtype) in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise SaelabError(f"shard {store / record.file} has no tensor {name!r}; re-harvest it")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise SaelabError(
+                f"shard {store / record.file}: {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the manifest implies {shape} {dtype}; re-harvest it"
+            )
