@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def converted_smollm2_dir() -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"saelab: converting {source.name} to float32 once, into {target} (~15 s)", file=sys.stderr)
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SPEC}-", dir=target.parent))
     try:
         _convert_gguf(source, staging)
