@@ -7,8 +7,10 @@ e.g. `corpus.path=data.jsonl`). Bad input is reported in one line, never as a tr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from saelab.errors import SaelabError
 
@@ -28,14 +30,35 @@ def _harvest(args: argparse.Namespace) -> None:
     )
 
 
+def _train(args: argparse.Namespace) -> None:
+    from saelab.config import load_config
+    from saelab.train.config import TrainConfig
+    from saelab.train.trainer import SUMMARY_FILE, train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    train(cfg, resume=args.resume, progress=not args.quiet)
+    summary = json.loads((Path(cfg.out) / SUMMARY_FILE).read_text())
+    print(f"training run: {cfg.out} (metrics.jsonl, checkpoints/, saes/<name>/ in the SAELens format)")
+    print(f"  {'sae':<24}{'tokens':>10}{'FVU':>8}{'L0':>8}{'dead':>8}   (mean of the last steps)")
+    for label, row in summary.items():
+        print(f"  {label:<24}{row['tokens']:>10,}{row['fvu']:>8.3f}{row['l0']:>8.1f}{row['dead_fraction']:>8.1%}")
+
+
+def _add_command(commands: argparse._SubParsersAction, name: str, help: str, run: Callable) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help)
+    command.add_argument("--config", help="YAML config (see configs/); keys not given take their defaults")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    command.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. n_tokens=10000")
+    command.set_defaults(run=run)
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saelab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    harvest = commands.add_parser("harvest", help="cache residual-stream activations to a sharded store")
-    harvest.add_argument("--config", help="YAML config (see configs/); keys not given take their defaults")
-    harvest.add_argument("--quiet", action="store_true", help="no progress bar")
-    harvest.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. n_tokens=10000")
-    harvest.set_defaults(run=_harvest)
+    _add_command(commands, "harvest", "cache residual-stream activations to a sharded store", _harvest)
+    train = _add_command(commands, "train", "train TopK / BatchTopK / g-SAE / GBA SAEs on an activation store", _train)
+    train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
     return parser
 
 

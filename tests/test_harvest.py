@@ -41,6 +41,8 @@ def test_store_holds_the_models_activations_and_tokens(smollm2, tmp_path):
     assert manifest.complete and manifest.n_contexts == 12 and len(manifest.shards) == 3
     assert manifest.n_rows == 12 * 31 and manifest.first_position == 1 and manifest.d_model == 576
     shard = map_shard(tmp_path / "store" / manifest.shards[1].file)
+    assert not manifest.gradients and manifest.gradient_loss is None
+    assert set(shard) == {"blocks.15.hook_resid_post", "token_ids", "contexts"}  # gradients only when asked
     contexts = shard["contexts"].long()
     assert contexts.shape == (4, 32) and (contexts[:, 0] == smollm2.tokenizer.bos_token_id).all()
     assert torch.equal(shard["token_ids"].long(), contexts[:, 1:].reshape(-1))
@@ -133,6 +135,23 @@ def test_unlisted_shards_and_temporaries_are_rebuilt(tiny_model, tiny_model_dir,
         "shard-000001.safetensors",
         "shard-000002.safetensors",
     ]
+
+
+def test_a_store_from_before_gradients_existed_reads_and_resumes(tiny_model, tiny_model_dir, tmp_path):
+    from saelab.harvest.store import ActivationStore
+
+    cfg = tiny_config(tmp_path / "store", tiny_model_dir)
+    harvest(cfg, model=tiny_model, progress=False)
+    expected = store_digest(tmp_path / "store")
+    # The manifest as saelab wrote it before `gradients` existed, killed after its first shard.
+    manifest_path = tmp_path / "store" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    del raw["gradients"], raw["gradient_loss"], raw["config"]["gradients"]
+    raw["shards"], raw["complete"] = raw["shards"][:1], False
+    manifest_path.write_text(json.dumps(raw))
+    assert not ActivationStore(tmp_path / "store").has_gradients
+    harvest(cfg, model=tiny_model, progress=False)
+    assert store_digest(tmp_path / "store") == expected
 
 
 def test_refuses_a_store_made_with_another_config(tiny_model, tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.harvest import store as store_module
-from saelab.harvest.manifest import StoreManifest
+from saelab.harvest.manifest import StoreManifest, gradient_name
 from saelab.harvest.shards import shard_file, write_shard
 from saelab.harvest.store import ActivationStore, StoreIndexError, buffered_shuffle
 
@@ -28,6 +28,7 @@ class Source:
 
     path: Path
     activations: dict[str, torch.Tensor]  # hook -> [n_rows, d_model] in the store dtype
+    gradients: dict[str, torch.Tensor]  # hook -> [n_rows, d_model]; empty for a store without gradients
     token_ids: torch.Tensor  # [n_rows]
     contexts: torch.Tensor  # [n_contexts, context_size]
     row_context: torch.Tensor  # [n_rows] the context each row was cut from
@@ -45,8 +46,9 @@ def make_store(
     hooks: tuple[str, ...] = (HOOK,),
     complete: bool = True,
     seed: int = 0,
+    gradients: bool = False,
 ) -> Source:
-    """Write shards of random activations (and random tokens) plus a manifest listing them."""
+    """Write shards of random activations (and random tokens, and random gradients) plus a manifest listing them."""
     gen = torch.Generator().manual_seed(seed)
     records, parts = [], []
     first = 0
@@ -54,6 +56,9 @@ def make_store(
         n_rows = n_contexts * ROWS_PER_CONTEXT
         contexts = torch.randint(3, 50_000, (n_contexts, CONTEXT_SIZE), generator=gen, dtype=torch.int32)
         tensors = {hook: torch.randn(n_rows, D_MODEL, generator=gen).to(getattr(torch, dtype)) for hook in hooks}
+        if gradients:
+            for hook in hooks:
+                tensors[gradient_name(hook)] = torch.randn(n_rows, D_MODEL, generator=gen).to(getattr(torch, dtype))
         tensors["token_ids"] = contexts[:, FIRST_POSITION:].reshape(-1)
         tensors["contexts"] = contexts
         records.append(write_shard(path, index, first, n_contexts, tensors))
@@ -74,11 +79,15 @@ def make_store(
         versions={},
         shards=records,
         complete=complete,
+        gradients=gradients,
     )
     manifest.save(path)
     return Source(
         path=path,
         activations={hook: torch.cat([tensors[hook] for tensors, _, _ in parts]) for hook in hooks},
+        gradients={
+            hook: torch.cat([tensors[gradient_name(hook)] for tensors, _, _ in parts]) for hook in hooks if gradients
+        },
         token_ids=torch.cat([tensors["token_ids"] for tensors, _, _ in parts]),
         contexts=torch.cat([tensors["contexts"] for tensors, _, _ in parts]),
         row_context=torch.cat([context for _, context, _ in parts]),
@@ -317,6 +326,58 @@ def test_buffered_shuffle_holds_at_most_buffer_plus_chunk(buffer_rows, batch_siz
 def test_buffer_smaller_than_two_batches_is_refused(source):
     with pytest.raises(SaelabError, match="buffer_rows"):
         ActivationStore(source.path).batches(8, buffer_rows=15)
+
+
+# ---- gradients ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_rows_match_the_source(tmp_path, dtype):
+    source = make_store(tmp_path, dtype=dtype, hooks=(HOOK, OTHER_HOOK), gradients=True)
+    store = ActivationStore(tmp_path)
+    assert store.has_gradients
+    indices = torch.cat([torch.randperm(60, generator=torch.Generator().manual_seed(4)), torch.tensor([14, 15, 40])])
+    for hook in (HOOK, OTHER_HOOK):
+        got = store.gradient_rows(indices, hook=hook)
+        assert got.dtype == store.dtype and torch.equal(got, source.gradients[hook][indices])
+        assert torch.equal(store.rows(indices, hook=hook), source.activations[hook][indices])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_with_gradients_pair_the_same_rows_in_the_same_order(tmp_path, shuffle):
+    source = make_store(tmp_path, dtype="bfloat16", gradients=True)
+    store = ActivationStore(tmp_path)
+    kwargs = dict(batch_size=7, seed=3, shuffle=shuffle, buffer_rows=14, drop_last=False)
+    plain = list(store.batches(**kwargs))
+    pairs = list(store.batches(with_gradients=True, **kwargs))
+    assert len(pairs) == len(plain) == 9
+    for activations, (paired, gradients) in zip(plain, pairs, strict=True):
+        assert paired.dtype == gradients.dtype == torch.float32 and gradients.shape == activations.shape
+        assert torch.equal(paired, activations)
+        assert torch.equal(gradients, source.gradients[HOOK][row_ids(activations, source.activations[HOOK])].float())
+    tail = list(store.batches(with_gradients=True, start_batch=5, dtype=torch.bfloat16, **kwargs))
+    assert len(tail) == 4 and all(g.dtype == torch.bfloat16 for _, g in tail)
+    assert all(torch.equal(g.float(), full) for (_, g), (_, full) in zip(tail, pairs[5:], strict=True))
+
+
+def test_a_store_without_gradients_says_how_to_get_them(source):
+    store = ActivationStore(source.path)
+    assert not store.has_gradients and not store.manifest.gradients
+    with pytest.raises(SaelabError, match="gradients=true"):
+        store.batches(8, with_gradients=True)  # raised on the call, not on the first batch
+    with pytest.raises(SaelabError, match="gradients=true"):
+        store.gradient_rows([0])
+    assert len(list(store.batches(8, with_gradients=False))) == 7
+
+
+def test_shard_missing_its_gradients_is_named_on_first_read(tmp_path):
+    make_store(tmp_path)
+    manifest = ActivationStore(tmp_path).manifest
+    manifest.gradients = True
+    manifest.save(tmp_path)
+    store = ActivationStore(tmp_path)
+    with pytest.raises(SaelabError, match=rf"shard-000000\.safetensors.*{HOOK}\.grad"):
+        store.rows([0])
 
 
 # ---- damaged and unfinished stores -------------------------------------------------------------

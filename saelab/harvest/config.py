@@ -31,7 +31,12 @@ class CorpusConfig:
 
 @dataclass
 class HarvestConfig:
-    """One harvest: `n_tokens` activation rows per hook, written in shards under `out`."""
+    """One harvest: `n_tokens` activation rows per hook, written in shards under `out`.
+
+    `gradients: true` also stores, beside each hook's activations x, the gradient ∂L/∂x of the
+    summed next-token loss (what gradient-aware SAEs such as g-SAE select latents with); it costs a
+    full forward and backward pass per batch instead of a forward stopped at the deepest hook.
+    """
 
     model: str = "smollm2-135m"
     hooks: list[str] = field(default_factory=lambda: [DEFAULT_HOOK])
@@ -44,6 +49,7 @@ class HarvestConfig:
     batch_size: int = 8
     shard_contexts: int = 512
     dtype: Literal["float32", "bfloat16"] = "float32"
+    gradients: bool = False
     device: str = "auto"
 
     def validate(self) -> None:

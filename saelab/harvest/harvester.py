@@ -4,6 +4,9 @@ The harvest is deterministic and resumable: contexts are numbered in corpus orde
 holds contexts `[i·S, (i+1)·S)` computed in the same batches every time, and the manifest lists
 a shard only after the shard is safely on disk. A rerun of the same command after a kill skips the
 listed shards, deletes anything unlisted, and ends with the store an uninterrupted run would make.
+
+With `gradients`, every batch runs the whole model and back: the shard also holds, for each hook,
+`<hook>.grad` = ∂L/∂x at that hook, where L is `GRADIENT_LOSS` (see `_activations_and_gradients`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import math
 import platform
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from importlib.metadata import version
 from itertools import islice
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -26,7 +32,7 @@ from saelab.atomic import remove_stale_temporaries
 from saelab.errors import SaelabError
 from saelab.harvest.config import HarvestConfig
 from saelab.harvest.corpus import describe_corpus, iter_documents
-from saelab.harvest.manifest import MANIFEST_FILE, StoreManifest, read_manifest
+from saelab.harvest.manifest import MANIFEST_FILE, StoreManifest, gradient_name, read_manifest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.shards import SHARD_DIR, write_shard
 from saelab.locking import LOCK_FILE, folder_lock
@@ -35,6 +41,12 @@ from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that do not change what a store contains; everything else must match to resume.
 _NOT_IDENTITY = ("out", "device")
+# What `<hook>.grad` is the gradient of (recorded in the manifest of a store harvested with gradients).
+GRADIENT_LOSS = (
+    "sum over positions t = 0..context_size-2 of the next-token cross-entropy "
+    "-log softmax(logits[t])[token[t+1]] (nats, float32 logits of the full model), summed over "
+    "the contexts of a batch: each row's gradient is that of its own context's summed loss"
+)
 
 
 def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress: bool = True) -> StoreManifest:
@@ -71,10 +83,10 @@ def _write_remaining_shards(
         initial=manifest.n_rows,
         unit="tok",
         unit_scale=True,
-        desc=f"harvest {', '.join(cfg.hooks)}",
+        desc=f"harvest {', '.join(cfg.hooks)}{' + gradients' if cfg.gradients else ''}",
         disable=not progress,
     )
-    with bar:
+    with bar, _parameters_frozen(model) if cfg.gradients else nullcontext():
         while chunk := list(islice(remaining, cfg.shard_contexts)):
             first_context = manifest.n_contexts
             tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
@@ -91,25 +103,96 @@ def _shard_tensors(
     manifest: StoreManifest,
     bar: tqdm,
 ) -> dict[str, torch.Tensor]:
-    """Activations for `contexts: [n, context_size]`, batch by batch, as `{hook: [n·rows, d_model]}`."""
+    """Activations for `contexts: [n, context_size]`, batch by batch, as `{hook: [n·rows, d_model]}`.
+
+    With `cfg.gradients` also `{<hook>.grad: [n·rows, d_model]}`, row for row.
+    """
     first, rows = manifest.first_position, manifest.rows_per_context
     device = next(model.parameters()).device
-    names = [hook.name for hook in hooks]
+    hook_names = [hook.name for hook in hooks]
+    names = hook_names + [gradient_name(name) for name in hook_names] if cfg.gradients else hook_names
     stored = {
         name: torch.empty(len(contexts) * rows, manifest.d_model, dtype=STORE_DTYPES[cfg.dtype]) for name in names
     }
     for start in range(0, len(contexts), cfg.batch_size):
-        batch = contexts[start : start + cfg.batch_size]
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(
-                batch.to(device), names_filter=names, stop_at_layer=stop_at_layer(hooks), return_cache_object=False
-            )
+        batch = contexts[start : start + cfg.batch_size].to(device)
+        if cfg.gradients:
+            found = _activations_and_gradients(model, batch, hook_names)
+        else:
+            found = _activations(model, batch, hooks)
         for name in names:
-            kept = cache[name][:, first:, :].reshape(-1, manifest.d_model)
+            kept = found[name][:, first:, :].reshape(-1, manifest.d_model)
             stored[name][start * rows : (start + len(batch)) * rows] = kept.to("cpu", STORE_DTYPES[cfg.dtype])
         bar.update(len(batch) * rows)
     token_ids = contexts[:, first:].reshape(-1).to(torch.int32)
     return {**stored, "token_ids": token_ids, "contexts": contexts.to(torch.int32)}
+
+
+def _activations(model: TransformerBridge, batch: torch.Tensor, hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
+    """`{hook: [batch, context_size, d_model]}` from a forward pass that stops after the deepest hook."""
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            batch,
+            names_filter=[hook.name for hook in hooks],
+            stop_at_layer=stop_at_layer(hooks),
+            return_cache_object=False,
+        )
+    return cache
+
+
+def _activations_and_gradients(
+    model: TransformerBridge, batch: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
+    """`{hook: x, <hook>.grad: ∂L/∂x}`, each `[batch, context_size, d_model]`, from one full forward and backward.
+
+    L = Σ_contexts Σ_{t=0}^{T-2} CE(logits[t], token[t+1]). A sum, not a mean: a row's gradient
+    is that of its own context's loss terms, with no 1/(batch · positions) factor, so it does not
+    depend on the batch size or the context length it was harvested with. Position t influences
+    only the losses at t and later, so the last position (it predicts nothing inside the context)
+    gets a gradient of exactly 0.
+
+    The hooks only keep references: the graph stays whole, so the gradient at an early hook
+    includes every path through the later ones, and the activations are the forward's own. The
+    caller freezes the parameters (`_parameters_frozen`), so the embedding output is made the one
+    root that requires grad, and `autograd.grad` differentiates with respect to the hooked tensors
+    only: no weight gradient is computed.
+    """
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable[[torch.Tensor, Any], None]:
+        def hook(x: torch.Tensor, hook: Any) -> None:
+            kept[name] = x
+
+        return hook
+
+    def track(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        return x.detach().requires_grad_()
+
+    with torch.enable_grad():
+        with model.hooks(fwd_hooks=[("hook_embed", track), *((name, keep(name)) for name in names)]):
+            logits = model(batch)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+        grads = torch.autograd.grad(loss, [kept[name] for name in names], allow_unused=True)
+    for name, grad in zip(names, grads, strict=True):
+        if grad is None:
+            raise SaelabError(f"hook {name!r} does not feed the model's logits here; it cannot be given a gradient")
+    return {
+        **{name: kept[name].detach() for name in names},
+        **{gradient_name(name): grad for name, grad in zip(names, grads, strict=True)},
+    }
+
+
+@contextmanager
+def _parameters_frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter requires grad inside (no weight gradient is computed or kept); restored on exit."""
+    parameters = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, requires_grad in parameters:
+            parameter.requires_grad_(requires_grad)
 
 
 def _identity(cfg: HarvestConfig) -> dict[str, Any]:
@@ -122,7 +205,8 @@ def _identity(cfg: HarvestConfig) -> dict[str, Any]:
 def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
     if (out / MANIFEST_FILE).exists():
         manifest = read_manifest(out)
-        _check_same_config(out, manifest.config, _identity(cfg))
+        # Keys added to HarvestConfig since the store was made read as their defaults.
+        _check_same_config(out, {**_identity(HarvestConfig()), **manifest.config}, _identity(cfg))
         return manifest
     foreign = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, SHARD_DIR))
     if foreign:
@@ -165,6 +249,8 @@ def _new_manifest(cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest
             "vocab_size": len(tokenizer),
         },
         corpus=describe_corpus(cfg.corpus),
+        gradients=cfg.gradients,
+        gradient_loss=GRADIENT_LOSS if cfg.gradients else None,
         versions={
             **{package: version(package) for package in ("torch", "transformer-lens", "transformers")},
             "saelab": saelab.__version__,

@@ -17,6 +17,12 @@ from saelab.errors import SaelabError
 STORE_FORMAT = "saelab-activation-store"
 STORE_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+GRADIENT_SUFFIX = ".grad"
+
+
+def gradient_name(hook: str) -> str:
+    """The shard tensor holding ∂L/∂x at `hook` (`blocks.15.hook_resid_post.grad`)."""
+    return hook + GRADIENT_SUFFIX
 
 
 @dataclass
@@ -37,7 +43,8 @@ class StoreManifest:
 
     Row `r` of a shard belongs to context `first_context + r // rows_per_context`, at position
     `first_position + r % rows_per_context`; positions before `first_position` (the BOS / attention
-    sink) are not stored.
+    sink) are not stored. With `gradients`, each hook's rows have a twin `<hook>.grad`: the gradient
+    of the loss `gradient_loss` describes with respect to that row's activation.
     """
 
     config: dict[str, Any]
@@ -53,6 +60,9 @@ class StoreManifest:
     versions: dict[str, str]
     shards: list[ShardRecord] = field(default_factory=list)
     complete: bool = False
+    # Added after version 1 shipped; a manifest without them reads as a store without gradients.
+    gradients: bool = False
+    gradient_loss: str | None = None
     format: str = STORE_FORMAT
     version: int = STORE_VERSION
 

@@ -5,6 +5,9 @@ shards. Only shards listed in the manifest are read, so a store can be read whil
 is still running. Batches shuffle across shards through a bounded buffer of row *indices*:
 the order is a pure function of the seed and the sizes, the data are gathered per batch, and
 memory stays proportional to the buffer, never to the store.
+
+A store harvested with `gradients: true` also holds ∂L/∂x beside each activation x
+(`gradient_rows`, `batches(with_gradients=True)`), row for row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
-from saelab.harvest.manifest import ShardRecord, StoreManifest, read_manifest
+from saelab.harvest.manifest import ShardRecord, StoreManifest, gradient_name, read_manifest
 from saelab.harvest.shards import map_shard, verify_shard
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -86,6 +89,11 @@ class ActivationStore:
         return self._manifest.context_size
 
     @property
+    def has_gradients(self) -> bool:
+        """Whether the store holds `<hook>.grad` (harvested with `gradients: true`)."""
+        return self._manifest.gradients
+
+    @property
     def complete(self) -> bool:
         """False while the harvest is still running (the listed shards are complete all the same)."""
         return self._manifest.complete
@@ -106,6 +114,16 @@ class ActivationStore:
         """Activations of global rows `indices: [n]` → `[n, d_model]` in the store dtype."""
         name = self.hook_name(hook)
         return self._gather(name, self._check_rows(indices), (self.d_model,), self.dtype)
+
+    def gradient_rows(self, indices: Indices, hook: str | None = None) -> torch.Tensor:
+        """Gradients ∂L/∂x of global rows `indices: [n]` → `[n, d_model]` in the store dtype.
+
+        L is the loss the manifest's `gradient_loss` describes; row `i` here is the gradient at
+        row `i` of `rows`.
+        """
+        name = self.hook_name(hook)
+        self._require_gradients()
+        return self._gather(gradient_name(name), self._check_rows(indices), (self.d_model,), self.dtype)
 
     def token_ids(self, indices: Indices) -> torch.Tensor:
         """The token at each row: `indices: [n]` → `[n]` int64."""
@@ -173,21 +191,38 @@ class ActivationStore:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         start_batch: int = 0,
-    ) -> Iterator[torch.Tensor]:
+        with_gradients: bool = False,
+    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of activation batches `[batch_size, d_model]` as `dtype` on `device`.
 
         Same arguments, same sequence. `start_batch` skips that many batches without reading
-        their rows (resuming a run needs the other arguments unchanged).
+        their rows (resuming a run needs the other arguments unchanged). `with_gradients` yields
+        `(activations, gradients)` pairs instead, both `[batch_size, d_model]`, of the same rows
+        in the same order as without.
         """
         name = self.hook_name(hook)
         if start_batch < 0:
             raise SaelabError(f"start_batch must be non-negative, not {start_batch}")
+        if with_gradients:
+            self._require_gradients()
         epoch = self.batch_indices(batch_size, seed, shuffle, buffer_rows, drop_last)
         indices = itertools.islice(epoch, start_batch, None)
         # Move in the store dtype (bfloat16 is half the bytes), convert on the device.
+        if with_gradients:
+            return (
+                (self.rows(index, name).to(device).to(dtype), self.gradient_rows(index, name).to(device).to(dtype))
+                for index in indices
+            )
         return (self.rows(index, name).to(device).to(dtype) for index in indices)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _require_gradients(self) -> None:
+        if not self.has_gradients:
+            raise SaelabError(
+                f"{self.path} holds activations without gradients; harvest with gradients=true "
+                "(into a new `out` folder) to train a gradient-aware SAE"
+            )
 
     def _ordered_indices(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, self.n_rows, batch_size):
@@ -284,7 +319,8 @@ def _check_layout(manifest: StoreManifest) -> None:
 
 def _check_shard(store: Path, manifest: StoreManifest, record: ShardRecord, tensors: dict[str, torch.Tensor]) -> None:
     """Raise a SaelabError naming the shard if its tensors do not have the shapes the manifest implies."""
-    expected = {name: ((record.n_rows, manifest.d_model), _DTYPES[manifest.dtype]) for name in manifest.hooks}
+    row_tensors = [*manifest.hooks, *(gradient_name(hook) for hook in manifest.hooks if manifest.gradients)]
+    expected = {name: ((record.n_rows, manifest.d_model), _DTYPES[manifest.dtype]) for name in row_tensors}
     expected["token_ids"] = ((record.n_rows,), torch.int32)
     expected["contexts"] = ((record.n_contexts, manifest.context_size), torch.int32)
     for name, (shape, dtype) in expected.items():

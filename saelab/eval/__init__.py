@@ -1,0 +1,1 @@
+"""Evaluating SAEs: the synthetic feature-recovery benchmark and metrics on trained dictionaries."""

@@ -1,0 +1,122 @@
+"""GBA SAE (Chen et al. 2025, "Taming Polysemanticity in LLMs"): a ReLU SAE whose encoder biases are
+adapted toward per-group firing targets instead of being trained with a sparsity penalty.
+
+The loss is reconstruction alone; sparsity comes from the biases. Latents are split at random into
+G equal groups; group g has a target frequency p_g (`SAEConfig.group_targets`, geometric from
+`target_high` to `target_low`). Over a window of `update_tokens` tokens each latent records how often
+it fired and its largest pre-activation; then
+
+    p̂_i = fires_i / tokens                       measured firing frequency
+    r_i = max_t u_ti                              how far above 0 the latent reached
+    p̂_i > p_g(i):    b_i ← max(b_i − γ·r_i, bias_min)          fires too often: lower its bias
+    p̂_i < dead_eps:  b_i ← min(b_i + γ·r̄_g(i), bias_max)       dead: raise it
+
+The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's trainer
+normalises inputs to ‖x‖ ≈ √d_in, so the bounds used are the configured ones times √d_in
+(`bias_bounds`). Before training, `calibrate_biases` starts each b_i at the bias that gives its group's
+target frequency on a sample, so the adaptation steers from the targets rather than from L0 ≈ d_sae/2.
+
+r̄_g is the mean r over the latents of group g that fired in the window. When none of the group fired
+we use the mean |r| of the group, the typical distance of its latents below 0, so that dead latents
+still move up. A latent dead at b = bias_max stays dead: the biases never go above it.
+
+All state lives in buffers, so `state_dict()` checkpoints it exactly and a distributed trainer can
+all-reduce `fires` and `tokens_observed` (sum) and `max_pre_activation` (max) before `adapt_biases`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.sae.base import SparseAutoencoder
+from saelab.sae.config import SAEConfig
+
+
+class GBASAE(SparseAutoencoder):
+    """z = relu(u); `b_enc` is moved by `adapt_biases`, never by the optimiser."""
+
+    group: torch.Tensor  # [d_sae] long, the group of each latent
+    target: torch.Tensor  # [d_sae], the target frequency of each latent's group
+    fires: torch.Tensor  # [d_sae] long, tokens on which each latent had u > 0 in this window
+    max_pre_activation: torch.Tensor  # [d_sae], r_i over this window (-inf before any token)
+    tokens_observed: torch.Tensor  # [] long, tokens in this window
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg, generator)
+        with torch.no_grad():
+            self.b_enc.clamp_(*self.bias_bounds)
+        self.b_enc.requires_grad_(False)
+        group_size = cfg.d_sae // cfg.n_groups
+        group = torch.empty(cfg.d_sae, dtype=torch.long)
+        group[torch.randperm(cfg.d_sae, generator=generator)] = torch.arange(cfg.d_sae) // group_size
+        self.register_buffer("group", group)
+        self.register_buffer("target", torch.tensor(cfg.group_targets())[group])
+        self.register_buffer("fires", torch.zeros(cfg.d_sae, dtype=torch.long))
+        self.register_buffer("max_pre_activation", torch.full((cfg.d_sae,), -torch.inf))
+        self.register_buffer("tokens_observed", torch.zeros((), dtype=torch.long))
+
+    @property
+    def bias_bounds(self) -> tuple[float, float]:
+        """[bias_min, bias_max] scaled from unit-norm inputs to saelab's ‖x‖ ≈ √d_in."""
+        scale = self.cfg.d_in**0.5
+        return self.cfg.bias_min * scale, self.cfg.bias_max * scale
+
+    @torch.no_grad()
+    def calibrate_biases(self, sample: torch.Tensor) -> None:
+        """Set b_i so latent i fires on its target fraction of `sample: [n, d_in]` (within the bounds)."""
+        self.b_enc.zero_()
+        u = self.pre_activations(sample)
+        for group, target in enumerate(self.cfg.group_targets()):
+            members = self.group == group
+            rank = min(len(u), max(1, round((1 - target) * len(u))))  # u above its rank-th value: ≈ target
+            self.b_enc[members] = -u[:, members].kthvalue(rank, dim=0).values
+        self.b_enc.clamp_(*self.bias_bounds)
+
+    def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
+        """z = relu(u); [..., d_sae] → same shape."""
+        return pre_activations.relu()
+
+    @torch.no_grad()
+    def observe(self, pre_activations: torch.Tensor) -> None:
+        """Count firings and track the largest pre-activation; pre_activations: [batch, d_sae]."""
+        u = pre_activations.reshape(-1, self.cfg.d_sae)
+        self.fires += (u > 0).sum(0)
+        self.max_pre_activation.copy_(torch.maximum(self.max_pre_activation, u.amax(0)))
+        self.tokens_observed += u.shape[0]
+
+    def adaptation_due(self) -> bool:
+        return int(self.tokens_observed) >= self.cfg.update_tokens
+
+    @torch.no_grad()
+    def adapt_biases(self) -> dict[str, float]:
+        """Apply the update rule above, start a new window, and return each group's measured
+        frequency and target (`group{g}/freq`, `group{g}/target`; group 0 has the highest target)."""
+        cfg = self.cfg
+        if int(self.tokens_observed) == 0:
+            return {}
+        freq = self.fires / self.tokens_observed  # p̂_i
+        reach = self.max_pre_activation  # r_i
+        fired = (self.fires > 0).to(reach.dtype)
+        n_fired = self._group_sum(fired)
+        mean_fired = self._group_sum(torch.where(fired > 0, reach, 0)) / n_fired.clamp_min(1)
+        mean_abs = self._group_sum(reach.abs()) / (cfg.d_sae // cfg.n_groups)
+        r_bar = torch.where(n_fired > 0, mean_fired, mean_abs)[self.group]
+
+        b = self.b_enc
+        low, high = self.bias_bounds
+        b.copy_(torch.where(freq > self.target, (b - cfg.gamma * reach).clamp(min=low), b))
+        b.copy_(torch.where(freq < cfg.dead_eps, (b + cfg.gamma * r_bar).clamp(max=high), b))
+
+        group_freq = (self._group_sum(freq) / (cfg.d_sae // cfg.n_groups)).tolist()
+        self.fires.zero_()
+        self.max_pre_activation.fill_(-torch.inf)
+        self.tokens_observed.zero_()
+        metrics = {}
+        for g, (measured, target) in enumerate(zip(group_freq, cfg.group_targets(), strict=True)):
+            metrics[f"group{g}/freq"] = measured
+            metrics[f"group{g}/target"] = target
+        return metrics
+
+    def _group_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """[d_sae] → [n_groups]: the sum of `values` over each group's latents."""
+        return values.new_zeros(self.cfg.n_groups).index_add_(0, self.group, values)

@@ -1,0 +1,298 @@
+"""Saving and loading SAEs in SAELens's on-disk format, the format people share SAEs in.
+
+A folder holds
+    cfg.json                      SAELens's config; saelab's own fields under `metadata.saelab_*`
+    sae_weights.safetensors       W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]
+                                  (+ threshold [d_sae] for "jumprelu")
+    saelab_buffers.safetensors    saelab-only state that SAELens never reads (GBA's groups and counters…)
+
+SAELens runs these with normalize_activations "none", so saelab's input scale s is folded into the weights:
+    u = (x·s − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc
+    x̂ = (z W_dec + b_dec) / s      = z (W_dec/s) + b_dec/s
+i.e. W_enc' = s·W_enc, W_dec' = W_dec/s, b_dec' = b_dec/s, b_enc' = b_enc; `load_sae` unfolds them.
+
+What SAELens sees (the closest architecture it runs at inference):
+    topk      → "topk"
+    gsae      → "topk"      its gradient-aware selection exists only in training; inference is TopK
+    gba       → "standard"  a ReLU SAE; its adapted biases are just b_enc
+    batchtopk → "jumprelu"  with threshold θ for every latent. SAELens does the same: its
+                BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
+                `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
+                only as a training class (sae_lens/saes/batchtopk_sae.py, sae_lens/__init__.py).
+Folders SAELens wrote load too (input scale 1): topk → TopKSAE, standard → GBASAE (1 group, same
+ReLU forward), jumprelu → BatchTopKSAE with its per-latent thresholds (exact in eval mode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+import saelab
+from saelab.atomic import atomic_write_bytes, atomic_write_json
+from saelab.config import config_from_dict, config_to_dict
+from saelab.errors import SaelabError
+from saelab.sae.base import SparseAutoencoder
+from saelab.sae.config import SAEConfig
+from saelab.sae.gba import GBASAE
+from saelab.sae.gsae import GradientTopKSAE
+from saelab.sae.topk import BatchTopKSAE, TopKSAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+BUFFERS_FILE = "saelab_buffers.safetensors"
+
+SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "gsae": GradientTopKSAE,
+    "gba": GBASAE,
+}
+SAELENS_ARCHITECTURE = {"topk": "topk", "gsae": "topk", "gba": "standard", "batchtopk": "jumprelu"}
+NOTES = {
+    "gsae": "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK.",
+    "gba": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
+    "batchtopk": "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens.",
+}
+# A SAELens folder without saelab metadata becomes this saelab architecture.
+FROM_SAELENS = {"topk": "topk", "standard": "gba", "jumprelu": "batchtopk"}
+
+
+def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SparseAutoencoder:
+    """A freshly initialised SAE of `cfg.architecture`."""
+    return SAE_CLASSES[cfg.architecture](cfg, generator)
+
+
+def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
+    """Write `sae` to `folder` in SAELens's format, all at once: the folder is built under a temporary
+    name beside it and renamed into place. An existing SAE folder there is replaced."""
+    folder = Path(folder)
+    _check_replaceable(folder)
+    cfg = sae.cfg
+    scale = float(sae.input_scale)
+    architecture = SAELENS_ARCHITECTURE[cfg.architecture]
+    dtype = sae.W_enc.dtype
+    with torch.no_grad():
+        weights = {
+            "W_enc": sae.W_enc.double() * scale,
+            "W_dec": sae.W_dec.double() / scale,
+            "b_enc": sae.b_enc,
+            "b_dec": sae.b_dec.double() / scale,
+        }
+        if isinstance(sae, BatchTopKSAE):
+            weights["threshold"] = sae.threshold
+        weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in weights.items()}
+        buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name != "input_scale"}
+
+    metadata = {
+        "hook_name": cfg.hook_name,
+        "model_name": cfg.model_name,
+        "saelab_version": saelab.__version__,
+        "saelab_architecture": cfg.architecture,
+        "saelab_input_scale": scale,
+        "saelab_config": config_to_dict(cfg),
+        "saelab_note": " ".join(
+            [NOTES.get(cfg.architecture, ""), "The input scale is folded into the weights."]
+        ).strip(),
+    }
+    sae_lens_cfg: dict[str, Any] = {
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    if architecture == "topk":
+        sae_lens_cfg["k"] = cfg.k
+    sae_lens_cfg["rescale_acts_by_decoder_norm"] = False
+    sae_lens_cfg["architecture"] = architecture
+
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        atomic_write_json(tmp / CFG_FILE, sae_lens_cfg)
+        atomic_write_bytes(tmp / WEIGHTS_FILE, safetensors.torch.save(weights))
+        if buffers:
+            atomic_write_bytes(tmp / BUFFERS_FILE, safetensors.torch.save(buffers))
+        _move_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """Read an SAE folder written by `save_sae` (the exact saelab variant) or by SAELens itself.
+
+    Returned in eval mode (BatchTopK then uses its threshold); call `.train()` to continue training.
+    """
+    folder = Path(folder)
+    cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    raw = _read_json(cfg_path)
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise SaelabError(f"{cfg_path}: metadata must be a JSON object")
+    if "saelab_config" in metadata:
+        cfg, scale = _saelab_config(raw, metadata, cfg_path)
+    else:
+        cfg, scale = _saelens_config(raw, metadata, cfg_path), 1.0
+
+    sae = build_sae(cfg, generator=torch.Generator().manual_seed(0))  # weights are overwritten below
+    tensors = _read_tensors(weights_path)
+    expected = {
+        "W_enc": (cfg.d_in, cfg.d_sae),
+        "W_dec": (cfg.d_sae, cfg.d_in),
+        "b_enc": (cfg.d_sae,),
+        "b_dec": (cfg.d_in,),
+    }
+    if cfg.architecture == "batchtopk":
+        expected["threshold"] = (cfg.d_sae,)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise SaelabError(f"{weights_path}: no tensor {name!r} (found {sorted(tensors)})")
+        if tuple(tensors[name].shape) != shape:
+            raise SaelabError(
+                f"{weights_path}: {name} has shape {list(tensors[name].shape)}, "
+                f"but {CFG_FILE} (d_in {cfg.d_in}, d_sae {cfg.d_sae}) needs {list(shape)}"
+            )
+    W_enc, W_dec, b_enc, b_dec = (tensors[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    if not raw.get("apply_b_dec_to_input", True):  # SAELens's u = x W_enc + b_enc = (x − b_dec) W_enc + b_enc'
+        b_enc = b_enc + b_dec @ W_enc
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc / scale)
+        sae.W_dec.copy_(W_dec * scale)
+        sae.b_enc.copy_(b_enc)
+        sae.b_dec.copy_(b_dec * scale)
+        sae.input_scale.fill_(scale)
+        if "threshold" in expected:
+            sae.threshold.copy_(tensors["threshold"])
+        if (folder / BUFFERS_FILE).exists():
+            _load_buffers(sae, folder / BUFFERS_FILE)
+    return sae.to(device).eval()
+
+
+def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, float]:
+    if not isinstance(metadata["saelab_config"], dict):
+        raise SaelabError(f"{cfg_path}: metadata.saelab_config must be a JSON object")
+    try:
+        cfg = config_from_dict(SAEConfig, metadata["saelab_config"], prefix="metadata.saelab_config")
+    except SaelabError as error:
+        raise SaelabError(f"{cfg_path}: {error}") from error
+    scale = metadata.get("saelab_input_scale")
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
+        raise SaelabError(f"{cfg_path}: metadata.saelab_input_scale must be a positive number, got {scale!r}")
+    for key in ("d_in", "d_sae"):
+        if raw.get(key) != getattr(cfg, key):
+            raise SaelabError(
+                f"{cfg_path}: {key} is {raw.get(key)!r} but metadata.saelab_config says {getattr(cfg, key)}"
+            )
+    if raw.get("architecture") != SAELENS_ARCHITECTURE[cfg.architecture]:
+        raise SaelabError(
+            f"{cfg_path}: architecture is {raw.get('architecture')!r} but a saelab {cfg.architecture} SAE "
+            f"is saved as {SAELENS_ARCHITECTURE[cfg.architecture]!r}"
+        )
+    return cfg, float(scale)
+
+
+def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> SAEConfig:
+    """The saelab config for a folder SAELens wrote (hook and model names under metadata, or at the top
+    level as older SAELens versions wrote them)."""
+    architecture = raw.get("architecture")
+    if architecture not in FROM_SAELENS:
+        raise SaelabError(
+            f"{cfg_path}: architecture {architecture!r} is not one saelab runs (it reads {', '.join(FROM_SAELENS)})"
+        )
+    if raw.get("normalize_activations", "none") != "none":
+        raise SaelabError(
+            f"{cfg_path}: normalize_activations is {raw['normalize_activations']!r}; saelab reads only 'none' "
+            "(fold the scaling into the weights first, e.g. with SAELens's fold_activation_norm_scaling_factor)"
+        )
+    if raw.get("rescale_acts_by_decoder_norm", False):
+        raise SaelabError(
+            f"{cfg_path}: rescale_acts_by_decoder_norm true is not supported (fold the decoder norms first)"
+        )
+    sizes = {key: _positive_int(raw, key, cfg_path) for key in ("d_in", "d_sae")}
+    k = _positive_int(raw, "k", cfg_path) if architecture == "topk" else min(SAEConfig.k, sizes["d_sae"])
+    names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "model_name")}
+    try:  # n_groups 1: GBA's equal groups need not divide a foreign d_sae; k is unused by ReLU/JumpReLU
+        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, n_groups=1, **sizes, **names)
+        cfg.validate()
+    except SaelabError as error:
+        raise SaelabError(f"{cfg_path}: {error}") from error
+    return cfg
+
+
+def _positive_int(raw: dict[str, Any], key: str, cfg_path: Path) -> int:
+    value = raw.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise SaelabError(f"{cfg_path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise SaelabError(f"{path}: not found; an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SaelabError(f"{path}: not readable JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise SaelabError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise SaelabError(f"{path}: not found; an SAE folder needs {CFG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as error:  # safetensors raises its own error types for a truncated or garbled file
+        raise SaelabError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+def _load_buffers(sae: SparseAutoencoder, path: Path) -> None:
+    tensors = _read_tensors(path)
+    buffers = {name: b for name, b in sae.named_buffers() if name != "input_scale"}
+    if set(tensors) != set(buffers):
+        raise SaelabError(f"{path}: holds {sorted(tensors)}, but a {sae.cfg.architecture} SAE has {sorted(buffers)}")
+    for name, tensor in tensors.items():
+        if tensor.shape != buffers[name].shape:
+            raise SaelabError(f"{path}: {name} has shape {list(tensor.shape)}, expected {list(buffers[name].shape)}")
+        buffers[name].copy_(tensor)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Replace only an earlier SAE folder, never a folder that holds anything else."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise SaelabError(f"{folder}: exists and is not a folder; choose another place for the SAE")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in (CFG_FILE, WEIGHTS_FILE, BUFFERS_FILE))
+    if foreign:
+        raise SaelabError(
+            f"{folder}: holds files that are not an SAE's ({', '.join(foreign[:5])}); choose another folder"
+        )
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished folder into place; an old one is first moved aside, then deleted."""
+    if not folder.exists():
+        os.replace(tmp, folder)
+        return
+    old = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old.tmp"
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,64 @@
+"""TopK SAEs: a fixed number of latents per token (TopK) or per batch (BatchTopK).
+
+TopK (Gao et al. 2024), per token:
+    z = relu(u);  keep the k largest entries of each row of z, zero the rest
+
+BatchTopK (Bussmann et al. 2024), per batch in training, a threshold at inference:
+    training:  keep the batch·k largest entries of relu(u) over the whole batch
+               θ ← λ·θ + (1 − λ)·(smallest kept value > 0)          λ = THRESHOLD_DECAY
+    inference: z = relu(u) · 1[u > θ]                              (a JumpReLU with threshold θ)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.sae.base import SparseAutoencoder
+from saelab.sae.config import SAEConfig
+
+# SAELens's BatchTopKTrainingSAE: `topk_threshold_lr` = 0.01, i.e. decay 0.99 (sae_lens/saes/batchtopk_sae.py).
+THRESHOLD_DECAY = 0.99
+
+
+class TopKSAE(SparseAutoencoder):
+    """Exactly k latents per token, each ≥ 0 (fewer nonzero only when fewer than k pre-activations are > 0)."""
+
+    def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
+        """u: [..., d_sae] → z: same shape, the k largest of relu(u) per row and zeros elsewhere."""
+        z = pre_activations.relu()
+        top = z.topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+
+class BatchTopKSAE(SparseAutoencoder):
+    """k latents per token on average over a training batch; a fixed threshold θ at inference (eval mode).
+
+    `threshold` [d_sae] holds θ in every entry (BatchTopK learns one θ); it is a vector so that SAELens's
+    JumpReLU SAEs, whose thresholds differ per latent, load into this class and run exactly in eval mode.
+    """
+
+    threshold: torch.Tensor
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg, generator)
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+
+    def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
+        """u: [batch, d_sae] → z: same shape. Training mode also moves θ (see the module docstring)."""
+        z = pre_activations.relu()
+        if not self.training:
+            return z * (pre_activations > self.threshold)
+        flat = z.flatten()
+        n_kept = min(flat.numel(), self.cfg.k * (flat.numel() // z.shape[-1]))
+        top = flat.topk(n_kept, sorted=False)
+        self._update_threshold(top.values.detach())
+        return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(z)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        """θ ← λθ + (1 − λ)·min(kept values > 0); unchanged when nothing positive was kept. No host sync."""
+        smallest = torch.where(kept > 0, kept, torch.inf).min().to(self.threshold.dtype)
+        observed = torch.where(torch.isinf(smallest), self.threshold, smallest)
+        # Unlike SAELens, the first observation starts θ: from θ = 0 a short run ends with θ far too low.
+        current = torch.where(self.threshold > 0, self.threshold, observed)
+        self.threshold.copy_(torch.lerp(current, observed, 1 - THRESHOLD_DECAY))

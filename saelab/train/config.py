@@ -1,0 +1,72 @@
+"""Typed configuration of a training run: the data, the SAEs (a sweep trains in one pass), the optimiser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from saelab.errors import ConfigError
+from saelab.sae.config import SAEConfig
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; `offline` writes under the run folder and needs no account or network."""
+
+    enabled: bool = False
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "saelab"
+
+
+@dataclass
+class TrainConfig:
+    """One run: `n_tokens` training tokens (epochs over the store as needed), every SAE in `saes` sees each batch.
+
+    `d_in`, `hook_name` and `model_name` of each SAE come from the activation store.
+    `lr: null` uses Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) per SAE; `dead_tokens: null` means
+    min(10M, n_tokens / 10): a latent is dead after that many tokens without firing.
+    """
+
+    store: str = "runs/smollm2-135m/activations"
+    hook: str | None = None
+    out: str = "runs/smollm2-135m/train"
+    saes: list[SAEConfig] = field(default_factory=lambda: [SAEConfig()])
+    n_tokens: int = 819_200
+    batch_size: int = 4096
+    lr: float | None = None
+    lr_decay_fraction: float = 0.2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    aux_alpha: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int | None = None
+    normalize_activations: bool = True
+    init_sample_rows: int = 16_384
+    seed: int = 0
+    checkpoint_every_tokens: int = 204_800
+    keep_checkpoints: int = 2
+    log_every_steps: int = 5
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        for key in ("n_tokens", "batch_size", "checkpoint_every_tokens", "keep_checkpoints", "log_every_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        if self.n_tokens < self.batch_size:
+            raise ConfigError(f"n_tokens: {self.n_tokens} is less than one batch of {self.batch_size}")
+        if not self.saes:
+            raise ConfigError("saes: give at least one SAE, e.g. [{architecture: topk, d_sae: 4608, k: 32}]")
+        labels = [sae.label for sae in self.saes]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"saes: two SAEs share a label ({', '.join(labels)}); give them distinct `name`s")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError(f"lr_decay_fraction: must be in [0, 1], got {self.lr_decay_fraction}")
+
+    @property
+    def n_steps(self) -> int:
+        return self.n_tokens // self.batch_size
+
+    def resolved_dead_tokens(self) -> int:
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, self.n_tokens // 10)

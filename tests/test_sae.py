@@ -1,0 +1,524 @@
+"""SAE variants (TopK, BatchTopK, g-SAE, GBA) and the SAELens on-disk format, on small random inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae import (
+    GBASAE,
+    BatchTopKSAE,
+    GradientTopKSAE,
+    SAEConfig,
+    SparseAutoencoder,
+    TopKSAE,
+    build_sae,
+    load_sae,
+    save_sae,
+)
+from saelab.sae.topk import THRESHOLD_DECAY
+
+D_IN, D_SAE, K = 16, 64, 4
+ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba"]
+
+
+def rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make(architecture: str = "topk", seed: int = 0, **fields) -> SparseAutoencoder:
+    cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **fields)
+    return build_sae(cfg, generator=rng(seed))
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=rng(seed))
+
+
+def positive(*shape: int, seed: int) -> torch.Tensor:
+    """Pre-activations that are all > 0, so every selection rule has more candidates than it keeps."""
+    return torch.rand(*shape, generator=rng(seed)) + 0.1
+
+
+def perturb(sae: SparseAutoencoder, seed: int) -> SparseAutoencoder:
+    """Non-trivial biases and input scale, so tests see every term of the forward pass."""
+    with torch.no_grad():
+        sae.input_scale.fill_(0.37)
+        sae.b_dec.copy_(randn(D_IN, seed=seed))
+        if sae.b_enc.requires_grad:
+            sae.b_enc.copy_(0.1 * randn(D_SAE, seed=seed + 1))
+        else:  # GBA: inside [bias_min, bias_max]
+            sae.b_enc.copy_(-0.5 * torch.rand(D_SAE, generator=rng(seed + 1)))
+    return sae
+
+
+# --- shared base ---------------------------------------------------------------------------------
+
+
+def test_forward_is_the_documented_formula():
+    sae = perturb(make("topk"), seed=1)
+    x = randn(32, D_IN, seed=2)
+    out = sae(x)
+    s = 0.37
+    u = (x * s - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert torch.allclose(out.pre_activations, u, atol=1e-6)
+    assert torch.allclose(out.reconstruction, (out.latents @ sae.W_dec + sae.b_dec) / s, atol=1e-6)
+
+
+def test_normalize_decoder_gives_unit_rows_in_the_same_directions():
+    sae = make("topk")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1, generator=rng(1)) * 5 + 0.1)
+    directions = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    sae.normalize_decoder_()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-6)
+    assert torch.allclose(sae.W_dec, directions, atol=1e-6)
+
+
+def test_remove_decoder_parallel_grad_leaves_only_the_orthogonal_part():
+    sae = make("topk")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(D_SAE, 1, generator=rng(1)) * 5 + 0.1)  # need not be unit norm
+    grad = randn(D_SAE, D_IN, seed=2)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_decoder_parallel_grad_()
+    rows = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    assert torch.allclose((sae.W_dec.grad * rows).sum(1), torch.zeros(D_SAE), atol=1e-5)
+    expected = grad - (grad * rows).sum(1, keepdim=True) * rows
+    assert torch.allclose(sae.W_dec.grad, expected, atol=1e-6)
+
+
+# --- TopK ----------------------------------------------------------------------------------------
+
+
+def test_topk_keeps_exactly_k_nonnegative_values_per_row_as_a_reference_does():
+    sae = make("topk")
+    u = positive(32, D_SAE, seed=1)
+    z = sae.select(u)
+    assert ((z != 0).sum(-1) == K).all()
+    expected = torch.zeros_like(u)
+    for row in range(u.shape[0]):
+        for i in sorted(range(D_SAE), key=lambda i: -u[row, i].item())[:K]:
+            expected[row, i] = u[row, i]
+    assert torch.equal(z, expected)
+
+    mixed = randn(32, D_SAE, seed=2)
+    z = sae.select(mixed)
+    assert (z >= 0).all() and ((z != 0).sum(-1) <= K).all()
+    assert torch.equal(z, sae.select(mixed.relu()))
+
+
+# --- BatchTopK -----------------------------------------------------------------------------------
+
+
+def test_batchtopk_keeps_the_batch_k_largest_values_of_the_whole_batch_in_training():
+    sae = make("batchtopk").train()
+    u = positive(8, D_SAE, seed=1)
+    z = sae.select(u)
+    assert int((z != 0).sum()) == 8 * K
+    assert ((z != 0).sum(-1) != K).any(), "per-row counts vary: the budget is shared across the batch"
+    cutoff = u.flatten().sort(descending=True).values[8 * K - 1]
+    assert torch.equal(z, u * (u >= cutoff))
+
+
+def test_batchtopk_threshold_is_an_ema_of_the_smallest_kept_value():
+    sae = make("batchtopk").train()
+    assert torch.equal(sae.threshold, torch.zeros(D_SAE))
+    expected = None
+    for seed in range(3):
+        u = randn(8, D_SAE, seed=seed)
+        z = sae.select(u)
+        smallest = z[z > 0].min().item()
+        # the first observation starts θ; later ones move it by an EMA
+        expected = smallest if expected is None else THRESHOLD_DECAY * expected + (1 - THRESHOLD_DECAY) * smallest
+        assert torch.allclose(sae.threshold, torch.full((D_SAE,), expected), rtol=1e-5)
+    before = sae.threshold.clone()
+    sae.select(-positive(8, D_SAE, seed=9))  # nothing positive kept: θ stays
+    assert torch.equal(sae.threshold, before)
+
+
+def test_batchtopk_eval_mode_uses_the_threshold_and_leaves_it_alone():
+    sae = make("batchtopk").eval()
+    sae.threshold.fill_(0.5)
+    u = randn(8, D_SAE, seed=1)
+    z = sae.select(u)
+    assert torch.equal(z, u * (u > 0.5))
+    assert (z != 0).sum() != 8 * K
+    assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.5))
+
+
+# --- g-SAE ---------------------------------------------------------------------------------------
+
+
+def test_gsae_with_beta_zero_or_no_gradient_is_topk_bit_for_bit():
+    topk = perturb(make("topk", seed=3), seed=4)
+    x, g = randn(32, D_IN, seed=5), randn(32, D_IN, seed=6)
+    reference = topk(x)
+    for beta, gradient in [(0.0, g), (2.0, None)]:
+        gsae = perturb(make("gsae", seed=3, beta=beta), seed=4)
+        assert torch.equal(gsae.W_enc, topk.W_enc)
+        out = gsae(x, gradient)
+        assert torch.equal(out.latents, reference.latents)
+        assert torch.equal(out.reconstruction, reference.reconstruction)
+    gsae = make("gsae", seed=3, beta=2.0)
+    u = randn(32, D_SAE, seed=7)
+    assert torch.equal(gsae.select(u, torch.zeros(32, D_IN)), TopKSAE.select(gsae, u)), "zero gradient rows: TopK"
+    assert not torch.equal(gsae.select(u, g), TopKSAE.select(gsae, u)), "a gradient changes the selection"
+
+
+def test_gsae_with_large_beta_selects_by_activation_times_gradient_alignment():
+    gsae = make("gsae", beta=1e6)
+    u, g = randn(32, D_SAE, seed=1), randn(32, D_IN, seed=2)
+    z = gsae.select(u, g)
+    relu = u.relu()
+    cosine = (g @ gsae.W_dec.T) / (g.norm(dim=1, keepdim=True) * gsae.W_dec.norm(dim=1))
+    chosen = (relu * cosine.abs()).topk(K, dim=-1).indices
+    expected = torch.zeros_like(u).scatter(-1, chosen, relu.gather(-1, chosen))
+    assert torch.equal(z, expected)
+    assert not torch.equal(z, TopKSAE.select(gsae, u))
+
+
+def test_gsae_values_are_the_activations_at_the_chosen_latents():
+    gsae = make("gsae", beta=3.0)
+    u, g = positive(32, D_SAE, seed=1), randn(32, D_IN, seed=2)
+    z = gsae.select(u, g)
+    assert ((z != 0).sum(-1) == K).all()
+    assert torch.equal(z[z != 0], u[z != 0])
+
+
+# --- GBA -----------------------------------------------------------------------------------------
+
+
+def test_gba_groups_are_equal_random_and_carry_their_targets():
+    sae = make("gba", seed=1)
+    assert torch.equal(torch.bincount(sae.group), torch.full((4,), D_SAE // 4))
+    assert torch.equal(sae.target, torch.tensor(sae.cfg.group_targets())[sae.group])
+    assert torch.equal(make("gba", seed=1).group, sae.group)
+    assert not torch.equal(make("gba", seed=2).group, sae.group)
+    assert not sae.b_enc.requires_grad
+    sae(randn(8, D_IN, seed=3)).reconstruction.pow(2).sum().backward()
+    assert sae.b_enc.grad is None and sae.W_enc.grad is not None
+
+
+def test_gba_lowers_an_overactive_latent_and_raises_a_dead_one():
+    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=100)
+    sae.b_enc.fill_(-0.5)
+    u = randn(100, D_SAE, seed=1)
+    busy, dead = int((sae.group == 0).nonzero()[0]), int((sae.group == 1).nonzero()[0])
+    u[:, busy] = positive(100, seed=2)
+    u[:, dead] = -positive(100, seed=3)
+    dead_group = sae.group == 2  # a whole group that never fires
+    u[:, dead_group] = -positive(100, int(dead_group.sum()), seed=4)
+    sae.observe(u[:60])
+    assert not sae.adaptation_due()
+    sae.observe(u[60:])
+    assert sae.adaptation_due()
+
+    reach = u.max(0).values
+    fired = (u > 0).any(0)
+    metrics = sae.adapt_biases()
+    b = sae.b_enc
+    assert b[busy].item() == pytest.approx(-0.5 - 0.1 * reach[busy].item(), abs=1e-6)
+    same_group = (sae.group == sae.group[dead]) & fired
+    assert b[dead].item() == pytest.approx(-0.5 + 0.1 * reach[same_group].mean().item(), abs=1e-6)
+    up = 0.1 * reach[dead_group].abs().mean().item()
+    assert torch.allclose(b[dead_group], torch.full((int(dead_group.sum()),), -0.5 + up), atol=1e-6)
+    assert metrics["group2/freq"] == 0.0 and metrics["group0/target"] == sae.cfg.group_targets()[0]
+    assert set(metrics) == {f"group{g}/{key}" for g in range(4) for key in ("freq", "target")}
+    assert int(sae.tokens_observed) == 0 and int(sae.fires.sum()) == 0 and sae.max_pre_activation.isneginf().all()
+
+
+def test_gba_biases_stay_within_bounds_through_many_random_updates():
+    sae = make("gba", gamma=0.5, bias_min=-0.3, bias_max=0.1, update_tokens=64)
+    generator = rng(1)
+    lowest, highest = 0.0, 0.0
+    for _ in range(200):
+        shift = torch.rand((), generator=generator) * 10 - 5  # sometimes all fire, sometimes none
+        spread = torch.rand(D_SAE, generator=generator) * 3
+        sae.observe(shift + spread * torch.randn(64, D_SAE, generator=generator))
+        sae.adapt_biases()
+        low, high = sae.bias_bounds
+        assert (sae.b_enc >= low).all() and (sae.b_enc <= high).all()
+        lowest, highest = min(lowest, sae.b_enc.min().item()), max(highest, sae.b_enc.max().item())
+    # the range is stated for unit-norm inputs and scaled to saelab's ‖x‖ ≈ √d_in
+    assert sae.bias_bounds == pytest.approx((-0.3 * D_IN**0.5, 0.1 * D_IN**0.5))
+    assert lowest == pytest.approx(sae.bias_bounds[0]) and highest == pytest.approx(sae.bias_bounds[1])
+
+
+def test_gba_calibration_starts_each_group_at_its_target():
+    sae = make("gba", bias_min=-100.0, target_high=0.3, target_low=0.03)
+    sample = randn(4000, D_IN, seed=5) * 3 + 1
+    sae.calibrate_biases(sample)
+    fired = (sae.pre_activations(sample) > 0).float().mean(0)
+    for group, target in enumerate(sae.cfg.group_targets()):
+        measured = fired[sae.group == group]
+        assert torch.allclose(measured, torch.full_like(measured, target), atol=2 / 4000), (group, measured)
+
+
+def test_gba_with_frozen_weights_settles_every_group_at_or_below_its_target():
+    cfg = dict(gamma=0.1, bias_min=-10.0, bias_max=0.0, target_high=0.2, target_low=0.02, update_tokens=2048)
+    sae = make("gba", **cfg)
+    generator = rng(1)
+    centres = torch.randn(8, D_IN, generator=generator) * 1.5
+    metrics = {}
+    for _ in range(40):
+        which = torch.randint(0, 8, (2048,), generator=generator)
+        x = centres[which] + 0.7 * torch.randn(2048, D_IN, generator=generator)
+        sae.observe(sae.pre_activations(x))
+        assert sae.adaptation_due()
+        metrics = sae.adapt_biases()
+    for g, target in enumerate(sae.cfg.group_targets()):
+        assert 0 < metrics[f"group{g}/freq"] <= 1.5 * target, (g, metrics)
+
+
+def test_gba_state_dict_round_trip_keeps_its_buffers():
+    sae = make("gba", seed=1, update_tokens=32)
+    sae.observe(randn(32, D_SAE, seed=2))
+    sae.adapt_biases()
+    sae.observe(randn(20, D_SAE, seed=3))
+    other = make("gba", seed=2)
+    assert not torch.equal(other.group, sae.group)
+    other.load_state_dict(sae.state_dict())
+    for name in ("group", "target", "fires", "max_pre_activation", "tokens_observed", "b_enc"):
+        assert torch.equal(getattr(other, name), getattr(sae, name)), name
+    assert int(other.tokens_observed) == 20
+
+
+# --- the SAELens format --------------------------------------------------------------------------
+
+
+def trained_looking(architecture: str) -> SparseAutoencoder:
+    sae = perturb(make(architecture, seed=1, hook_name="blocks.3.hook_resid_post", model_name="tiny"), seed=2)
+    if isinstance(sae, BatchTopKSAE):
+        sae.threshold.fill_(0.3)
+    if isinstance(sae, GBASAE):
+        sae.observe(randn(50, D_SAE, seed=3))
+    return sae
+
+
+def sae_lens_forward(weights: dict[str, torch.Tensor], architecture: str, x: torch.Tensor, k: int = K):
+    """SAELens's inference, written out: no input scale, b_dec subtracted from the input."""
+    u = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    if architecture == "topk":
+        top = u.topk(k, dim=-1)
+        z = torch.zeros_like(u).scatter(-1, top.indices, top.values.relu())
+    elif architecture == "jumprelu":
+        z = u.relu() * (u > weights["threshold"])
+    else:
+        z = u.relu()
+    return z, z @ weights["W_dec"] + weights["b_dec"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
+    sae = trained_looking(architecture).eval()
+    save_sae(sae, tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    assert torch.equal(loaded.input_scale, sae.input_scale)
+    for name, buffer in sae.named_buffers():
+        assert torch.equal(loaded.get_buffer(name), buffer), name
+    x, g = randn(64, D_IN, seed=4), randn(64, D_IN, seed=5)
+    expected, got = sae(x, g), loaded(x, g)
+    assert torch.equal(got.latents != 0, expected.latents != 0)
+    assert torch.allclose(got.latents, expected.latents, atol=1e-5)
+    assert torch.allclose(got.reconstruction, expected.reconstruction, atol=1e-5)
+    assert list(tmp_path.iterdir()) == [tmp_path / "sae"], "no temporary folder left behind"
+
+
+@pytest.mark.parametrize(
+    "architecture, saved_as", [("topk", "topk"), ("gsae", "topk"), ("gba", "standard"), ("batchtopk", "jumprelu")]
+)
+def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, architecture, saved_as):
+    sae = trained_looking(architecture).eval()
+    save_sae(sae, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == saved_as
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["device"]) == (D_IN, D_SAE, "float32", "cpu")
+    assert cfg["apply_b_dec_to_input"] is True and cfg["rescale_acts_by_decoder_norm"] is False
+    assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
+    assert cfg.get("k") == (K if saved_as == "topk" else None)
+    meta = cfg["metadata"]
+    assert (meta["hook_name"], meta["model_name"]) == ("blocks.3.hook_resid_post", "tiny")
+    assert meta["saelab_architecture"] == architecture and meta["saelab_input_scale"] == pytest.approx(0.37)
+
+    weights = safetensors.torch.load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if saved_as == "jumprelu" else set())
+    assert set(weights) == names
+    assert weights["W_enc"].shape == (D_IN, D_SAE) and weights["W_dec"].shape == (D_SAE, D_IN)
+    x = randn(64, D_IN, seed=4)
+    z, reconstruction = sae_lens_forward(weights, saved_as, x)
+    out = sae(x)
+    assert torch.equal(z != 0, out.latents != 0)
+    assert torch.allclose(reconstruction, out.reconstruction, atol=1e-5)
+    assert not torch.allclose(weights["W_enc"], sae.W_enc.detach()), "the input scale is folded in"
+
+
+def write_sae_lens_folder(folder: Path, architecture: str, seed: int, **fields) -> dict[str, torch.Tensor]:
+    """A folder as SAELens 6.54.12's save_model writes it (OFFLINE.md): no saelab fields."""
+    weights = {
+        "W_enc": randn(D_IN, D_SAE, seed=seed),
+        "W_dec": randn(D_SAE, D_IN, seed=seed + 1),  # rows not unit norm
+        "b_enc": 0.1 * randn(D_SAE, seed=seed + 2),
+        "b_dec": randn(D_IN, seed=seed + 3),
+    }
+    if architecture == "jumprelu":
+        weights["threshold"] = torch.rand(D_SAE, generator=rng(seed + 4))
+    cfg = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": "6.54.12",
+            "sae_lens_training_version": "6.54.12",
+            "hook_name": "blocks.5.hook_resid_post",
+            "model_name": "SmolLM2-135M",
+        },
+        "rescale_acts_by_decoder_norm": False,
+        "architecture": architecture,
+    } | fields
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    safetensors.torch.save_file(weights, folder / "sae_weights.safetensors")
+    return weights
+
+
+def test_a_topk_sae_written_by_saelens_loads_and_computes_saelens_formula(tmp_path):
+    weights = write_sae_lens_folder(tmp_path / "sae", "topk", seed=1, k=K)
+    sae = load_sae(tmp_path / "sae")
+    assert isinstance(sae, TopKSAE) and not isinstance(sae, GradientTopKSAE)
+    assert (sae.cfg.k, sae.cfg.hook_name, sae.cfg.model_name) == (K, "blocks.5.hook_resid_post", "SmolLM2-135M")
+    x = randn(64, D_IN, seed=9)
+    u = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+    top = u.topk(K, dim=-1)
+    z = torch.zeros_like(u).scatter(-1, top.indices, top.values.relu())
+    out = sae(x)
+    assert torch.equal(out.latents, z)
+    assert torch.equal(out.reconstruction, z @ weights["W_dec"] + weights["b_dec"])
+
+
+@pytest.mark.parametrize("architecture, cls", [("standard", GBASAE), ("jumprelu", BatchTopKSAE)])
+def test_relu_and_jumprelu_saes_written_by_saelens_load(tmp_path, architecture, cls):
+    weights = write_sae_lens_folder(tmp_path / "sae", architecture, seed=1)
+    sae = load_sae(tmp_path / "sae")
+    assert isinstance(sae, cls)
+    x = randn(64, D_IN, seed=9)
+    z, reconstruction = sae_lens_forward(weights, architecture, x)
+    assert torch.equal(sae(x).latents != 0, z != 0)
+    assert torch.allclose(sae(x).reconstruction, reconstruction, atol=1e-5)
+
+
+def test_a_saelens_sae_without_b_dec_on_the_input_loads_with_the_bias_folded(tmp_path):
+    weights = write_sae_lens_folder(tmp_path / "sae", "jumprelu", seed=1, apply_b_dec_to_input=False)
+    sae = load_sae(tmp_path / "sae")
+    x = randn(64, D_IN, seed=9)
+    u = x @ weights["W_enc"] + weights["b_enc"]
+    z = u.relu() * (u > weights["threshold"])
+    assert torch.allclose(sae(x).latents, z, atol=1e-5)
+    assert torch.allclose(sae(x).reconstruction, z @ weights["W_dec"] + weights["b_dec"], atol=1e-5)
+
+
+def test_saving_replaces_an_earlier_sae_but_never_a_folder_of_other_files(tmp_path):
+    save_sae(trained_looking("topk"), tmp_path / "sae")
+    newer = make("gba", seed=5)
+    save_sae(newer, tmp_path / "sae")
+    assert isinstance(load_sae(tmp_path / "sae"), GBASAE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(SaelabError, match="todo.txt"):
+        save_sae(newer, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(tensors, metadata=None):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(safetensors.torch, "save", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        save_sae(make("topk"), tmp_path / "sae")
+    assert list(tmp_path.iterdir()) == []
+
+
+def corrupt(folder: Path, how: str) -> Path:
+    """Break a saved SAE folder one way; returns the file the error must name."""
+    cfg_path, weights_path = folder / "cfg.json", folder / "sae_weights.safetensors"
+    if how == "no cfg.json":
+        cfg_path.unlink()
+        return cfg_path
+    if how == "cfg.json not JSON":
+        cfg_path.write_text("{not json")
+        return cfg_path
+    if how == "unknown architecture":
+        cfg = json.loads(cfg_path.read_text())
+        del cfg["metadata"]["saelab_config"]
+        cfg["architecture"] = "gated"
+        cfg_path.write_text(json.dumps(cfg))
+        return cfg_path
+    if how == "bad saelab config":
+        cfg = json.loads(cfg_path.read_text())
+        cfg["metadata"]["saelab_config"]["k"] = -3
+        cfg_path.write_text(json.dumps(cfg))
+        return cfg_path
+    if how == "no weights":
+        weights_path.unlink()
+        return weights_path
+    if how == "weights truncated":
+        weights_path.write_bytes(weights_path.read_bytes()[:100])
+        return weights_path
+    weights = safetensors.torch.load_file(weights_path)
+    if how == "tensor missing":
+        del weights["b_dec"]
+    else:  # "shape mismatch"
+        weights["W_enc"] = weights["W_enc"][:, :32].contiguous()
+    safetensors.torch.save_file(weights, weights_path)
+    return weights_path
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "no cfg.json",
+        "cfg.json not JSON",
+        "unknown architecture",
+        "bad saelab config",
+        "no weights",
+        "weights truncated",
+        "tensor missing",
+        "shape mismatch",
+    ],
+)
+def test_a_broken_folder_is_a_saelab_error_naming_the_file(tmp_path, how):
+    save_sae(trained_looking("topk"), tmp_path / "sae")
+    named = corrupt(tmp_path / "sae", how)
+    with pytest.raises(SaelabError) as error:
+        load_sae(tmp_path / "sae")
+    assert str(named) in str(error.value)
+
+
+def test_a_missing_folder_is_a_saelab_error(tmp_path):
+    with pytest.raises(SaelabError, match="cfg.json"):
+        load_sae(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"k": D_SAE + 1}, {"k": 4, "normalize_activations": "expected_average_only_in"}, {"k": 4, "d_sae": "64"}],
+    ids=["no k", "k above d_sae", "normalised activations", "d_sae not an integer"],
+)
+def test_a_saelens_folder_saelab_cannot_run_is_a_saelab_error_naming_cfg_json(tmp_path, fields):
+    write_sae_lens_folder(tmp_path / "sae", "topk", seed=1, **fields)
+    with pytest.raises(SaelabError) as error:
+        load_sae(tmp_path / "sae")
+    assert str(tmp_path / "sae" / "cfg.json") in str(error.value)

@@ -1,0 +1,178 @@
+"""The training loop end to end: every variant learns, invariants hold, resume is bit for bit, bad runs are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae import build_sae, load_sae
+from saelab.sae.config import SAEConfig
+from saelab.train.checkpoint import complete_checkpoints
+from saelab.train.config import TrainConfig
+from saelab.train.dead_latents import DeadLatentTracker
+from saelab.train.loss import auxk_loss, normalized_mse
+from saelab.train.sources import TensorSource
+from saelab.train.step import train_step
+from saelab.train.trainer import CONFIG_FILE, train
+
+D_IN = 16
+
+
+def sparse_data(n: int = 4096, n_features: int = 48, seed: int = 0) -> TensorSource:
+    """Sparse non-negative combinations of random directions, with a gradient-like companion."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n_features, D_IN, generator=generator), dim=-1)
+    codes = torch.rand(n, n_features, generator=generator) * (torch.rand(n, n_features, generator=generator) < 0.08)
+    activations = codes @ directions * 3 + 0.01 * torch.randn(n, D_IN, generator=generator) + 1.5
+    gradients = codes[:, :8] @ directions[:8] + 0.01 * torch.randn(n, D_IN, generator=generator)
+    return TensorSource(activations, gradients)
+
+
+def sweep() -> list[SAEConfig]:
+    return [
+        SAEConfig(architecture="topk", d_sae=64, k=4),
+        SAEConfig(architecture="batchtopk", d_sae=64, k=4),
+        SAEConfig(architecture="gsae", d_sae=64, k=4, beta=1.0),
+        SAEConfig(architecture="gba", d_sae=60, n_groups=6, target_l0=4, update_tokens=1024),
+    ]
+
+
+def run_config(out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        out=str(out),
+        saes=sweep(),
+        n_tokens=256 * 48,
+        batch_size=256,
+        lr=3e-3,
+        init_sample_rows=1024,
+        checkpoint_every_tokens=256 * 10,
+        keep_checkpoints=10,
+        log_every_steps=4,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_variant_learns_and_saves(tmp_path):
+    saes = train(run_config(tmp_path / "run"), source=sparse_data(), progress=False)
+    metrics = read_metrics(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for label, sae in saes.items():
+        rows = [m for m in metrics if m["sae"] == label]
+        assert rows[-1]["fvu"] < min(0.5, 0.7 * rows[0]["fvu"]), (label, rows[0]["fvu"], rows[-1]["fvu"])
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
+        assert summary[label]["fvu"] < 0.5
+        reloaded = load_sae(tmp_path / "run" / "saes" / label)
+        x = sparse_data(64, seed=9).activations
+        assert torch.allclose(reloaded(x).reconstruction, sae.eval()(x).reconstruction, atol=1e-5)
+    topk_rows = [m for m in metrics if m["sae"] == "topk-64-k4"]
+    assert all(m["l0"] <= 4 for m in topk_rows)
+    gba_rows = [m for m in metrics if m["sae"].startswith("gba")]
+    assert any("group0/freq" in m for m in gba_rows), "GBA logs each group's frequency against its target"
+
+
+def test_each_step_keeps_decoder_rows_unit_norm():
+    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=32, k=3), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    tracker = DeadLatentTracker(32, dead_tokens=64)
+    for x, _ in sparse_data(1024).batches(64, seed=0):
+        train_step(sae, optimizer, x, None, tracker, aux_alpha=1 / 32, k_aux=8)
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+
+
+def test_auxk_is_zero_when_nothing_is_dead_and_matches_a_reference():
+    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=32, k=3), generator=torch.Generator().manual_seed(2))
+    sae.input_scale.fill_(0.7)
+    x = sparse_data(50).activations
+    out = sae(x)
+    residual = (x - out.reconstruction).detach()
+    nothing_dead = torch.zeros(32, dtype=torch.bool)
+    assert auxk_loss(sae, out.pre_activations, residual, nothing_dead, k_aux=4).item() == 0.0
+    dead = torch.rand(32, generator=torch.Generator().manual_seed(3)) < 0.5
+    expected_rows = []
+    for row in out.pre_activations:
+        candidates = [(row[i].item(), i) for i in range(32) if dead[i]]
+        top = sorted(candidates, reverse=True)[:4]
+        expected_rows.append(sum(max(v, 0.0) * sae.W_dec[i] for v, i in top) / 0.7)
+    expected = normalized_mse(torch.stack(expected_rows), residual)
+    assert auxk_loss(sae, out.pre_activations, residual, dead, k_aux=4).item() == pytest.approx(
+        expected.item(), rel=1e-5
+    )
+
+
+def test_resume_from_a_middle_checkpoint_is_bit_for_bit(tmp_path):
+    cfg = run_config(tmp_path / "full")
+    full = train(cfg, source=sparse_data(), progress=False)
+    middle = complete_checkpoints(tmp_path / "full")[1]  # step 20 of 48
+    resumed_run = tmp_path / "resumed"
+    (resumed_run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / CONFIG_FILE, resumed_run / CONFIG_FILE)
+    for suffix in (".pt", ".sha256"):
+        shutil.copy(middle.with_suffix(suffix), resumed_run / "checkpoints" / middle.with_suffix(suffix).name)
+    resumed = train(run_config(resumed_run), source=sparse_data(), resume=True, progress=False)
+    for label, sae in full.items():
+        for name, tensor in sae.state_dict().items():
+            assert torch.equal(tensor, resumed[label].state_dict()[name]), (label, name)
+
+    def without_speed(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows if row["step"] > 20]
+
+    assert without_speed(read_metrics(resumed_run)) == without_speed(read_metrics(tmp_path / "full"))
+
+
+def test_refuses_to_overwrite_or_resume_a_changed_run(tmp_path):
+    cfg = run_config(tmp_path / "run", n_tokens=256 * 4, saes=[SAEConfig(architecture="topk", d_sae=32, k=2)])
+    train(cfg, source=sparse_data(), progress=False)
+    with pytest.raises(SaelabError, match="--resume"):
+        train(cfg, source=sparse_data(), progress=False)
+    cfg.batch_size = 128
+    with pytest.raises(SaelabError, match="batch_size: 256 → 128"):
+        train(cfg, source=sparse_data(), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_cli_trains_on_a_real_smollm2_store(smollm2, tmp_path):
+    from saelab.harvest.config import HarvestConfig
+    from saelab.harvest.harvester import harvest
+
+    harvest(
+        HarvestConfig(out=str(tmp_path / "store"), n_tokens=31 * 96, context_size=32, device="cpu", shard_contexts=32),
+        model=smollm2,
+        progress=False,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saelab",
+            "train",
+            "--quiet",
+            f"store={tmp_path / 'store'}",
+            f"out={tmp_path / 'run'}",
+            "n_tokens=8192",
+            "batch_size=512",
+            "saes=[{architecture: topk, d_sae: 1152, k: 16}]",
+            "device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "topk-1152-k16" in result.stdout
+    sae = load_sae(tmp_path / "run" / "saes" / "topk-1152-k16")
+    assert sae.cfg.hook_name == "blocks.15.hook_resid_post" and sae.cfg.d_in == 576
+    rows = [m for m in read_metrics(tmp_path / "run")]
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
