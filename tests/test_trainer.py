@@ -176,3 +176,34 @@ def test_cli_trains_on_a_real_smollm2_store(smollm2, tmp_path):
     assert sae.cfg.hook_name == "blocks.15.hook_resid_post" and sae.cfg.d_in == 576
     rows = [m for m in read_metrics(tmp_path / "run")]
     assert rows[-1]["fvu"] < rows[0]["fvu"]
+
+
+def test_bfloat16_autocast_and_offline_wandb(tmp_path):
+    cfg = run_config(tmp_path / "run", dtype="bfloat16", saes=[SAEConfig(architecture="topk", d_sae=64, k=4)])
+    cfg.wandb.enabled = True
+    sae = train(cfg, source=sparse_data(), progress=False)["topk-64-k4"]
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["fvu"] < 0.7 * rows[0]["fvu"] and sae.W_dec.dtype == torch.float32
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["saes=[{architecture: relu}]"], "saes[0].architecture"),
+        (["saes=[{architecture: topk, k: 0}]"], "k: must be positive"),
+        (["store=/no/such/store"], "is not an activation store"),
+        (["n_tokens=10", "batch_size=4096"], "less than one batch"),
+    ],
+)
+def test_train_cli_reports_bad_input_in_one_line(argv, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "saelab", "train", f"out={tmp_path / 'run'}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr

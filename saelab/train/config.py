@@ -58,6 +58,11 @@ class TrainConfig:
             raise ConfigError(f"n_tokens: {self.n_tokens} is less than one batch of {self.batch_size}")
         if not self.saes:
             raise ConfigError("saes: give at least one SAE, e.g. [{architecture: topk, d_sae: 4608, k: 32}]")
+        for index, sae in enumerate(self.saes):
+            try:
+                sae.validate()
+            except ConfigError as error:
+                raise ConfigError(f"saes[{index}].{error}") from None
         labels = [sae.label for sae in self.saes]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"saes: two SAEs share a label ({', '.join(labels)}); give them distinct `name`s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _start_wandb(run: Path, cfg: WandbConfig, config: dict[str, Any]) -> Any:
     import wandb
 
     run_id_file = run / "wandb-run-id"
-    run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else uuid.uuid4().hex[:12]
     atomic_write_text(run_id_file, run_id)
     return wandb.init(
         project=cfg.project, dir=str(run), mode=cfg.mode, id=run_id, resume="allow", config=config, name=run.name
