@@ -79,6 +79,20 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {f.name: _to_plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
 
 
+def config_identity(config: Any, ignore: Sequence[str]) -> dict[str, Any]:
+    """The config as a dict without the keys that do not change a job's output (paths, devices, logging).
+
+    Two runs with equal identities produce the same result, so a resumed job must match its start.
+    """
+    plain = config_to_dict(config)
+    return {key: value for key, value in plain.items() if key not in ignore}
+
+
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """`key: old → new` for each key of `after` whose value differs in `before`."""
+    return [f"{key}: {before.get(key)!r} → {value!r}" for key, value in after.items() if before.get(key) != value]
+
+
 def save_config(config: Any, path: str | Path) -> None:
     """Write the config as YAML atomically: a crash never leaves a half-written file."""
     path = Path(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
     return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture
+def saelab_error():
+    """Run `python -m saelab ARGS…`, check it failed with exit 2 and ONE line on stderr; return that line."""
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, result.stderr
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        return lines[0]
+
+    return run

@@ -522,3 +522,11 @@ def test_a_saelens_folder_saelab_cannot_run_is_a_saelab_error_naming_cfg_json(tm
     with pytest.raises(SaelabError) as error:
         load_sae(tmp_path / "sae")
     assert str(tmp_path / "sae" / "cfg.json") in str(error.value)
+
+
+def test_gba_groups_are_as_equal_as_d_sae_allows():
+    sae = build_sae(SAEConfig(architecture="gba", d_in=D_IN, d_sae=64, n_groups=10), generator=rng(4))
+    sizes = torch.bincount(sae.group, minlength=10)
+    assert sizes.sum() == 64 and sizes.max() - sizes.min() <= 1 and sizes.min() == 6
+    targets = torch.tensor(sae.cfg.group_targets())
+    assert torch.equal(sae.target, targets[sae.group].to(sae.target.dtype))

@@ -16,7 +16,6 @@ import platform
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
 from importlib.metadata import version
 from itertools import islice
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import saelab
 from saelab.atomic import remove_stale_temporaries
+from saelab.config import config_changes, config_identity
 from saelab.errors import SaelabError
 from saelab.harvest.config import HarvestConfig
 from saelab.harvest.corpus import describe_corpus, iter_documents
@@ -196,10 +196,7 @@ def _parameters_frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _identity(cfg: HarvestConfig) -> dict[str, Any]:
-    config = asdict(cfg)
-    for key in _NOT_IDENTITY:
-        config.pop(key)
-    return config
+    return config_identity(cfg, ignore=_NOT_IDENTITY)
 
 
 def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
@@ -220,10 +217,7 @@ def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBr
 
 
 def _check_same_config(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    changed = [
-        f"{key}: {stored.get(key)!r} → {wanted.get(key)!r}" for key in wanted if stored.get(key) != wanted.get(key)
-    ]
-    if changed:
+    if changed := config_changes(stored, wanted):
         raise SaelabError(
             f"{out} was harvested with a different config ({'; '.join(changed)}); "
             "rerun with the original settings to resume, or harvest into a new `out` folder"

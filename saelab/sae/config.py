@@ -50,8 +50,8 @@ class SAEConfig:
             raise ConfigError(f"beta: must be ≥ 0, got {self.beta}")
         if not 0 < self.target_low <= self.target_high <= 1:
             raise ConfigError("target_high/target_low: need 0 < target_low ≤ target_high ≤ 1")
-        if self.architecture == "gba" and self.d_sae % self.n_groups:  # only GBA splits latents into groups
-            raise ConfigError(f"n_groups: {self.n_groups} does not divide d_sae {self.d_sae} into equal groups")
+        if self.architecture == "gba" and self.n_groups > self.d_sae:  # only GBA splits latents into groups
+            raise ConfigError(f"n_groups: {self.n_groups} groups cannot be made from d_sae {self.d_sae} latents")
         if self.bias_min > self.bias_max:
             raise ConfigError("bias_min: must be ≤ bias_max")
 
@@ -69,7 +69,7 @@ class SAEConfig:
         ratio = (self.target_low / self.target_high) ** (1 / (n - 1)) if n > 1 else 1.0
         targets = [self.target_high * ratio**g for g in range(n)]
         if self.target_l0 is not None:
-            scale = self.target_l0 / (self.d_sae / n * sum(targets))
+            scale = self.target_l0 / (self.d_sae / n * sum(targets))  # groups hold d_sae/n latents (±1)
             targets = [min(1.0, t * scale) for t in targets]
         return targets
 

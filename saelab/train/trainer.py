@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab.atomic import atomic_write_json
-from saelab.config import save_config
+from saelab.config import config_changes, config_identity, load_config, save_config
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
@@ -57,8 +57,8 @@ def train(
     """Train every SAE of `cfg.saes` into `cfg.out`; returns them by label (also saved under `saes/`)."""
     cfg.validate()
     out = Path(cfg.out)
+    source, provenance = _open_source(cfg, source)  # bad input fails before the run folder exists
     with folder_lock(out, what="training run"):
-        source, provenance = _open_source(cfg, source)
         _prepare_run_folder(out, cfg, resume)
         device = torch.device(resolve_device(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device)
@@ -80,10 +80,7 @@ def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSou
 
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
-    config = asdict(cfg)
-    for key in _NOT_IDENTITY:
-        config.pop(key)
-    return config
+    return config_identity(cfg, ignore=_NOT_IDENTITY)
 
 
 def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
@@ -91,13 +88,7 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if saved.exists() and not resume:
         raise SaelabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new `out`")
     if saved.exists():
-        from saelab.config import load_config
-
-        before = _identity(load_config(TrainConfig, saved))
-        changed = [
-            f"{key}: {before[key]!r} → {value!r}" for key, value in _identity(cfg).items() if before[key] != value
-        ]
-        if changed:
+        if changed := config_changes(_identity(load_config(TrainConfig, saved)), _identity(cfg)):
             raise SaelabError(f"{out} was trained with a different config ({'; '.join(changed)}); resume it unchanged")
         return
     save_config(cfg, saved)
