@@ -44,6 +44,46 @@ def _train(args: argparse.Namespace) -> None:
         print(f"  {label:<24}{row['tokens']:>10,}{row['fvu']:>8.3f}{row['l0']:>8.1f}{row['dead_fraction']:>8.1%}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from saelab.config import load_config
+    from saelab.eval.config import EvalConfig
+    from saelab.eval.evaluate import EVAL_FILE, evaluate
+
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    results = evaluate(cfg, progress=not args.quiet)
+    held_out = next(iter(results.values()))["held_out"]
+    print(
+        f"evaluated {cfg.run} on {held_out['n_tokens']:,} held-out tokens (contexts {held_out['first_context']:,}+ "
+        f"of the store's corpus; saes/<name>/{EVAL_FILE}, metrics.jsonl)"
+    )
+    print(
+        f"  {'sae':<24}{'FVU':>7}{'expl.var':>9}{'L0':>7}{'dead':>7}{'dense':>7}"
+        f"{'CE clean':>10}{'CE SAE':>8}{'CE zero':>9}{'CE rec.':>9}{'Δ loss':>8}"
+    )
+    for label, r in results.items():
+        recovered = "n/a" if r["ce_loss_recovered"] is None else f"{r['ce_loss_recovered']:.1%}"
+        print(
+            f"  {label:<24}{r['fvu']:>7.3f}{r['explained_variance']:>9.1%}{r['l0']:>7.1f}{r['dead_fraction']:>7.1%}"
+            f"{r['dense_fraction']:>7.1%}{r['ce_loss_clean']:>10.3f}{r['ce_loss_sae']:>8.3f}{r['ce_loss_zero']:>9.3f}"
+            f"{recovered:>9}{r['delta_lm_loss']:>8.3f}"
+        )
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from saelab.analysis.analyze import analyze
+    from saelab.analysis.config import AnalyzeConfig
+    from saelab.config import load_config
+
+    cfg = load_config(AnalyzeConfig, args.config, args.overrides)
+    summaries = analyze(cfg, progress=not args.quiet)
+    print(f"feature stores of {cfg.run} (saes/<name>/features.sqlite; browse them in the dashboard)")
+    for s in summaries.values():
+        print(
+            f"  {s.label}: {s.n_latents:,} latents, {s.n_tokens:,} tokens at {s.tokens_per_second:,.0f} tokens/s "
+            f"({s.total_seconds:.1f} s in all), {s.bytes / 2**20:,.1f} MiB: {s.path}\n    e.g. {s.example}"
+        )
+
+
 def _add_command(commands: argparse._SubParsersAction, name: str, help: str, run: Callable) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=help)
     command.add_argument("--config", help="YAML config (see configs/); keys not given take their defaults")
@@ -59,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_command(commands, "harvest", "cache residual-stream activations to a sharded store", _harvest)
     train = _add_command(commands, "train", "train TopK / BatchTopK / g-SAE / GBA SAEs on an activation store", _train)
     train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    _add_command(commands, "eval", "FVU, L0, dead / dense latents and CE loss recovered on held-out text", _eval)
+    _add_command(commands, "analyze", "per-latent statistics, contexts and logit effects to a feature store", _analyze)
     return parser
 
 

@@ -1,1 +1,1 @@
-"""Evaluating SAEs: the synthetic feature-recovery benchmark and metrics on trained dictionaries."""
+"""Evaluation: reconstruction and sparsity metrics, CE loss recovered, and synthetic feature recovery."""

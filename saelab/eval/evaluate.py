@@ -1,0 +1,210 @@
+"""Evaluate a training run's SAEs on held-out text: reconstruction, sparsity and CE loss recovered.
+
+Held-out rule. The run's `config.yaml` names its activation store; the store's manifest names the
+model, the hook, the context size, BOS and the corpus it was harvested from. That corpus is
+regenerated as the same token stream (`iter_documents` → `iter_contexts`), the contexts the store
+holds are skipped (they are checked, token for token, against the store's own copy), and the
+next ones are evaluated: text that no SAE of the run was trained on. (A harvest still running is
+skipped up to the contexts it plans to store.)
+
+One pass per batch of contexts: the model runs clean, with the hook zero-ablated, and once per
+SAE with the hook's activation at positions ≥ 1 replaced by the SAE's reconstruction; inside that
+last pass the SAE's input, reconstruction and latents also feed its `MetricsAccumulator`, so the
+activation metrics are computed on exactly the tokens the losses are.
+
+Results: `run/saes/<label>/eval.json` per SAE, and one line per SAE appended to the run's
+`metrics.jsonl`: `{"step": <last training step>, "sae": label, "eval/fvu": …}`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from saelab.atomic import atomic_write_json
+from saelab.config import config_from_dict, load_config
+from saelab.errors import SaelabError
+from saelab.eval.ce_loss import FIRST_POSITION, CELossAccumulator
+from saelab.eval.config import EvalConfig
+from saelab.eval.metrics import MetricsAccumulator
+from saelab.harvest.config import CorpusConfig
+from saelab.harvest.corpus import iter_documents
+from saelab.harvest.manifest import StoreManifest
+from saelab.harvest.packing import iter_contexts
+from saelab.harvest.store import ActivationStore
+from saelab.locking import folder_lock
+from saelab.models import load_model, resolve_device
+from saelab.sae import SparseAutoencoder, load_sae
+from saelab.sae.saelens_format import CFG_FILE
+from saelab.train.config import TrainConfig
+from saelab.train.metrics_log import METRICS_FILE
+from saelab.train.trainer import CONFIG_FILE, SAE_DIR
+
+EVAL_FILE = "eval.json"
+
+
+def evaluate(
+    cfg: EvalConfig, model: TransformerBridge | None = None, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the SAEs `cfg.saes` (all when empty) of the run `cfg.run`; returns each SAE's eval.json by label."""
+    cfg.validate()
+    run = Path(cfg.run)
+    train_cfg = _read_run(run)
+    labels = _sae_labels(run, cfg.saes)
+    store = _open_store(train_cfg.store, run)
+    manifest = store.manifest
+    with folder_lock(run, what="job (training or evaluation)"):
+        model = model if model is not None else load_model(manifest.model, resolve_device(cfg.device))
+        device = next(model.parameters()).device
+        saes = {label: load_sae(run / SAE_DIR / label, device) for label in labels}
+        hook = _hook(saes, train_cfg, manifest)
+        first_context = max(manifest.n_contexts, manifest.n_contexts_planned)
+        n_contexts = math.ceil(cfg.n_tokens / (manifest.context_size - FIRST_POSITION))
+        contexts = held_out_contexts(store, model.tokenizer, n_contexts)
+
+        metrics = {label: MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device) for label, sae in saes.items()}
+        losses = CELossAccumulator(
+            model, hook, {label: _measured(sae, metrics[label]) for label, sae in saes.items()}, FIRST_POSITION
+        )
+        tokens_per_context = manifest.context_size - FIRST_POSITION
+        bar = tqdm(
+            total=len(contexts) * tokens_per_context,
+            unit="tok",
+            unit_scale=True,
+            desc=f"eval {len(saes)} SAE(s) at {hook}",
+            disable=not progress,
+        )
+        with bar:
+            for batch in contexts.split(cfg.batch_size):
+                losses.update(batch.to(device))
+                bar.update(len(batch) * tokens_per_context)
+        ce = losses.result()
+
+        step = train_cfg.n_steps
+        held_out = {
+            "store": str(train_cfg.store),
+            "corpus": manifest.config.get("corpus"),
+            "first_context": first_context,
+            "n_contexts": len(contexts),
+            "context_size": manifest.context_size,
+            "positions": f"{FIRST_POSITION}..{manifest.context_size - 1}",
+            "n_tokens": len(contexts) * tokens_per_context,
+        }
+        results = {}
+        for label, sae in saes.items():
+            results[label] = {
+                "sae": label,
+                "architecture": sae.cfg.architecture,
+                "d_sae": sae.cfg.d_sae,
+                "model": manifest.model,
+                "hook": hook,
+                "step": step,
+                "held_out": held_out,
+                **metrics[label].result(),
+                **ce.summary(label),
+            }
+            atomic_write_json(run / SAE_DIR / label / EVAL_FILE, results[label])
+        _append_metrics(run, step, results)
+    return results
+
+
+def held_out_contexts(store: ActivationStore, tokenizer: Any, n_contexts: int) -> torch.Tensor:
+    """The `n_contexts` contexts `[n, context_size]` (int64) that follow the store's in its corpus stream.
+
+    Fewer when the corpus runs out first; none at all is a SaelabError. The contexts skipped must
+    equal the store's own, token for token, or the text could not be proven held out.
+    """
+    manifest = store.manifest
+    corpus = config_from_dict(CorpusConfig, manifest.config["corpus"], prefix="corpus")
+    prepend_bos = manifest.config.get("prepend_bos", True)
+    stream = iter_contexts(iter_documents(corpus), tokenizer, manifest.context_size, prepend_bos)
+    for index, context in enumerate(islice(stream, manifest.n_contexts)):
+        if context != store.context_tokens(index).tolist():
+            raise SaelabError(
+                f"the corpus no longer yields the contexts of {store.path} (context {index} differs: another "
+                "Python, corpus or tokenizer?), so held-out text cannot be told apart from training text; "
+                "evaluate where the store was harvested"
+            )
+    # A harvest still running goes on to n_contexts_planned: skip those too.
+    ahead = max(0, manifest.n_contexts_planned - manifest.n_contexts)
+    contexts = list(islice(stream, ahead, ahead + n_contexts))
+    if not contexts:
+        raise SaelabError(
+            f"the corpus has no text left after the {manifest.n_contexts_planned:,} contexts of {store.path}; "
+            "evaluate on a store harvested from less than the whole corpus"
+        )
+    return torch.tensor(contexts, dtype=torch.long)
+
+
+def _measured(sae: SparseAutoencoder, metrics: MetricsAccumulator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x → x̂ through `sae`, feeding x, x̂ and the latents to `metrics` on the way."""
+
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        out = sae(x)
+        metrics.update(x, out.reconstruction, out.latents)
+        return out.reconstruction
+
+    return reconstruct
+
+
+def _read_run(run: Path) -> TrainConfig:
+    if not (run / CONFIG_FILE).is_file():
+        raise SaelabError(f"{run} is not a training run (no {CONFIG_FILE}); make one with `saelab train`")
+    return load_config(TrainConfig, run / CONFIG_FILE)
+
+
+def _sae_labels(run: Path, wanted: list[str]) -> list[str]:
+    folder = run / SAE_DIR
+    found = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
+    if not found:
+        raise SaelabError(f"{folder} holds no SAE; has the training run finished? (`saelab train --resume` ends it)")
+    missing = [label for label in wanted if label not in found]
+    if missing:
+        raise SaelabError(f"{folder} has no SAE {', '.join(map(repr, missing))}; it has: {', '.join(found)}")
+    return list(wanted) or found
+
+
+def _open_store(path: str, run: Path) -> ActivationStore:
+    """The run's activation store, read for its manifest and contexts only (shard checksums are not needed)."""
+    try:
+        return ActivationStore(path, verify=False)
+    except SaelabError as error:
+        raise SaelabError(
+            f"the activation store of {run} cannot be read, and the held-out text is found through it: {error}"
+        ) from error
+
+
+def _hook(saes: dict[str, SparseAutoencoder], train_cfg: TrainConfig, manifest: StoreManifest) -> str:
+    """The one hook every SAE reads: its `hook_name`, else the run's `hook`, else the store's only hook."""
+    fallback = train_cfg.hook or (manifest.hooks[0] if len(manifest.hooks) == 1 else "")
+    hooks = {label: sae.cfg.hook_name or fallback for label, sae in saes.items()}
+    if len(set(hooks.values())) != 1 or "" in hooks.values():
+        described = ", ".join(f"{label}: {hook or '?'}" for label, hook in hooks.items())
+        raise SaelabError(f"the SAEs must read one known hook to be evaluated together ({described})")
+    hook = next(iter(hooks.values()))
+    if hook not in manifest.hooks:
+        raise SaelabError(f"hook {hook!r} is not in the run's store (its hooks: {manifest.hooks})")
+    for label, sae in saes.items():
+        if sae.cfg.d_in != manifest.d_model:
+            raise SaelabError(f"{label} has d_in {sae.cfg.d_in} but {hook} has d_model {manifest.d_model}")
+    return hook
+
+
+def _append_metrics(run: Path, step: int, results: dict[str, dict[str, Any]]) -> None:
+    """One line per SAE in the run's metrics.jsonl: its scalar results as `eval/<name>`."""
+    with open(run / METRICS_FILE, "a") as log:
+        for label, result in results.items():
+            scalars = {
+                f"eval/{key}": value
+                for key, value in result.items()
+                if key not in ("step", "d_sae") and (value is None or isinstance(value, int | float))
+            }
+            log.write(json.dumps({"step": step, "sae": label, **scalars}) + "\n")
