@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates (or reuses) .venv and installs what it needs.
-#   make demo   harvest → train (→ evaluate → feature store, as those stages land) on the offline default
+#   make demo   harvest → train → evaluate → feature store on the offline default
 #   make test   lint + the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/saelab harvest --config configs/harvest-smollm2.yaml
 	$(VENV)/bin/saelab train --config configs/train-smollm2.yaml --resume
+	$(VENV)/bin/saelab eval --config configs/eval-smollm2.yaml
+	$(VENV)/bin/saelab analyze --config configs/analyze-smollm2.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check saelab tests benchmarks

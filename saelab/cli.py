@@ -39,9 +39,14 @@ def _train(args: argparse.Namespace) -> None:
     train(cfg, resume=args.resume, progress=not args.quiet)
     summary = json.loads((Path(cfg.out) / SUMMARY_FILE).read_text())
     print(f"training run: {cfg.out} (metrics.jsonl, checkpoints/, saes/<name>/ in the SAELens format)")
-    print(f"  {'sae':<24}{'tokens':>10}{'FVU':>8}{'L0':>8}{'dead':>8}   (mean of the last steps)")
-    for label, row in summary.items():
-        print(f"  {label:<24}{row['tokens']:>10,}{row['fvu']:>8.3f}{row['l0']:>8.1f}{row['dead_fraction']:>8.1%}")
+    print("  on the last training batches:")
+    _print_table(
+        [("sae", 24), ("tokens", 10), ("FVU", 8), ("L0", 8), ("dead", 8)],
+        [
+            [label, f"{r['tokens']:,}", f"{r['fvu']:.3f}", f"{r['l0']:.1f}", f"{r['dead_fraction']:.1%}"]
+            for label, r in summary.items()
+        ],
+    )
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -56,17 +61,17 @@ def _eval(args: argparse.Namespace) -> None:
         f"evaluated {cfg.run} on {held_out['n_tokens']:,} held-out tokens (contexts {held_out['first_context']:,}+ "
         f"of the store's corpus; saes/<name>/{EVAL_FILE}, metrics.jsonl)"
     )
-    print(
-        f"  {'sae':<24}{'FVU':>7}{'expl.var':>9}{'L0':>7}{'dead':>7}{'dense':>7}"
-        f"{'CE clean':>10}{'CE SAE':>8}{'CE zero':>9}{'CE rec.':>9}{'Δ loss':>8}"
-    )
+    columns = [("sae", 24), ("FVU", 7), ("expl.var", 9), ("L0", 7), ("dead", 7), ("dense", 7)]
+    columns += [("CE clean", 10), ("CE SAE", 8), ("CE zero", 9), ("CE rec.", 9), ("Δ loss", 8)]
+    rows = []
     for label, r in results.items():
         recovered = "n/a" if r["ce_loss_recovered"] is None else f"{r['ce_loss_recovered']:.1%}"
-        print(
-            f"  {label:<24}{r['fvu']:>7.3f}{r['explained_variance']:>9.1%}{r['l0']:>7.1f}{r['dead_fraction']:>7.1%}"
-            f"{r['dense_fraction']:>7.1%}{r['ce_loss_clean']:>10.3f}{r['ce_loss_sae']:>8.3f}{r['ce_loss_zero']:>9.3f}"
-            f"{recovered:>9}{r['delta_lm_loss']:>8.3f}"
+        rows.append(
+            [label, f"{r['fvu']:.3f}", f"{r['explained_variance']:.1%}", f"{r['l0']:.1f}", f"{r['dead_fraction']:.1%}"]
+            + [f"{r['dense_fraction']:.1%}", f"{r['ce_loss_clean']:.3f}", f"{r['ce_loss_sae']:.3f}"]
+            + [f"{r['ce_loss_zero']:.3f}", recovered, f"{r['delta_lm_loss']:.3f}"]
         )
+    _print_table(columns, rows)
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -82,6 +87,19 @@ def _analyze(args: argparse.Namespace) -> None:
             f"  {s.label}: {s.n_latents:,} latents, {s.n_tokens:,} tokens at {s.tokens_per_second:,.0f} tokens/s "
             f"({s.total_seconds:.1f} s in all), {s.bytes / 2**20:,.1f} MiB: {s.path}\n    e.g. {s.example}"
         )
+
+
+def _print_table(columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
+    """Formatted cells under their headers, `columns` = (header, width); the first column left-aligned."""
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = [f"{cells[0]:<{columns[0][1]}}"]
+        aligned += [f"{cell:>{width}}" for cell, (_, width) in zip(cells[1:], columns[1:], strict=True)]
+        return "  " + "".join(aligned)
+
+    print(line([header for header, _ in columns]))
+    for row in rows:
+        print(line(row))
 
 
 def _add_command(commands: argparse._SubParsersAction, name: str, help: str, run: Callable) -> argparse.ArgumentParser:

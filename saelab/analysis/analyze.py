@@ -51,17 +51,14 @@ from saelab.analysis.feature_store import (
 from saelab.analysis.latent_statistics import LatentStatistics
 from saelab.analysis.logit_effects import LogitEffects, decoder_directions, final_norm_weight, logit_effects
 from saelab.analysis.top_k_tracker import PerLatentTopK
-from saelab.config import load_config
-from saelab.errors import SaelabError
+from saelab.eval.metrics import DENSE_THRESHOLD
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
 from saelab.sae import SparseAutoencoder, load_sae
-from saelab.sae.saelens_format import CFG_FILE
 from saelab.train.config import TrainConfig
-from saelab.train.trainer import CONFIG_FILE, SAE_DIR
-
-DENSE_FREQUENCY = 0.1  # a latent firing on more than 10 % of tokens is dense (as in saelab.eval)
+from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
+from saelab.train.trainer import SAE_DIR
 
 TokenText = Callable[[Iterable[int]], dict[int, str]]
 
@@ -202,9 +199,9 @@ def analyze(cfg: AnalyzeConfig, model: Any | None = None, progress: bool = True)
     """
     cfg.validate()
     run = Path(cfg.run)
-    train_cfg = _read_run(run)
-    labels = _sae_labels(run, cfg.saes)
-    store = _open_store(train_cfg.store, run)
+    train_cfg = read_run_config(run)
+    labels = sae_labels(run, cfg.saes)
+    store = open_run_store(run, train_cfg)
     manifest = store.manifest
     rows_per_context = manifest.rows_per_context
     n_rows = min(store.n_rows, math.ceil(cfg.n_tokens / rows_per_context) * rows_per_context)
@@ -217,7 +214,7 @@ def analyze(cfg: AnalyzeConfig, model: Any | None = None, progress: bool = True)
         for label in labels:
             begin = time.perf_counter()
             sae = load_sae(run / SAE_DIR / label, device)
-            hook = _hook(sae, train_cfg, store)
+            hook = sae_hook(sae, train_cfg, store)
             start = time.perf_counter()
             analyzer = FeatureAnalyzer(sae.cfg.d_sae, rows_per_context, cfg, device)
             bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc=f"analyze {label}", disable=not progress)
@@ -248,7 +245,7 @@ def analyze(cfg: AnalyzeConfig, model: Any | None = None, progress: bool = True)
 
 def example_feature(features: FeatureStore) -> str:
     """One line about the most frequent non-dense latent: its top tokens and the tokens it pushes up."""
-    candidates = [row for row in features.summary_table() if 0 < row[1] <= DENSE_FREQUENCY]
+    candidates = [row for row in features.summary_table() if 0 < row[1] <= DENSE_THRESHOLD]
     if not candidates:
         return "no latent fired on up to 10 % of the tokens analysed"
     index, frequency, maximum, _ = max(candidates, key=lambda row: (row[1], -row[0]))
@@ -345,35 +342,3 @@ def _meta(
         "saelab_version": saelab.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _read_run(run: Path) -> TrainConfig:
-    if not (run / CONFIG_FILE).is_file():
-        raise SaelabError(f"{run} is not a training run (no {CONFIG_FILE}); make one with `saelab train`")
-    return load_config(TrainConfig, run / CONFIG_FILE)
-
-
-def _sae_labels(run: Path, wanted: list[str]) -> list[str]:
-    folder = run / SAE_DIR
-    found = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
-    if not found:
-        raise SaelabError(f"{folder} holds no SAE; has the training run finished? (`saelab train --resume` ends it)")
-    missing = [label for label in wanted if label not in found]
-    if missing:
-        raise SaelabError(f"{folder} has no SAE {', '.join(map(repr, missing))}; it has: {', '.join(found)}")
-    return list(wanted) or found
-
-
-def _open_store(path: str, run: Path) -> ActivationStore:
-    try:
-        return ActivationStore(path)
-    except SaelabError as error:
-        raise SaelabError(f"the activation store of {run} cannot be read: {error}") from error
-
-
-def _hook(sae: SparseAutoencoder, train_cfg: TrainConfig, store: ActivationStore) -> str:
-    """The hook the SAE reads: its `hook_name`, else the run's `hook`, else the store's only hook."""
-    hook = store.hook_name(sae.cfg.hook_name or train_cfg.hook or None)
-    if sae.cfg.d_in != store.d_model:
-        raise SaelabError(f"{sae.cfg.label} has d_in {sae.cfg.d_in} but {hook} in {store.path} has {store.d_model}")
-    return hook

@@ -30,23 +30,22 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from saelab.atomic import atomic_write_json
-from saelab.config import config_from_dict, load_config
+from saelab.config import config_from_dict
 from saelab.errors import SaelabError
 from saelab.eval.ce_loss import FIRST_POSITION, CELossAccumulator
 from saelab.eval.config import EvalConfig
 from saelab.eval.metrics import MetricsAccumulator
 from saelab.harvest.config import CorpusConfig
 from saelab.harvest.corpus import iter_documents
-from saelab.harvest.manifest import StoreManifest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
 from saelab.sae import SparseAutoencoder, load_sae
-from saelab.sae.saelens_format import CFG_FILE
 from saelab.train.config import TrainConfig
 from saelab.train.metrics_log import METRICS_FILE
-from saelab.train.trainer import CONFIG_FILE, SAE_DIR
+from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
+from saelab.train.trainer import SAE_DIR
 
 EVAL_FILE = "eval.json"
 
@@ -57,15 +56,15 @@ def evaluate(
     """Evaluate the SAEs `cfg.saes` (all when empty) of the run `cfg.run`; returns each SAE's eval.json by label."""
     cfg.validate()
     run = Path(cfg.run)
-    train_cfg = _read_run(run)
-    labels = _sae_labels(run, cfg.saes)
-    store = _open_store(train_cfg.store, run)
+    train_cfg = read_run_config(run)
+    labels = sae_labels(run, cfg.saes)
+    store = open_run_store(run, train_cfg, verify=False)  # read for its manifest and contexts only
     manifest = store.manifest
     with folder_lock(run, what="job (training or evaluation)"):
         model = model if model is not None else load_model(manifest.model, resolve_device(cfg.device))
         device = next(model.parameters()).device
         saes = {label: load_sae(run / SAE_DIR / label, device) for label in labels}
-        hook = _hook(saes, train_cfg, manifest)
+        hook = _common_hook(saes, train_cfg, store)
         first_context = max(manifest.n_contexts, manifest.n_contexts_planned)
         n_contexts = math.ceil(cfg.n_tokens / (manifest.context_size - FIRST_POSITION))
         contexts = held_out_contexts(store, model.tokenizer, n_contexts)
@@ -155,47 +154,13 @@ def _measured(sae: SparseAutoencoder, metrics: MetricsAccumulator) -> Callable[[
     return reconstruct
 
 
-def _read_run(run: Path) -> TrainConfig:
-    if not (run / CONFIG_FILE).is_file():
-        raise SaelabError(f"{run} is not a training run (no {CONFIG_FILE}); make one with `saelab train`")
-    return load_config(TrainConfig, run / CONFIG_FILE)
-
-
-def _sae_labels(run: Path, wanted: list[str]) -> list[str]:
-    folder = run / SAE_DIR
-    found = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
-    if not found:
-        raise SaelabError(f"{folder} holds no SAE; has the training run finished? (`saelab train --resume` ends it)")
-    missing = [label for label in wanted if label not in found]
-    if missing:
-        raise SaelabError(f"{folder} has no SAE {', '.join(map(repr, missing))}; it has: {', '.join(found)}")
-    return list(wanted) or found
-
-
-def _open_store(path: str, run: Path) -> ActivationStore:
-    """The run's activation store, read for its manifest and contexts only (shard checksums are not needed)."""
-    try:
-        return ActivationStore(path, verify=False)
-    except SaelabError as error:
-        raise SaelabError(
-            f"the activation store of {run} cannot be read, and the held-out text is found through it: {error}"
-        ) from error
-
-
-def _hook(saes: dict[str, SparseAutoencoder], train_cfg: TrainConfig, manifest: StoreManifest) -> str:
-    """The one hook every SAE reads: its `hook_name`, else the run's `hook`, else the store's only hook."""
-    fallback = train_cfg.hook or (manifest.hooks[0] if len(manifest.hooks) == 1 else "")
-    hooks = {label: sae.cfg.hook_name or fallback for label, sae in saes.items()}
-    if len(set(hooks.values())) != 1 or "" in hooks.values():
-        described = ", ".join(f"{label}: {hook or '?'}" for label, hook in hooks.items())
-        raise SaelabError(f"the SAEs must read one known hook to be evaluated together ({described})")
-    hook = next(iter(hooks.values()))
-    if hook not in manifest.hooks:
-        raise SaelabError(f"hook {hook!r} is not in the run's store (its hooks: {manifest.hooks})")
-    for label, sae in saes.items():
-        if sae.cfg.d_in != manifest.d_model:
-            raise SaelabError(f"{label} has d_in {sae.cfg.d_in} but {hook} has d_model {manifest.d_model}")
-    return hook
+def _common_hook(saes: dict[str, SparseAutoencoder], train_cfg: TrainConfig, store: ActivationStore) -> str:
+    """The one hook every SAE reads (see `sae_hook`): SAEs of several hooks cannot share the passes."""
+    hooks = {label: sae_hook(sae, train_cfg, store) for label, sae in saes.items()}
+    if len(set(hooks.values())) != 1:
+        described = ", ".join(f"{label}: {hook}" for label, hook in hooks.items())
+        raise SaelabError(f"the SAEs must read one hook to be evaluated together ({described}); name some in `saes`")
+    return next(iter(hooks.values()))
 
 
 def _append_metrics(run: Path, step: int, results: dict[str, dict[str, Any]]) -> None:
