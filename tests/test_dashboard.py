@@ -1,8 +1,9 @@
-"""The dashboard's library (runs, filters, highlighting, live text) against the files and brute force,
-on a real tiny SmolLM2 run."""
+"""The dashboard: its library (runs, filters, highlighting, live text) against the files and brute force,
+every page driven through Streamlit's AppTest on a real tiny SmolLM2 run."""
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from dashboard_runs import BATCHTOPK, HOOK, TOPK, make_dashboard_runs
+from streamlit.testing.v1 import AppTest
 
+import saelab.models
+from saelab.analysis.feature_store import FeatureStore
 from saelab.browse import runs as runs_module
 from saelab.browse.feature_filter import FeatureFilter, random_live_latent
 from saelab.browse.highlight import token_text, tokens_html
@@ -21,6 +25,8 @@ from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.sae import load_sae
 
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "dashboards" / "app.py"
 SPAN = re.compile(r'<span title="([^"]*)" style="([^"]*)">([^<]*)</span>')
 
 
@@ -35,6 +41,43 @@ def latents(runs_root) -> torch.Tensor:
     store = ActivationStore(runs_root / "tiny" / "activations")
     with torch.no_grad():
         return load_sae(runs_root / "tiny" / "train" / "saes" / TOPK).encode(store.rows(torch.arange(store.n_rows)))
+
+
+@pytest.fixture(scope="module")
+def latent(runs_root) -> int:
+    """A latent worth a page: the most frequent one that fires on under half the tokens."""
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        return max((row for row in store.summary_table() if 0 < row[1] < 0.5), key=lambda row: row[1])[0]
+
+
+@pytest.fixture
+def app(runs_root, smollm2, monkeypatch):
+    """`app(page, **query)`: the dashboard at `views/<page>.py` with URL query `query`, after one run."""
+    monkeypatch.setenv("SAELAB_RUNS", str(runs_root))
+    monkeypatch.setattr(saelab.models, "load_model", lambda spec, device="auto": smollm2)  # the session's model
+
+    def open_page(page: str | None = None, **query: object) -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=120)
+        at.query_params.update({key: str(value) for key, value in query.items()})
+        at.run()
+        if page is not None:
+            at.switch_page(f"views/{page}.py").run()
+        assert_clean(at)
+        return at
+
+    return open_page
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
 
 
 def spans(fragment: str) -> list[tuple[str, str, str]]:
@@ -161,3 +204,216 @@ def test_live_text_equals_the_stored_activations(smollm2, runs_root, latents):
         encode_text(smollm2, sae, HOOK, "  \n")
     with pytest.raises(SaelabError, match=r"latent 128 is not in this SAE; it has latents \[0, 128\)"):
         text.feature(128)
+
+
+# ---- the pages, through AppTest -------------------------------------------------------------------
+
+
+def test_runs_page_tables_every_sae_and_overlays_the_ticked_curves(app, runs_root):
+    at = app()
+    assert [t.value for t in at.title] == ["Runs"]
+    table = at.dataframe[0].value
+    assert list(zip(table["run"], table["SAE"], strict=True)) == [
+        ("broken/train", TOPK),
+        ("broken/train", BATCHTOPK),
+        ("tiny/train", TOPK),
+        ("tiny/train", BATCHTOPK),
+        ("tiny/training", TOPK),
+        ("tiny/training", BATCHTOPK),
+    ]
+    row = table.iloc[2]
+    evaluation = json.loads((runs_root / "tiny" / "train" / "saes" / TOPK / "eval.json").read_text())
+    assert row["FVU"] == evaluation["fvu"]
+    assert row["CE recovered %"] == pytest.approx(100 * evaluation["ce_loss_recovered"])
+    assert (row["model"], row["hook"], row["variant"], row["width"], row["k / target"]) == (
+        "smollm2-135m",
+        HOOK,
+        "topk",
+        128,
+        "k 8",
+    )
+    assert row["tokens trained"] == 4096 and row["dead %"] == pytest.approx(100 * evaluation["dead_fraction"])
+    assert list(table["status"]) == ["finished"] * 4 + ["training"] * 2
+    assert list(table["feature store"]) == ["yes", "no", "yes", "yes", "no", "no"]
+    assert "broken/train" in texts(at.warning) and "eval.json" in texts(at.warning)
+    assert "showing what it has written so far" in texts(at.caption)
+
+    # by default the curves of the sidebar's run: tiny/train, the first whole one with feature pages
+    figures = {f["layout"]["title"]["text"]: f for f in charts(at)}
+    assert sorted(figures) == sorted(["loss", "FVU", "L0", "dead fraction"])
+    records = read_metrics(runs_root / "tiny" / "train")
+    fvu = figures["FVU"]["data"]
+    assert [trace["name"] for trace in fvu] == [f"tiny/train / {TOPK}", f"tiny/train / {BATCHTOPK}"]
+    assert fvu[0]["y"] == [r["fvu"] for r in records if r["sae"] == TOPK and "tokens" in r]
+
+    at.multiselect[0].set_value([f"tiny/training / {TOPK}"]).run()
+    assert_clean(at)
+    assert [len(f["data"]) for f in charts(at)] == [1, 1, 1, 1]
+    assert charts(at)[0]["data"][0]["x"] == [512, 1024, 1536]
+    at.multiselect[0].set_value([]).run()
+    assert "Tick one or more SAEs" in texts(at.info) and not at.get("plotly_chart")
+
+
+def test_feature_page_shows_the_latents_contexts_histogram_and_logit_effects(app, runs_root, smollm2, latents, latent):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    assert f"Latent {latent} of {TOPK}" in texts(at.subheader)
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        page = store.feature(latent)
+    firing = latents[:, latent] > 0
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["density"] == f"{float(firing.double().mean()):.3%}"
+    assert metrics["max activation"] == f"{float(latents[:, latent].max()):.4g}"
+    assert metrics["tokens firing"] == f"{int(firing.sum()):,}"
+
+    # the top context is the brute-force argmax, its token outlined with its activation as the hover title
+    store_ = ActivationStore(runs_root / "tiny" / "activations")
+    best = int(latents[:, latent].argmax())
+    context, position = (int(t[0]) for t in store_.context_of(torch.tensor([best])))
+    expected = smollm2.tokenizer.decode([int(store_.context_tokens(context)[position])])
+    top = at.html[0].value
+    first_row = top.split("</tr>")[0]
+    outlined = [(title, text) for title, style, text in spans(first_row) if "outline" in style]
+    assert outlined == [(f"activation {float(latents[best, latent]):.4g}", token_text(expected))]
+    assert top.count("<tr>") == len(page.top_contexts) == 5
+    # the quantile bands, each in an expander
+    assert len(at.expander) == sum(1 for band in page.quantile_bands if band.contexts) == 4
+    assert texts(at.expander[0].html).count("<tr>") == 3
+
+    histogram, logits = charts(at)
+    assert sum(histogram["data"][0]["y"]) == int(firing.sum())
+    labels = logits["data"][0]["y"]
+    assert labels[-1] == repr(page.positive_logits[0].token) and labels[0] == repr(page.negative_logits[0].token)
+    assert logits["data"][0]["x"][-1] == pytest.approx(page.positive_logits[0].value)
+    assert at.query_params["feature"] == str(latent)
+
+    next(b for b in at.button if b.label == "random latent").click().run()
+    assert_clean(at)
+    chosen = int(at.query_params["feature"])
+    assert at.number_input[0].value == chosen and f"Latent {chosen} of" in texts(at.subheader)
+    assert latents[:, chosen].max() > 0
+
+
+def test_feature_page_live_box_highlights_the_latent_on_typed_text(app, smollm2, runs_root, latent):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    text = "The capital of France is Paris. def main():\n    return 0"
+    at.text_area(key="live_text").set_value(text)
+    at.button[-1].click().run()
+    assert_clean(at)
+    shown = spans(at.html[-1].value)
+    # directly: the model to layer 15, the SAE on every position after the BOS
+    ids = [smollm2.tokenizer.bos_token_id, *smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(torch.tensor([ids]), names_filter=[HOOK], return_cache_object=False)
+        sae = load_sae(runs_root / "tiny" / "train" / "saes" / TOPK)
+        direct = sae.encode(cache[HOOK][0, 1:])[:, latent].tolist()
+    assert len(shown) == len(ids) and shown[0][0] == "not encoded (BOS / attention sink)"
+    for (title, _, _), value in zip(shown[1:], direct, strict=True):
+        assert float(title.removeprefix("activation ")) == pytest.approx(value, rel=1e-3, abs=1e-3)
+    assert f"latent {latent} fires on {sum(v > 0 for v in direct)} of {len(direct)} tokens" in texts(at.caption)
+    assert html.unescape("".join(t for _, _, t in shown[1:])).replace("↵", "\n") == text
+
+    at.number_input[0].set_value(latent + 1).run()  # the text stays; the new latent is highlighted
+    assert_clean(at)
+    assert f"latent {latent + 1} fires on" in texts(at.caption)
+
+    at.text_area(key="live_text").set_value("   ")
+    at.button[-1].click().run()
+    assert "Type some text first" in texts(at.info)
+
+
+def test_feature_page_explains_a_bad_latent(app):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=100_000)
+    assert "latent 100000 is not in" in texts(at.error) and "[0, 128)" in texts(at.error)
+    at = app("feature", run="tiny/train", sae=TOPK, feature="twelve")
+    assert "`twelve` is not a latent index; pick one in [0, 128)" in texts(at.error)
+    assert "Latent 0 of" in texts(at.subheader)  # and latent 0 is shown instead
+
+
+def test_feature_browser_finds_latents_by_index_token_text_and_filters(app, runs_root, latents, latent):
+    at = app("features", run="tiny/train", sae=TOPK)
+    assert [t.value for t in at.title] == ["Feature browser"]
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        token = store.feature(latent).positive_logits[0].token
+        pushing = store.search_by_logit_token(token)
+        table = store.summary_table()
+
+    at.text_input(key="token").set_value(token.strip()).run()
+    links = [link.proto.label for link in at.get("page_link")]
+    assert [int(label.split(":")[0].removeprefix("latent ")) for label in links] == pushing[:15]
+    assert latent in pushing and repr(token) in links[pushing.index(latent)]
+    at.radio(key="direction").set_value("pushed down").run()
+    assert_clean(at)
+    at.text_input(key="token").set_value("").run()
+
+    # by text: the strongest latent on it, as computed directly
+    text = "import os\nprint(os.path.join('a', 'b'))"
+    at.text_area(key="search_text_value").set_value(text)
+    at.button[-1].click().run()
+    assert_clean(at)
+    links = [link.proto.label for link in at.get("page_link")]
+    first = int(links[0].split(":")[0].removeprefix("latent "))
+    highlighted = spans(at.html[0].value)
+    values = [float(t.removeprefix("activation ")) for t, _, _ in highlighted[1:]]
+    assert max(values) == pytest.approx(float(links[0].split("max ")[1].split(" ")[0]), rel=1e-2)
+    assert f"the strongest, latent {first}" in texts(at.caption)
+
+    # all latents: filter by max activation, sort by it
+    live = [r for r in table if r[1] > 0]
+    floor = sorted(r[2] for r in live)[len(live) // 2]
+    at.slider(key="min_max_activation").set_value(floor).run()
+    at.selectbox(key="sort_by").set_value("max activation").run()
+    assert_clean(at)
+    shown = at.dataframe[-1].value
+    kept = sorted((r for r in live if r[2] >= floor), key=lambda r: (-r[2], r[0]))
+    assert list(shown["latent"]) == [r[0] for r in kept]
+    assert f"{len(kept):,} of {len(table):,} latents match" in texts(at.caption)
+
+    # open by index, and a random latent: both land on the feature page
+    at.number_input(key="index").set_value(latent).run()
+    at.button(key="open_index").click().run()
+    assert_clean(at)
+    assert [t.value for t in at.title] == ["Feature page"] and f"Latent {latent} of" in texts(at.subheader)
+    at = app("features", run="tiny/train", sae=TOPK)
+    next(b for b in at.button if b.label == "random latent").click().run()
+    assert_clean(at)
+    chosen = int(at.query_params["feature"])
+    assert [t.value for t in at.title] == ["Feature page"] and dict((r[0], r[1]) for r in table)[chosen] > 0
+
+
+def test_no_runs_yet_every_page_says_how_to_make_one(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_RUNS", str(tmp_path / "nothing-here"))
+    for page in (None, "features", "feature"):
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        if page:
+            at.switch_page(f"views/{page}.py").run()
+        assert_clean(at)
+        assert "No training runs under" in texts(at.info) and "make demo" in texts(at.info)
+        assert "saelab train" in texts(at.info)
+
+
+def test_broken_and_missing_feature_stores_are_messages_and_the_rest_works(app):
+    at = app("feature", run="broken/train", sae=TOPK, feature=3)
+    errors = texts(at.error)
+    assert "The feature store of `topk-128-k8` cannot be read" in errors and "saelab analyze" in errors
+    at.text_area(key="live_text").set_value("Paris")
+    at.button[-1].click().run()
+    assert_clean(at)
+    assert "latent 3 fires on" in texts(at.caption)  # the SAE itself still runs
+
+    at = app("features", run="broken/train", sae=TOPK)
+    assert "cannot be read" in texts(at.error) and [t.value for t in at.title] == ["Feature browser"]
+
+    at = app("feature", run="broken/train", sae=BATCHTOPK)
+    assert "No feature store for `batchtopk-96-k8` yet" in texts(at.warning)
+    assert f"saelab analyze run={Path(at.session_state['selection'].run.path)}" in texts(at.warning)
+
+
+def test_a_run_still_training_shows_what_it_has(app):
+    at = app("feature", run="tiny/training", sae=TOPK)
+    assert "No feature store for `topk-128-k8` yet" in texts(at.warning)
+    at.text_area(key="live_text").set_value("Paris")
+    at.button[-1].click().run()
+    assert_clean(at)
+    assert "holds no SAE weights" in texts(at.warning)
+    at = app("features", run="tiny/training", sae=TOPK)
+    assert [t.value for t in at.title] == ["Feature browser"]
