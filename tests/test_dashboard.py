@@ -1,5 +1,5 @@
 """The dashboard: its library (runs, filters, highlighting, live text) against the files and brute force,
-every page driven through Streamlit's AppTest on a real tiny SmolLM2 run."""
+every page driven through Streamlit's AppTest on a real tiny SmolLM2 run, and one load in a real browser."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import html
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from saelab.sae import load_sae
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "dashboards" / "app.py"
+sys.path.insert(0, str(APP.parent))  # dashboards/screenshots.py: the headless-Chromium driver
 SPAN = re.compile(r'<span title="([^"]*)" style="([^"]*)">([^<]*)</span>')
 
 
@@ -417,3 +419,24 @@ def test_a_run_still_training_shows_what_it_has(app):
     assert "holds no SAE weights" in texts(at.warning)
     at = app("features", run="tiny/training", sae=TOPK)
     assert [t.value for t in at.title] == ["Feature browser"]
+
+
+# ---- a real browser ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_feature_page_in_headless_chromium(runs_root, latent, tmp_path):
+    import screenshots
+
+    chromium = screenshots.find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
+    with screenshots.dashboard(runs_root) as base, screenshots.Browser(chromium, 1400, 1800) as browser:
+        url = screenshots.page_url(base, "feature", run="tiny/train", sae=TOPK, feature=latent)
+        capture = browser.capture(url, tmp_path / "feature.png", wait_for="Top-activating contexts", charts=2)
+    assert capture.exception is None, capture.exception
+    assert f"Latent {latent} of {TOPK}" in capture.text and "activation histogram" in capture.html.read_text()
+    assert 'title="activation ' in capture.html.read_text()  # the highlighted contexts are in the DOM
+    data = capture.png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    print(f"screenshot: {capture.png}")
