@@ -314,9 +314,10 @@ def test_feature_page_live_box_highlights_the_latent_on_typed_text(app, smollm2,
     assert f"latent {latent} fires on {sum(v > 0 for v in direct)} of {len(direct)} tokens" in texts(at.caption)
     assert html.unescape("".join(t for _, _, t in shown[1:])).replace("↵", "\n") == text
 
-    at.number_input[0].set_value(latent + 1).run()  # the text stays; the new latent is highlighted
-    assert_clean(at)
-    assert f"latent {latent + 1} fires on" in texts(at.caption)
+    for other in (latent + 1, latent + 2):  # the text stays; each new latent is highlighted (every edit counts)
+        at.number_input[0].set_value(other).run()
+        assert_clean(at)
+        assert f"latent {other} fires on" in texts(at.caption) and f"Latent {other} of" in texts(at.subheader)
 
     at.text_area(key="live_text").set_value("   ")
     at.button[-1].click().run()

@@ -18,16 +18,25 @@ store = ui.feature_store(sae)
 n_latents = store.n_latents if store is not None else sae.d_sae
 meta = store.meta if store is not None else {}
 
-# The latent: from the URL or another page (a string there: checked here), then the number box.
+# The latent: `latent` in the session (set by the URL, another page, the random button or the box) is
+# the truth; the box shows it. (A box with `value=latent` would change identity with each latent and
+# drop every other edit.)
 wanted = st.session_state.get("latent", 0)
 try:
     latent = int(wanted)
 except (TypeError, ValueError):
     st.error(f"`{wanted}` is not a latent index; pick one in [0, {n_latents}).")
     latent = 0
+latent = max(latent, 0)
+st.session_state["latent"] = st.session_state["latent_box"] = latent
+
+
+def _box_changed() -> None:
+    st.session_state["latent"] = st.session_state["latent_box"]
+
+
 left, right = st.columns([3, 1], vertical_alignment="bottom")
-latent = int(left.number_input("latent", min_value=0, value=max(latent, 0), step=1))
-st.session_state["latent"] = latent
+left.number_input("latent", min_value=0, step=1, key="latent_box", on_change=_box_changed)
 if right.button("random latent", help="a latent that fired at least once in the analysed tokens"):
     table = ui.summary_table(store) if store is not None else None
     choice = random_live_latent(table) if table else None
