@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/saelab analyze --config configs/analyze-smollm2.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check saelab tests benchmarks
+	$(VENV)/bin/ruff check saelab tests benchmarks dashboards
 	$(PY) -m pytest -q
 
 clean-venv:
