@@ -40,7 +40,7 @@ def make_dashboard_runs(root: Path, model) -> Path:
         store=str(store), out=str(run), saes=saes, n_tokens=4096, batch_size=512, log_every_steps=1, device="cpu"
     )
     train(cfg, progress=False)
-    evaluate(EvalConfig(run=str(run), n_tokens=4 * 31, batch_size=4, device="cpu"), model=model, progress=False)
+    evaluate(EvalConfig(run=str(run), n_tokens=2 * 31, batch_size=2, device="cpu"), model=model, progress=False)
     analyze(
         AnalyzeConfig(run=str(run), top_n=5, window_before=6, window_after=3, sample_size=20, per_band=3),
         model=model,
