@@ -7,6 +7,7 @@ query parameters (`?run=…&sae=…&feature=…`), so a feature page can be link
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,13 @@ def _model(spec: str) -> Any:
     return load_model(spec)
 
 
+@st.cache_resource(show_spinner=False)
+def model_lock() -> threading.Lock:
+    """One model serves every browser tab, each in its own thread; a pass adds hooks to the model for
+    its duration, so passes take turns."""
+    return threading.Lock()
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _sae(folder: str, stamp: tuple[int, int]) -> Any:
     from saelab.models import resolve_device
@@ -216,7 +224,8 @@ def run_text(sae: SAEInfo, meta: dict[str, Any], text: str) -> Any:
         return None
     model, sae_module, hook = loaded
     try:
-        result = encode_text(model, sae_module, hook, text, first_position=int(meta.get("first_position", 1)))
+        with model_lock():
+            result = encode_text(model, sae_module, hook, text, first_position=int(meta.get("first_position", 1)))
     except SaelabError as error:
         st.error(str(error))
         return None
