@@ -89,6 +89,7 @@ class Capture:
     html: Path
     text: str  # the page's visible text
     exception: str | None  # the text of a Streamlit exception box, if the page shows one
+    complete: bool = True  # False: shot after the timeout, before the page showed all it was waited for
 
 
 class Browser:
@@ -139,10 +140,13 @@ class Browser:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result.get("result", {}).get("value")
 
-    def capture(self, url: str, png: Path, wait_for: str = "", charts: int = 0, timeout: float = 90) -> Capture:
+    def capture(
+        self, url: str, png: Path, wait_for: str = "", charts: int = 0, timeout: float = 90, strict: bool = True
+    ) -> Capture:
         """Open `url`, wait until Streamlit is done, `wait_for` appears in the page's text and at least
         `charts` plotly charts are drawn (their code loads lazily, after the rest of the page), then
-        save a screenshot to `png` and the page's HTML beside it."""
+        save a screenshot to `png` and the page's HTML beside it. After `timeout` seconds: a
+        TimeoutError when `strict`, else the page as it is (`complete` False)."""
         self.call("Page.navigate", url=url)
         state = (
             "JSON.stringify({text: document.body ? document.body.innerText : '',"
@@ -154,7 +158,7 @@ class Browser:
             " drawn: [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
             ".filter(chart => chart.querySelector('.main-svg')).length})"
         )
-        deadline, quiet_since, seen = time.monotonic() + timeout, None, {}
+        deadline, quiet_since, seen, complete = time.monotonic() + timeout, None, {}, True
         while time.monotonic() < deadline:
             seen = json.loads(self.evaluate(state) or "{}")
             done = seen.get("app") and not seen.get("running") and wait_for in seen.get("text", "")
@@ -169,13 +173,15 @@ class Browser:
                 quiet_since = None
             time.sleep(0.25)
         else:
-            raise TimeoutError(f"{url} did not finish rendering in {timeout:.0f} s; it shows:\n{seen.get('text')}")
+            if strict:
+                raise TimeoutError(f"{url} did not finish rendering in {timeout:.0f} s; it shows:\n{seen.get('text')}")
+            complete = False
         shot = self.call("Page.captureScreenshot", format="png")
         png.parent.mkdir(parents=True, exist_ok=True)
         png.write_bytes(base64.b64decode(shot["data"]))
         html = png.with_suffix(".html")
         html.write_text(str(self.evaluate("document.documentElement.outerHTML")), encoding="utf-8")
-        return Capture(png, html, seen.get("text", ""), seen.get("exception"))
+        return Capture(png, html, seen.get("text", ""), seen.get("exception"), complete)
 
     def close(self) -> None:
         self._closing.close()
@@ -217,8 +223,10 @@ def main() -> None:
         for page, (text, charts) in PAGES.items():
             feature = args.feature if page == "feature" else None
             url = page_url(base, page, run=args.run, sae=args.sae, feature=feature)
-            capture = browser.capture(url, out / f"{page}.png", wait_for=text, charts=charts)
-            print(f"{capture.png}  {'EXCEPTION: ' + capture.exception if capture.exception else 'ok'}  {url}")
+            # A page may rightly show less (a message instead of a missing feature store): shoot it anyway.
+            capture = browser.capture(url, out / f"{page}.png", text, charts, timeout=30, strict=False)
+            state = "ok" if capture.complete else "shot after 30 s, not all shown"
+            print(f"{capture.png}  {'EXCEPTION: ' + capture.exception if capture.exception else state}  {url}")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,10 @@ if not sel.runs:
 rows = []
 for run in sel.runs:
     for sae in run.saes:
-        rows.append(
+        rows.append(  # the numbers first: they are what a reader compares
             {
                 "run": run.name,
                 "SAE": sae.label,
-                "status": "finished" if run.finished else "training",
-                "model": sae.model,
-                "hook": sae.hook,
                 "variant": sae.architecture,
                 "width": sae.d_sae,
                 "k / target": sae.sparsity,
@@ -36,6 +33,9 @@ for run in sel.runs:
                 "CE recovered %": None if sae.ce_loss_recovered is None else 100 * sae.ce_loss_recovered,
                 "numbers from": sae.metrics_from,
                 "feature store": "yes" if sae.has_features else "no",
+                "status": "finished" if run.finished else "training",
+                "model": sae.model,
+                "hook": sae.hook,
             }
         )
 st.dataframe(
@@ -87,6 +87,6 @@ for i, (name, figure) in enumerate(figures.items()):
         **ui.CHART_LAYOUT,
         legend={"orientation": "h", "y": -0.3},
     )
-    if name in ("loss", "fvu"):
-        figure.update_yaxes(type="log")
+    if name in ("loss", "fvu"):  # both fall by orders of magnitude; label every tick in full
+        figure.update_yaxes(type="log", tickformat=".2g")
     columns[i % 2].plotly_chart(figure, key=f"curve-{name}")
