@@ -76,8 +76,9 @@ if submitted or st.session_state.get("search_shown") == text and text:
             st.caption(f"the strongest, latent {first.latent}, on the text (hover a token for its activation):")
             ui.show_tokens(result.tokens, result.feature(first.latent), first.max_activation)
             for found in strongest:
-                where = f"{ui.token_label(found.token)} (token {found.position})"
-                link(found.latent, f": max {found.max_activation:.3g} on {where}, fires on {found.n_tokens} tokens")
+                where = f"{ui.token_label(found.token)} (position {found.position})"
+                count = f"{found.n_tokens} token" + ("" if found.n_tokens == 1 else "s")
+                link(found.latent, f": max {found.max_activation:.3g} on {where}, fires on {count}")
             rows = [
                 {
                     "position": position,
@@ -149,6 +150,7 @@ figure.update_layout(
     title="every live latent: density against max activation",
     xaxis_title="log10 density (fraction of tokens it fires on)",
     yaxis_title="max activation",
+    yaxis_type="log",
     height=360,
     **ui.CHART_LAYOUT,
 )
