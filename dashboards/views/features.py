@@ -150,7 +150,7 @@ figure.update_layout(
     title="every live latent: density against max activation",
     xaxis_title="log10 density (fraction of tokens it fires on)",
     yaxis_title="max activation",
-    yaxis_type="log",
+    yaxis={"type": "log", "tickformat": "~g"},
     height=360,
     **ui.CHART_LAYOUT,
 )

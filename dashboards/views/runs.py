@@ -88,5 +88,5 @@ for i, (name, figure) in enumerate(figures.items()):
         legend={"orientation": "h", "y": -0.3},
     )
     if name in ("loss", "fvu"):  # both fall by orders of magnitude; label every tick in full
-        figure.update_yaxes(type="log", tickformat=".2g")
+        figure.update_yaxes(type="log", tickformat="~g")
     columns[i % 2].plotly_chart(figure, key=f"curve-{name}")
