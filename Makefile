@@ -1,5 +1,5 @@
 # The two commands of the README. Each creates (or reuses) .venv and installs what it needs.
-#   make demo   harvest → train → evaluate → feature store on the offline default
+#   make demo   harvest → train → evaluate → feature store on the offline default, then how to open the dashboard
 #   make test   lint + the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,9 +27,16 @@ demo: $(STAMP)
 	$(VENV)/bin/saelab train --config configs/train-smollm2.yaml --resume
 	$(VENV)/bin/saelab eval --config configs/eval-smollm2.yaml
 	$(VENV)/bin/saelab analyze --config configs/analyze-smollm2.yaml
+	@echo "Browse the features: $(VENV)/bin/saelab dashboard   (then open http://localhost:8501)"
+
+# The dashboard's browser test needs Chromium; where apt cannot install it, that one test is skipped and says why.
+CHROMIUM := $(shell command -v chromium 2>/dev/null)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check saelab tests benchmarks
+ifeq ($(CHROMIUM),)
+	-(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"
+endif
+	$(VENV)/bin/ruff check saelab tests benchmarks dashboards
 	$(PY) -m pytest -q
 
 clean-venv:

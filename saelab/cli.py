@@ -89,6 +89,34 @@ def _analyze(args: argparse.Namespace) -> None:
         )
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    """`streamlit run dashboards/app.py` in a subprocess, with the runs folder in $SAELAB_RUNS."""
+    import os
+    import signal
+    import subprocess
+
+    from saelab.browse.runs import RUNS_ENV
+
+    app = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+    if not app.is_file():
+        raise SaelabError(f"{app} is missing: the dashboard runs from a source checkout (`pip install -e .`)")
+    root = Path(args.runs).resolve()
+    if not root.is_dir():
+        print(f"saelab dashboard: {root} does not exist yet; the dashboard will say how to make a run")
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(args.port)]
+    command += ["--server.address", args.address, "--server.headless", str(args.headless).lower()]
+    command += ["--browser.gatherUsageStats", "false"]
+    print(f"saelab dashboard: http://{args.address}:{args.port} (runs from {root}); Ctrl-C stops it", flush=True)
+    process = subprocess.Popen(command, env={**os.environ, RUNS_ENV: str(root)})
+    signal.signal(signal.SIGTERM, lambda signum, frame: process.terminate())  # stopping saelab stops Streamlit
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # Streamlit got the same Ctrl-C and shuts down
+        code = process.wait()
+    if code > 0 and code != 130:  # 130: Ctrl-C; negative: stopped by a signal
+        raise SaelabError(f"streamlit exited with status {code}")
+
+
 def _print_table(columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
     """Formatted cells under their headers, `columns` = (header, width); the first column left-aligned."""
 
@@ -119,6 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
     _add_command(commands, "eval", "FVU, L0, dead / dense latents and CE loss recovered on held-out text", _eval)
     _add_command(commands, "analyze", "per-latent statistics, contexts and logit effects to a feature store", _analyze)
+    dashboard = commands.add_parser("dashboard", help="browse runs, features and live text in a Streamlit app")
+    dashboard.add_argument("--runs", default="runs", help="the folder to find training runs in (default: runs)")
+    dashboard.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
+    dashboard.add_argument("--address", default="localhost", help="address to serve on (default: localhost)")
+    dashboard.add_argument("--headless", action="store_true", help="do not open a browser")
+    dashboard.set_defaults(run=_dashboard)
     return parser
 
 

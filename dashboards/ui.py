@@ -1,0 +1,250 @@
+"""What every page of the dashboard shares: the run and SAE picked in the sidebar, cached loaders
+(runs, feature stores, the model, SAEs) that turn a broken file into a message, and small renderers.
+
+The selection lives in `st.session_state` (`run`, `sae`, `latent`) and is mirrored to the URL's
+query parameters (`?run=…&sae=…&feature=…`), so a feature page can be linked to.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from saelab.analysis.feature_store import FeatureStore
+from saelab.browse.feature_filter import SummaryRow
+from saelab.browse.highlight import tokens_html
+from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
+from saelab.errors import SaelabError
+
+FEATURE_PAGE = "views/feature.py"
+# Every chart: tight margins, the plotly toolbar upright at the right so it never covers the title.
+CHART_LAYOUT = {"margin": {"l": 10, "r": 40, "t": 40, "b": 10}, "modebar": {"orientation": "v"}}
+MAKE_A_RUN = (
+    "Make one with `make demo` (harvest → train → eval → analyze on the offline default, SmolLM2-135M) or "
+    "`saelab train --config configs/train-smollm2.yaml`, then `saelab eval` and `saelab analyze` for its "
+    "numbers and feature pages; or point the dashboard at another folder: `saelab dashboard --runs DIR`."
+)
+
+
+@dataclass
+class Selection:
+    root: Path
+    runs: list[RunInfo] = field(default_factory=list)
+    run: RunInfo | None = None
+    sae: SAEInfo | None = None
+
+
+# ---- the selection: sidebar, session state, URL ------------------------------------------------
+
+
+def sidebar() -> Selection:
+    """Render the run and SAE pickers in the sidebar (on every page) and return the selection."""
+    _apply_query_params()
+    root = runs_root()
+    runs = cached_runs(str(root))
+    selection = Selection(root, runs)
+    st.sidebar.caption(f"runs from `{root}` (`saelab dashboard --runs DIR` or `$SAELAB_RUNS` to change)")
+    if not runs:
+        st.session_state["selection"] = selection
+        return selection
+    names = [run.name for run in runs]
+    if st.session_state.get("run") not in names:
+        if st.session_state.get("run"):
+            st.sidebar.warning(f"no run {st.session_state['run']!r} under `{root}`; showing {names[0]!r}")
+        whole = [r.name for r in runs if r.finished and not r.problems and any(s.has_features for s in r.saes)]
+        st.session_state["run"] = (whole or names)[0]
+    name = st.sidebar.selectbox("run", names, key="run")
+    selection.run = runs[names.index(name)]
+    labels = [sae.label for sae in selection.run.saes]
+    if labels:
+        if st.session_state.get("sae") not in labels:
+            st.session_state["sae"] = next((s.label for s in selection.run.saes if s.has_features), labels[0])
+        label = st.sidebar.selectbox("SAE", labels, key="sae")
+        selection.sae = selection.run.sae(label)
+        sae = selection.sae
+        st.sidebar.caption(f"{sae.architecture or '?'} · {sae.d_sae or '?'} latents · {sae.hook or 'hook ?'}")
+    write_query_params(run=name, sae=st.session_state.get("sae"))
+    st.session_state["selection"] = selection
+    return selection
+
+
+def selection() -> Selection:
+    """The selection the sidebar made in this script run."""
+    return st.session_state["selection"]
+
+
+def write_query_params(**values: Any) -> None:
+    """Mirror `values` to the URL (None removes a key) and remember it, so it is not applied back."""
+    for key, value in values.items():
+        if value is None:
+            st.query_params.pop(key, None)
+        elif st.query_params.get(key) != str(value):
+            st.query_params[key] = str(value)
+    st.session_state["_query"] = st.query_params.to_dict()
+
+
+def _apply_query_params() -> None:
+    """Take `run`, `sae` and `feature` from the URL when it changed (opened from a link, or a page switch)."""
+    current = st.query_params.to_dict()
+    if current == st.session_state.get("_query"):
+        return
+    st.session_state["_query"] = current
+    for key in ("run", "sae"):
+        if key in current:
+            st.session_state[key] = current[key]
+    if "feature" in current:
+        st.session_state["latent"] = current["feature"]  # checked by the feature page, which says what is wrong
+
+
+def open_feature(latent: int) -> None:
+    """Go to the feature page of `latent` of the selected SAE."""
+    st.session_state["latent"] = latent
+    st.switch_page(FEATURE_PAGE, query_params=feature_query(latent))
+
+
+def feature_query(latent: int) -> dict[str, str]:
+    sel = selection()
+    return {"run": sel.run.name if sel.run else "", "sae": sel.sae.label if sel.sae else "", "feature": str(latent)}
+
+
+def require_sae(sel: Selection) -> SAEInfo:
+    """The selected SAE, or a message saying why there is none and a stop of the page."""
+    if not sel.runs:
+        st.info(f"No training runs under `{sel.root}` yet. {MAKE_A_RUN}")
+        st.stop()
+    if sel.sae is None:
+        st.info(f"The run `{sel.run.name}` has no SAE yet ({sel.run.status}).")
+        st.stop()
+    return sel.sae
+
+
+# ---- cached loaders -------------------------------------------------------------------------------
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def cached_runs(root: str) -> list[RunInfo]:
+    """The runs under `root`, read again at most every 5 s (a run being trained grows)."""
+    return find_runs(root)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """A file's identity for caching: a rerun of `saelab analyze` replaces the file, changing it."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _open_feature_store(path: str, stamp: tuple[int, int]) -> FeatureStore:
+    return FeatureStore(path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _summary_table(path: str, stamp: tuple[int, int]) -> list[SummaryRow]:
+    return _open_feature_store(path, stamp).summary_table()
+
+
+def feature_store(sae: SAEInfo) -> FeatureStore | None:
+    """The SAE's feature store, or None after a message saying why not (the page goes on without it)."""
+    path = sae.features_path
+    if not path.is_file():
+        st.warning(
+            f"No feature store for `{sae.label}` yet (`{path}`): make it with "
+            f"`saelab analyze run={sae.run} saes=[{sae.label}]`. Live text below still works."
+        )
+        return None
+    try:
+        return _open_feature_store(str(path), _stamp(path))
+    except (SaelabError, OSError) as error:
+        st.error(f"The feature store of `{sae.label}` cannot be read: {error}")
+        return None
+
+
+def summary_table(store: FeatureStore) -> list[SummaryRow] | None:
+    try:
+        return _summary_table(str(store.path), _stamp(store.path))
+    except (SaelabError, OSError) as error:
+        st.error(f"The feature store `{store.path}` cannot be read: {error}")
+        return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _model(spec: str) -> Any:
+    from saelab.models import load_model
+
+    return load_model(spec)
+
+
+@st.cache_resource(show_spinner=False)
+def model_lock() -> threading.Lock:
+    """One model serves every browser tab, each in its own thread; a pass adds hooks to the model for
+    its duration, so passes take turns."""
+    return threading.Lock()
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _sae(folder: str, stamp: tuple[int, int]) -> Any:
+    from saelab.models import resolve_device
+    from saelab.sae import load_sae
+
+    return load_sae(folder, resolve_device("auto"))
+
+
+def model_and_sae(sae: SAEInfo, meta: dict[str, Any]) -> tuple[Any, Any, str] | None:
+    """(model, SAE, hook) for live text, loaded once per process; None after a message saying what is missing."""
+    spec, hook = sae.model or meta.get("model"), sae.hook or meta.get("hook")
+    if not sae.has_weights:
+        st.warning(f"`{sae.folder}` holds no SAE weights, so no text can be run through it.")
+        return None
+    if not spec or not hook:
+        st.warning(f"`{sae.label}` does not say which model and hook it reads, so no text can be run through it.")
+        return None
+    try:
+        with st.spinner(f"loading {spec} and {sae.label} (once per dashboard process)…"):
+            model = _model(spec)
+            return model, _sae(str(sae.folder), _stamp(sae.folder / "sae_weights.safetensors")), hook
+    except (SaelabError, OSError) as error:
+        st.error(f"cannot load the model or the SAE: {error}")
+        return None
+
+
+def run_text(sae: SAEInfo, meta: dict[str, Any], text: str) -> Any:
+    """`text` through the model and the SAE (a `saelab.browse.live.TextActivations`), or None after a
+    message (empty text, nothing to load). The model stack is imported here, on first use."""
+    from saelab.browse.live import encode_text
+
+    if not text.strip():
+        st.info("Type some text first: it is run through the model and the SAE, and each token's latents are shown.")
+        return None
+    loaded = model_and_sae(sae, meta)
+    if loaded is None:
+        return None
+    model, sae_module, hook = loaded
+    try:
+        with model_lock():
+            result = encode_text(model, sae_module, hook, text, first_position=int(meta.get("first_position", 1)))
+    except SaelabError as error:
+        st.error(str(error))
+        return None
+    if result.truncated:
+        st.caption(f"the text was cut to its first {len(result.tokens)} tokens")
+    return result
+
+
+# ---- rendering ------------------------------------------------------------------------------------
+
+
+def show_tokens(tokens: list[str], activations: list[float | None], scale: float, focus: int | None = None) -> None:
+    st.html(tokens_html(tokens, activations, scale, focus))
+
+
+def token_label(token: str) -> str:
+    """A token as a chart or table label: quoted, so leading spaces and newlines show."""
+    return repr(token)
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}%}"

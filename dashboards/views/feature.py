@@ -1,0 +1,145 @@
+"""Feature page: one latent's density, histogram, top and sampled contexts, logit effects, and live text."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+import ui
+
+from saelab.analysis.feature_store import FeaturePage
+from saelab.browse.feature_filter import random_live_latent
+from saelab.browse.highlight import windows_html
+from saelab.errors import SaelabError
+
+sel = ui.selection()
+st.title("Feature page")
+sae = ui.require_sae(sel)
+store = ui.feature_store(sae)
+n_latents = store.n_latents if store is not None else sae.d_sae
+meta = store.meta if store is not None else {}
+
+# The latent: `latent` in the session (set by the URL, another page, the random button or the box) is
+# the truth; the box shows it. (A box with `value=latent` would change identity with each latent and
+# drop every other edit.)
+wanted = st.session_state.get("latent", 0)
+try:
+    latent = int(wanted)
+except (TypeError, ValueError):
+    st.error(f"`{wanted}` is not a latent index; pick one in [0, {n_latents}).")
+    latent = 0
+latent = max(latent, 0)
+st.session_state["latent"] = st.session_state["latent_box"] = latent
+
+
+def _box_changed() -> None:
+    st.session_state["latent"] = st.session_state["latent_box"]
+
+
+left, right = st.columns([3, 1], vertical_alignment="bottom")
+left.number_input("latent", min_value=0, step=1, key="latent_box", on_change=_box_changed)
+if right.button("random latent", help="a latent that fired at least once in the analysed tokens"):
+    table = ui.summary_table(store) if store is not None else None
+    choice = random_live_latent(table) if table else None
+    if choice is None:
+        st.info("No latent to pick from: no feature store, or no latent fired in the analysed tokens.")
+    else:
+        st.session_state["latent"] = choice
+        st.rerun()  # so the number box shows it too
+ui.write_query_params(feature=latent)
+
+
+def show_page(page: FeaturePage) -> None:
+    n_tokens = meta.get("n_tokens")
+    st.subheader(f"Latent {page.index} of {sae.label}")
+    st.caption(f"{meta.get('model', sae.model)} · {meta.get('hook', sae.hook)} · {n_latents:,} latents")
+    cells = st.columns(4)
+    firing = f"{page.n_firing:,} of {n_tokens:,} tokens" if n_tokens else f"{page.n_firing:,} tokens"
+    cells[0].metric("density", ui.percent(page.frequency, 3), help=f"fires on {firing}")
+    cells[1].metric("max activation", f"{page.max_activation:.4g}")
+    cells[2].metric("mean activation", f"{page.mean_activation:.4g}", help="over the tokens it fires on")
+    cells[3].metric("tokens firing", f"{page.n_firing:,}")
+    if page.n_firing == 0:
+        st.info("This latent never fired on the analysed tokens (dead): there are no contexts to show.")
+
+    left, right = st.columns(2)
+    width = page.histogram_bin_width
+    histogram = go.Figure(
+        go.Bar(
+            x=[(b + 0.5) * width for b in range(len(page.histogram_counts))],
+            y=page.histogram_counts,
+            width=width,
+            marker_color="#ff7f0e",
+        )
+    )
+    histogram.update_layout(
+        title="activation histogram (tokens where it fires)",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        height=320,
+        **ui.CHART_LAYOUT,
+    )
+    left.plotly_chart(histogram, key="histogram")
+
+    effects = [*page.negative_logits, *reversed(page.positive_logits)]  # bottom to top: most negative … most positive
+    labels, seen = [], set()
+    for effect in effects:  # two ids can decode to the same text: keep the bars apart
+        label = ui.token_label(effect.token)
+        labels.append(label if label not in seen else f"{label} #{effect.token_id}")
+        seen.add(label)
+    logits = go.Figure(
+        go.Bar(
+            x=[e.value for e in effects],
+            y=labels,
+            orientation="h",
+            marker_color=["#d62728" if e.value < 0 else "#2ca02c" for e in effects],
+            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
+        )
+    )
+    logits.update_layout(
+        title="logit effects: tokens it pushes up (green) and down (red)",
+        height=max(320, 18 * len(effects) + 80),
+        **ui.CHART_LAYOUT,
+    )
+    right.plotly_chart(logits, key="logits")
+
+    scale = page.max_activation
+    st.subheader("Top-activating contexts")
+    if page.top_contexts:
+        st.html(windows_html(page.top_contexts, scale))
+    for band in page.quantile_bands:
+        if band.contexts:
+            title = f"sampled from the {band.low:.0%}–{band.high:.0%} quantile band of its activations"
+            with st.expander(title, expanded=band is page.quantile_bands[-1]):
+                st.html(windows_html(band.contexts, scale))
+
+
+page = None
+if store is not None:
+    try:
+        page = store.feature(latent)
+    except SaelabError as error:  # out of range (FeatureIndexError) or a damaged page
+        st.error(str(error))
+if page is not None:
+    show_page(page)
+
+st.subheader("Live: run any text through the model and the SAE")
+with st.form("live"):
+    text = st.text_area("text", key="live_text", placeholder="Type a phrase; this latent is highlighted on it.")
+    submitted = st.form_submit_button("run")
+if submitted or st.session_state.get("live_shown") == text and text:
+    st.session_state["live_shown"] = text
+    result = ui.run_text(sae, meta, text)
+    if result is not None:
+        try:
+            values = result.feature(latent)
+        except SaelabError as error:
+            st.error(str(error))
+        else:
+            fired = [v for v in values if v]
+            peak = max(fired, default=0.0)
+            reference = page.max_activation if page is not None else 0.0
+            st.caption(
+                f"latent {latent} fires on {len(fired)} of {len(values) - result.first_position} tokens, "
+                f"max {peak:.4g}" + (f" (its max in the analysed tokens: {reference:.4g})" if reference else "")
+            )
+            ui.show_tokens(result.tokens, values, reference or peak)

@@ -1,0 +1,92 @@
+"""Runs: every SAE of every run under the runs folder, and training curves of the ones ticked."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+import ui
+
+from saelab.browse.runs import read_metrics, training_curves
+
+CURVES = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
+
+sel = ui.selection()
+st.title("Runs")
+if not sel.runs:
+    st.info(f"No training runs under `{sel.root}` yet. {ui.MAKE_A_RUN}")
+    st.stop()
+
+rows = []
+for run in sel.runs:
+    for sae in run.saes:
+        rows.append(  # the numbers first: they are what a reader compares
+            {
+                "run": run.name,
+                "SAE": sae.label,
+                "variant": sae.architecture,
+                "width": sae.d_sae,
+                "k / target": sae.sparsity,
+                "tokens trained": sae.tokens,
+                "FVU": sae.fvu,
+                "L0": sae.l0,
+                "dead %": None if sae.dead_fraction is None else 100 * sae.dead_fraction,
+                "CE recovered %": None if sae.ce_loss_recovered is None else 100 * sae.ce_loss_recovered,
+                "numbers from": sae.metrics_from,
+                "feature store": "yes" if sae.has_features else "no",
+                "status": "finished" if run.finished else "training",
+                "model": sae.model,
+                "hook": sae.hook,
+            }
+        )
+st.dataframe(
+    rows,
+    hide_index=True,
+    column_config={
+        "tokens trained": st.column_config.NumberColumn(format="localized"),
+        "FVU": st.column_config.NumberColumn(format="%.3f"),
+        "L0": st.column_config.NumberColumn(format="%.1f"),
+        "dead %": st.column_config.NumberColumn(format="%.1f"),
+        "CE recovered %": st.column_config.NumberColumn(format="%.1f"),
+    },
+)
+for run in sel.runs:
+    if not run.finished:
+        st.caption(f"`{run.name}`: {run.status}; showing what it has written so far.")
+    for problem in run.problems:
+        st.warning(f"`{run.name}`: cannot read {problem}")
+    if not run.saes:
+        st.info(f"`{run.name}` names no SAE yet.")
+
+st.subheader("Training curves")
+choices = [f"{run.name} / {sae.label}" for run in sel.runs for sae in run.saes]
+default = [f"{sel.run.name} / {sae.label}" for sae in sel.run.saes] if sel.run else []
+ticked = st.multiselect("curves of", choices, default=default, help="the SAEs whose training curves are overlaid")
+if not ticked:
+    st.info("Tick one or more SAEs above to overlay their training curves.")
+    st.stop()
+
+figures = {name: go.Figure() for name in CURVES}
+records = {run.name: read_metrics(run.path) for run in sel.runs if any(f"{run.name} / " in t for t in ticked)}
+empty = []
+for choice in ticked:
+    run_name, label = choice.split(" / ", 1)
+    curves = training_curves(records.get(run_name, []), label)
+    if not curves["tokens"]:
+        empty.append(choice)
+        continue
+    for name, figure in figures.items():
+        figure.add_trace(go.Scatter(x=curves["tokens"], y=curves[name], mode="lines", name=choice))
+if empty:
+    st.info(f"No training steps logged yet for {', '.join(empty)}.")
+columns = st.columns(2)
+for i, (name, figure) in enumerate(figures.items()):
+    figure.update_layout(
+        title=CURVES[name],
+        xaxis_title="tokens",
+        height=320,
+        **ui.CHART_LAYOUT,
+        legend={"orientation": "h", "y": -0.3},
+    )
+    if name in ("loss", "fvu"):  # both fall by orders of magnitude; label every tick in full
+        figure.update_yaxes(type="log", tickformat="~g")
+    columns[i % 2].plotly_chart(figure, key=f"curve-{name}")

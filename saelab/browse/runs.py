@@ -1,0 +1,260 @@
+"""Training runs under a root folder, as the dashboard lists them: what each run and SAE is, how far it
+trained and how well it does, read from the files the pipeline wrote (never recomputed).
+
+A run is a folder holding `config.yaml` (the TrainConfig `saelab train` saved) and at least one of
+`metrics.jsonl`, `saes/`, `checkpoints/`, `summary.json`. Runs may sit at any depth under the root
+(`runs/smollm2-135m/train`). Per SAE, the numbers come from the most reliable file there is:
+
+    eval.json       held-out text (`saelab eval`): FVU, L0, dead fraction, CE loss recovered
+    summary.json    the last training batches (`saelab train` at its end)
+    metrics.jsonl   the last logged step: all there is while a run is still training
+
+A file that cannot be read is reported in `RunInfo.problems`; it never hides the rest of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saelab.analysis.feature_store import FEATURES_FILE
+from saelab.config import load_config
+from saelab.errors import SaelabError
+from saelab.sae.config import SAEConfig
+from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
+from saelab.train.config import TrainConfig
+from saelab.train.metrics_log import METRICS_FILE
+
+# The names saelab.train.trainer and saelab.eval.evaluate give these files (tests hold them equal):
+# importing those modules would import the model stack, seconds before the dashboard's first page.
+CONFIG_FILE, SUMMARY_FILE, SAE_DIR, EVAL_FILE = "config.yaml", "summary.json", "saes", "eval.json"
+RUNS_ENV = "SAELAB_RUNS"  # the dashboard's runs root, set by `saelab dashboard --runs DIR`
+DEFAULT_RUNS_ROOT = "runs"
+CURVE_METRICS = ("loss", "fvu", "l0", "dead_fraction")
+_RUN_MARKERS = (METRICS_FILE, SAE_DIR, "checkpoints", SUMMARY_FILE)
+_NEVER_RUNS = {"wandb", "checkpoints", "shards", SAE_DIR, "__pycache__"}
+_MAX_DEPTH = 6
+
+
+@dataclass
+class SAEInfo:
+    """One SAE of a run: what it is and its headline numbers (None where no file says)."""
+
+    run: Path
+    label: str
+    architecture: str | None = None
+    d_sae: int | None = None
+    k: int | None = None  # TopK-style selection only
+    target_l0: float | None = None  # GBA only
+    model: str | None = None
+    hook: str | None = None
+    tokens: int | None = None  # tokens trained on
+    fvu: float | None = None
+    l0: float | None = None
+    dead_fraction: float | None = None
+    ce_loss_recovered: float | None = None
+    metrics_from: str = "nothing yet"
+
+    @property
+    def folder(self) -> Path:
+        return self.run / SAE_DIR / self.label
+
+    @property
+    def features_path(self) -> Path:
+        return self.folder / FEATURES_FILE
+
+    @property
+    def has_weights(self) -> bool:
+        return (self.folder / CFG_FILE).is_file() and (self.folder / WEIGHTS_FILE).is_file()
+
+    @property
+    def has_features(self) -> bool:
+        return self.features_path.is_file()
+
+    @property
+    def sparsity(self) -> str:
+        """`k 32` for TopK-style selection, `L0 target 32` for GBA, else empty."""
+        if self.architecture == "gba":
+            return f"L0 target {self.target_l0:g}" if self.target_l0 is not None else "per-group targets"
+        return f"k {self.k}" if self.k is not None else ""
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    name: str  # the path relative to the runs root
+    finished: bool  # summary.json written: training ended
+    saes: list[SAEInfo] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return "finished" if self.finished else "training (or stopped; `saelab train --resume` continues it)"
+
+    def sae(self, label: str) -> SAEInfo | None:
+        return next((s for s in self.saes if s.label == label), None)
+
+
+def runs_root(given: str | Path | None = None) -> Path:
+    """The folder to look for runs in: `given`, else `$SAELAB_RUNS`, else `runs`."""
+    return Path(given or os.environ.get(RUNS_ENV) or DEFAULT_RUNS_ROOT)
+
+
+def find_runs(root: str | Path) -> list[RunInfo]:
+    """Every training run under `root` (none when it does not exist), sorted by name."""
+    root = Path(root)
+    found = []
+    if not root.is_dir():
+        return found
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        depth = len(here.relative_to(root).parts)
+        if CONFIG_FILE in files and any((here / marker).exists() for marker in _RUN_MARKERS):
+            found.append(read_run(here, root))
+            subfolders.clear()  # a run holds no runs
+            continue
+        subfolders[:] = sorted(
+            s for s in subfolders if not s.startswith(".") and s not in _NEVER_RUNS and depth < _MAX_DEPTH
+        )
+    return sorted(found, key=lambda run: run.name)
+
+
+def read_run(path: str | Path, root: str | Path | None = None) -> RunInfo:
+    """The run at `path`: its SAEs (from `saes/`, `config.yaml` and `summary.json`) and their numbers."""
+    path = Path(path)
+    name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+    run = RunInfo(path, name if name != "." else path.name, finished=(path / SUMMARY_FILE).is_file())
+    train_cfg = _attempt(run, lambda: load_config(TrainConfig, path / CONFIG_FILE), CONFIG_FILE)
+    summary = _attempt(run, lambda: _read_json(path / SUMMARY_FILE), SUMMARY_FILE) if run.finished else None
+    last = last_training_records(read_metrics(path))
+
+    labels = [sae.label for sae in train_cfg.saes] if train_cfg else []
+    folder = path / SAE_DIR
+    if folder.is_dir():
+        labels += sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    labels += sorted(summary or {})
+    configured = {sae.label: sae for sae in train_cfg.saes} if train_cfg else {}
+    store = _store_manifest(path, train_cfg.store) if train_cfg else {}
+    if train_cfg and train_cfg.hook:
+        store = {**store, "hooks": [train_cfg.hook]}
+    summary = summary or {}
+    for label in dict.fromkeys(labels):  # in order, once each
+        run.saes.append(_read_sae(run, label, configured.get(label), summary.get(label), last.get(label), store))
+    return run
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The records of `run/metrics.jsonl`, in order; a line that is not JSON (a run being written) is skipped."""
+    path = Path(run) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "sae" in record:
+            records.append(record)
+    return records
+
+
+def last_training_records(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last training record (one with `tokens`; eval lines have none) of each SAE."""
+    return {r["sae"]: r for r in records if "tokens" in r}
+
+
+def training_curves(records: list[dict[str, Any]], label: str) -> dict[str, list[float]]:
+    """`{"tokens": [...], "loss": [...], "fvu": [...], "l0": [...], "dead_fraction": [...]}` of SAE `label`,
+    from its training records in step order (a resumed run's log holds each step once)."""
+    rows = sorted((r for r in records if r["sae"] == label and "tokens" in r), key=lambda r: r["step"])
+    curves: dict[str, list[float]] = {"tokens": [r["tokens"] for r in rows]}
+    for name in CURVE_METRICS:
+        curves[name] = [r.get(name) for r in rows]
+    return curves
+
+
+# ---- internals ----------------------------------------------------------------------------------
+
+
+def _read_sae(
+    run: RunInfo,
+    label: str,
+    configured: SAEConfig | None,
+    summary: dict[str, Any] | None,
+    last: dict[str, Any] | None,
+    store: dict[str, Any],
+) -> SAEInfo:
+    info = SAEInfo(run.path, label)
+    if configured is not None:
+        info.architecture, info.d_sae, info.target_l0 = configured.architecture, configured.d_sae, configured.target_l0
+        info.k = configured.k
+    folder = run.path / SAE_DIR / label
+    cfg = _attempt(run, lambda: _read_json(folder / CFG_FILE), f"{SAE_DIR}/{label}/{CFG_FILE}")
+    if cfg:
+        metadata = cfg.get("metadata") or {}
+        saelab_cfg = metadata.get("saelab_config") or {}
+        info.architecture = metadata.get("saelab_architecture") or FROM_SAELENS.get(cfg.get("architecture"))
+        info.d_sae = cfg.get("d_sae", info.d_sae)
+        info.k = saelab_cfg.get("k", cfg.get("k"))
+        info.target_l0 = saelab_cfg.get("target_l0", info.target_l0)
+        info.model = metadata.get("model_name") or cfg.get("model_name") or None
+        info.hook = metadata.get("hook_name") or cfg.get("hook_name") or None
+    if info.architecture == "gba":
+        info.k = None
+    hooks = store.get("hooks") or []
+    info.model = info.model or store.get("model")
+    info.hook = info.hook or (hooks[0] if len(hooks) == 1 else None)
+
+    for source, numbers in (("training (last logged step)", last), ("training (last batches)", summary)):
+        if numbers:
+            info.tokens = numbers.get("tokens", info.tokens)
+            info.fvu, info.l0 = numbers.get("fvu"), numbers.get("l0")
+            info.dead_fraction = numbers.get("dead_fraction")
+            info.metrics_from = source
+    evaluation = _attempt(run, lambda: _read_json(folder / EVAL_FILE), f"{SAE_DIR}/{label}/{EVAL_FILE}")
+    if evaluation:
+        info.fvu, info.l0 = evaluation.get("fvu"), evaluation.get("l0")
+        info.dead_fraction = evaluation.get("dead_fraction")
+        info.ce_loss_recovered = evaluation.get("ce_loss_recovered")
+        info.model, info.hook = info.model or evaluation.get("model"), info.hook or evaluation.get("hook")
+        info.metrics_from = "eval (held-out text)"
+    return info
+
+
+def _store_manifest(run: Path, store: str) -> dict[str, Any]:
+    """The run's activation-store manifest (for the model and hook when the SAEs do not name them yet),
+    looked for as given and relative to the run's ancestors (configs hold paths relative to where
+    the run was started); {} when not found."""
+    given = Path(store)
+    candidates = [given] if given.is_absolute() else [given, *(ancestor / given for ancestor in run.resolve().parents)]
+    for candidate in candidates:
+        try:
+            manifest = _read_json(candidate / "manifest.json")
+        except (OSError, ValueError):
+            continue
+        if manifest is not None:
+            return manifest
+    return {}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at `path`; None when there is no such file, ValueError when it is not an object."""
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _attempt(run: RunInfo, read: Any, what: str) -> Any:
+    """`read()`, or None with a line in `run.problems` when the file cannot be read."""
+    try:
+        return read()
+    except (OSError, ValueError, SaelabError) as error:
+        run.problems.append(f"{what}: {error}")
+        return None

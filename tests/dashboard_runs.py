@@ -1,0 +1,61 @@
+"""A runs folder for the dashboard tests and benchmark: one real, tiny, finished SmolLM2 run (trained,
+evaluated, analysed), one still training, and one whose files are broken.
+
+    root/tiny/activations     40 contexts of 32 tokens of SmolLM2's blocks.15.hook_resid_post
+    root/tiny/train           topk-128-k8 and batchtopk-96-k8: metrics, summary, eval.json, features.sqlite
+    root/tiny/training        the same run's config and its first logged steps only (no SAE saved yet)
+    root/broken/train         a copy of tiny/train: topk's feature store corrupt, batchtopk's missing,
+                              topk's eval.json not JSON
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+HOOK = "blocks.15.hook_resid_post"
+TOPK, BATCHTOPK = "topk-128-k8", "batchtopk-96-k8"
+
+
+def make_dashboard_runs(root: Path, model) -> Path:
+    from saelab.analysis.analyze import analyze
+    from saelab.analysis.config import AnalyzeConfig
+    from saelab.eval.config import EvalConfig
+    from saelab.eval.evaluate import evaluate
+    from saelab.harvest.config import HarvestConfig
+    from saelab.harvest.harvester import harvest
+    from saelab.sae.config import SAEConfig
+    from saelab.train.config import TrainConfig
+    from saelab.train.trainer import train
+
+    store = root / "tiny" / "activations"
+    harvest(
+        HarvestConfig(out=str(store), n_tokens=31 * 40, context_size=32, device="cpu", shard_contexts=20),
+        model=model,
+        progress=False,
+    )
+    run = root / "tiny" / "train"
+    saes = [SAEConfig(architecture="topk", d_sae=128, k=8), SAEConfig(architecture="batchtopk", d_sae=96, k=8)]
+    cfg = TrainConfig(
+        store=str(store), out=str(run), saes=saes, n_tokens=4096, batch_size=512, log_every_steps=1, device="cpu"
+    )
+    train(cfg, progress=False)
+    evaluate(EvalConfig(run=str(run), n_tokens=2 * 31, batch_size=2, device="cpu"), model=model, progress=False)
+    analyze(
+        AnalyzeConfig(run=str(run), top_n=5, window_before=6, window_after=3, sample_size=20, per_band=3),
+        model=model,
+        progress=False,
+    )
+
+    training = root / "tiny" / "training"
+    training.mkdir()
+    shutil.copy(run / "config.yaml", training / "config.yaml")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (training / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])  # 3 steps, a torn line
+
+    broken = root / "broken" / "train"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("checkpoints", "wandb", ".lock"))
+    (broken / "saes" / TOPK / "features.sqlite").write_bytes(b"this is not a database " * 200)
+    (broken / "saes" / BATCHTOPK / "features.sqlite").unlink()
+    (broken / "saes" / TOPK / "eval.json").write_text('{"fvu": 0.5,')
+    return root

@@ -1,0 +1,443 @@
+"""The dashboard: its library (runs, filters, highlighting, live text) against the files and brute force,
+every page driven through Streamlit's AppTest on a real tiny SmolLM2 run, and one load in a real browser."""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dashboard_runs import BATCHTOPK, HOOK, TOPK, make_dashboard_runs
+from streamlit.testing.v1 import AppTest
+
+import saelab.models
+from saelab.analysis.feature_store import FeatureStore
+from saelab.browse import runs as runs_module
+from saelab.browse.feature_filter import FeatureFilter, random_live_latent
+from saelab.browse.highlight import token_text, tokens_html
+from saelab.browse.live import encode_text, encode_tokens
+from saelab.browse.runs import find_runs, read_metrics, training_curves
+from saelab.errors import SaelabError
+from saelab.harvest.store import ActivationStore
+from saelab.sae import load_sae
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "dashboards" / "app.py"
+sys.path.insert(0, str(APP.parent))  # dashboards/screenshots.py: the headless-Chromium driver
+SPAN = re.compile(r'<span title="([^"]*)" style="([^"]*)">([^<]*)</span>')
+
+
+@pytest.fixture(scope="module")
+def runs_root(smollm2, tmp_path_factory) -> Path:
+    return make_dashboard_runs(tmp_path_factory.mktemp("dashboard") / "runs", smollm2)
+
+
+@pytest.fixture(scope="module")
+def latents(runs_root) -> torch.Tensor:
+    """Brute force: topk-128-k8 on every row of the store, `[rows, 128]`."""
+    store = ActivationStore(runs_root / "tiny" / "activations")
+    with torch.no_grad():
+        return load_sae(runs_root / "tiny" / "train" / "saes" / TOPK).encode(store.rows(torch.arange(store.n_rows)))
+
+
+@pytest.fixture(scope="module")
+def latent(runs_root) -> int:
+    """A latent worth a page: the most frequent one that fires on under half the tokens."""
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        return max((row for row in store.summary_table() if 0 < row[1] < 0.5), key=lambda row: row[1])[0]
+
+
+@pytest.fixture
+def app(runs_root, smollm2, monkeypatch):
+    """`app(page, **query)`: the dashboard at `views/<page>.py` with URL query `query`, after one run."""
+    monkeypatch.setenv("SAELAB_RUNS", str(runs_root))
+    monkeypatch.setattr(saelab.models, "load_model", lambda spec, device="auto": smollm2)  # the session's model
+
+    def open_page(page: str | None = None, **query: object) -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=120)
+        at.query_params.update({key: str(value) for key, value in query.items()})
+        at.run()
+        if page is not None:
+            at.switch_page(f"views/{page}.py").run()
+        assert_clean(at)
+        return at
+
+    return open_page
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def spans(fragment: str) -> list[tuple[str, str, str]]:
+    return SPAN.findall(fragment)
+
+
+# ---- the library --------------------------------------------------------------------------------
+
+
+def test_file_names_are_the_pipelines():
+    from saelab.eval import evaluate
+    from saelab.train import trainer
+
+    assert runs_module.CONFIG_FILE == trainer.CONFIG_FILE and runs_module.SUMMARY_FILE == trainer.SUMMARY_FILE
+    assert runs_module.SAE_DIR == trainer.SAE_DIR and runs_module.EVAL_FILE == evaluate.EVAL_FILE
+
+
+def test_runs_are_found_with_numbers_from_the_best_file(runs_root, tmp_path):
+    runs = {run.name: run for run in find_runs(runs_root)}
+    assert list(runs) == ["broken/train", "tiny/train", "tiny/training"]  # not the activation store
+
+    done = runs["tiny/train"]
+    assert done.finished and not done.problems and [s.label for s in done.saes] == [TOPK, BATCHTOPK]
+    evaluation = json.loads((done.path / "saes" / TOPK / "eval.json").read_text())
+    topk = done.sae(TOPK)
+    assert (topk.fvu, topk.l0, topk.dead_fraction) == (evaluation["fvu"], evaluation["l0"], evaluation["dead_fraction"])
+    assert topk.ce_loss_recovered == evaluation["ce_loss_recovered"] is not None
+    assert topk.metrics_from == "eval (held-out text)" and topk.tokens == 4096
+    assert (topk.model, topk.hook, topk.architecture, topk.d_sae, topk.k) == ("smollm2-135m", HOOK, "topk", 128, 8)
+    assert topk.has_features and topk.has_weights and topk.sparsity == "k 8"
+
+    training = runs["tiny/training"]
+    assert not training.finished and not training.problems  # the torn last line is skipped, not reported
+    lines = [json.loads(line) for line in (done.path / "metrics.jsonl").read_text().splitlines()[:6]]
+    last = [r for r in lines if r["sae"] == TOPK][-1]
+    early = training.sae(TOPK)
+    assert early.tokens == last["tokens"] == 3 * 512 and early.fvu == last["fvu"] and early.l0 == last["l0"]
+    assert early.metrics_from == "training (last logged step)" and not early.has_weights
+    assert early.hook == HOOK and early.model == "smollm2-135m"  # from the activation store's manifest
+
+    broken = runs["broken/train"]
+    assert len(broken.problems) == 1 and f"{TOPK}/eval.json" in broken.problems[0]
+    summary = json.loads((broken.path / "summary.json").read_text())[TOPK]
+    assert broken.sae(TOPK).fvu == summary["fvu"] and broken.sae(TOPK).metrics_from == "training (last batches)"
+    assert not broken.sae(BATCHTOPK).has_features
+
+    assert find_runs(tmp_path / "absent") == [] and find_runs(tmp_path) == []
+
+
+def test_training_curves_are_the_logged_steps(runs_root):
+    records = read_metrics(runs_root / "tiny" / "train")
+    assert any("eval/fvu" in r for r in records)  # eval lines are in the log but not on the curves
+    curves = training_curves(records, BATCHTOPK)
+    assert curves["tokens"] == [512 * step for step in range(1, 9)]
+    logged = [r for r in records if r["sae"] == BATCHTOPK and "tokens" in r]
+    for name in ("loss", "fvu", "l0", "dead_fraction"):
+        assert curves[name] == [r[name] for r in logged]
+    assert training_curves(records, "absent")["tokens"] == []
+
+
+def test_feature_filter_equals_brute_force():
+    rng = random.Random(0)
+    table = [(i, 0.0 if i % 7 == 0 else rng.random() / 10, rng.uniform(0, 9), rng.uniform(0, 3)) for i in range(300)]
+    table[5] = (5, table[9][1], table[9][2], 1.0)  # a tie in both columns
+    for low, high, floor, key, order in [
+        (0.0, 1.0, 0.0, "frequency", "descending"),
+        (0.01, 0.05, 2.0, "max activation", "ascending"),
+        (1e-9, 0.1, 8.5, "index", "descending"),
+        (0.02, 0.03, 0.0, "mean activation", "ascending"),
+    ]:
+        got = FeatureFilter(low, high, floor, key, order).apply(table)
+        column = {"index": 0, "frequency": 1, "max activation": 2, "mean activation": 3}[key]
+        expected = [r for r in table if low <= r[1] <= high and r[2] >= floor]
+        expected.sort(key=lambda r: r[0])
+        expected.sort(key=lambda r: r[column], reverse=order == "descending")  # stable: ties stay by index
+        assert got == expected
+    ordered = FeatureFilter(sort_by="frequency").apply(table)
+    assert ordered.index(table[5]) + 1 == ordered.index(table[9])  # the tie: by index, in either order
+    ordered = FeatureFilter(sort_by="frequency", order="ascending").apply(table)
+    assert ordered.index(table[5]) + 1 == ordered.index(table[9])
+    with pytest.raises(SaelabError, match="sort_by must be one of"):
+        FeatureFilter(sort_by="colour").apply(table)
+    picks = {random_live_latent(table, seed) for seed in range(200)}
+    assert picks and all(table[i][1] > 0 for i in picks) and len(picks) > 50
+    assert random_live_latent([(0, 0.0, 0.0, 0.0)]) is None
+
+
+def test_tokens_html_escapes_shades_and_titles():
+    fragment = tokens_html(["<s>", " a\n", "x\t", ""], [None, 0.0, 2.0, 8.0], scale=4.0, focus=2)
+    found = spans(fragment)
+    assert [title for title, _, _ in found] == [
+        "not encoded (BOS / attention sink)",
+        "activation 0",
+        "activation 2",
+        "activation 8",
+    ]
+    assert [text for _, _, text in found] == ["&lt;s&gt;", " a↵", "x⇥", "∅"]
+    assert "background" not in found[0][1] + found[1][1]
+    assert "rgba(255,127,14,0.560)" in found[2][1] and "outline" in found[2][1]  # 0.12 + 0.88 · 2/4
+    assert "rgba(255,127,14,1.000)" in found[3][1] and "outline" not in found[3][1]  # capped at 1
+    assert token_text("&") == "&amp;"
+    with pytest.raises(ValueError, match="2 tokens but 1 activations"):
+        tokens_html(["a", "b"], [1.0], 1.0)
+
+
+def test_live_text_equals_the_stored_activations(smollm2, runs_root, latents):
+    store = ActivationStore(runs_root / "tiny" / "activations")
+    sae = load_sae(runs_root / "tiny" / "train" / "saes" / TOPK)
+    ids = store.context_tokens(3).tolist()
+    live = encode_tokens(smollm2, sae, HOOK, ids)
+    rows = torch.nonzero(store.context_of(torch.arange(store.n_rows))[0] == 3).squeeze(1)
+    torch.testing.assert_close(live.latents[1:], latents[rows], rtol=1e-4, atol=1e-4)  # the same forward pass
+    assert torch.all(live.latents[0] == 0) and live.feature(0)[0] is None
+    f = int(latents[rows].sum(0).argmax())
+    assert live.feature(f)[1:] == pytest.approx(latents[rows, f].tolist(), rel=1e-4, abs=1e-4)
+    strongest = live.strongest(3)
+    assert strongest[0].max_activation == pytest.approx(float(latents[rows].max()), rel=1e-4)
+    assert strongest[0].token == live.tokens[strongest[0].position]
+
+    text = encode_text(smollm2, sae, HOOK, "The capital of France is Paris.")
+    assert text.token_ids[0] == smollm2.tokenizer.bos_token_id and text.tokens[1:3] == ["The", " capital"]
+    assert not text.truncated and encode_text(smollm2, sae, HOOK, "word " * 50, max_tokens=10).truncated
+    with pytest.raises(SaelabError, match="the text is empty"):
+        encode_text(smollm2, sae, HOOK, "  \n")
+    with pytest.raises(SaelabError, match=r"latent 128 is not in this SAE; it has latents \[0, 128\)"):
+        text.feature(128)
+
+
+# ---- the pages, through AppTest -------------------------------------------------------------------
+
+
+def test_runs_page_tables_every_sae_and_overlays_the_ticked_curves(app, runs_root):
+    at = app()
+    assert [t.value for t in at.title] == ["Runs"]
+    table = at.dataframe[0].value
+    assert list(zip(table["run"], table["SAE"], strict=True)) == [
+        ("broken/train", TOPK),
+        ("broken/train", BATCHTOPK),
+        ("tiny/train", TOPK),
+        ("tiny/train", BATCHTOPK),
+        ("tiny/training", TOPK),
+        ("tiny/training", BATCHTOPK),
+    ]
+    row = table.iloc[2]
+    evaluation = json.loads((runs_root / "tiny" / "train" / "saes" / TOPK / "eval.json").read_text())
+    assert row["FVU"] == evaluation["fvu"]
+    assert row["CE recovered %"] == pytest.approx(100 * evaluation["ce_loss_recovered"])
+    assert (row["model"], row["hook"], row["variant"], row["width"], row["k / target"]) == (
+        "smollm2-135m",
+        HOOK,
+        "topk",
+        128,
+        "k 8",
+    )
+    assert row["tokens trained"] == 4096 and row["dead %"] == pytest.approx(100 * evaluation["dead_fraction"])
+    assert list(table["status"]) == ["finished"] * 4 + ["training"] * 2
+    assert list(table["feature store"]) == ["yes", "no", "yes", "yes", "no", "no"]
+    assert "broken/train" in texts(at.warning) and "eval.json" in texts(at.warning)
+    assert "showing what it has written so far" in texts(at.caption)
+
+    # by default the curves of the sidebar's run: tiny/train, the first whole one with feature pages
+    figures = {f["layout"]["title"]["text"]: f for f in charts(at)}
+    assert sorted(figures) == sorted(["loss", "FVU", "L0", "dead fraction"])
+    records = read_metrics(runs_root / "tiny" / "train")
+    fvu = figures["FVU"]["data"]
+    assert [trace["name"] for trace in fvu] == [f"tiny/train / {TOPK}", f"tiny/train / {BATCHTOPK}"]
+    assert fvu[0]["y"] == [r["fvu"] for r in records if r["sae"] == TOPK and "tokens" in r]
+
+    at.multiselect[0].set_value([f"tiny/training / {TOPK}"]).run()
+    assert_clean(at)
+    assert [len(f["data"]) for f in charts(at)] == [1, 1, 1, 1]
+    assert charts(at)[0]["data"][0]["x"] == [512, 1024, 1536]
+    at.multiselect[0].set_value([]).run()
+    assert "Tick one or more SAEs" in texts(at.info) and not at.get("plotly_chart")
+
+
+def test_feature_page_shows_the_latents_contexts_histogram_and_logit_effects(app, runs_root, smollm2, latents, latent):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    assert f"Latent {latent} of {TOPK}" in texts(at.subheader)
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        page = store.feature(latent)
+    firing = latents[:, latent] > 0
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["density"] == f"{float(firing.double().mean()):.3%}"
+    assert metrics["max activation"] == f"{float(latents[:, latent].max()):.4g}"
+    assert metrics["tokens firing"] == f"{int(firing.sum()):,}"
+
+    # the top context is the brute-force argmax, its token outlined with its activation as the hover title
+    store_ = ActivationStore(runs_root / "tiny" / "activations")
+    best = int(latents[:, latent].argmax())
+    context, position = (int(t[0]) for t in store_.context_of(torch.tensor([best])))
+    expected = smollm2.tokenizer.decode([int(store_.context_tokens(context)[position])])
+    top = at.html[0].value
+    first_row = top.split("</tr>")[0]
+    outlined = [(title, text) for title, style, text in spans(first_row) if "outline" in style]
+    assert outlined == [(f"activation {float(latents[best, latent]):.4g}", token_text(expected))]
+    assert top.count("<tr>") == len(page.top_contexts) == 5
+    # the quantile bands, each in an expander
+    assert len(at.expander) == sum(1 for band in page.quantile_bands if band.contexts) == 4
+    assert texts(at.expander[0].html).count("<tr>") == 3
+
+    histogram, logits = charts(at)
+    assert sum(histogram["data"][0]["y"]) == int(firing.sum())
+    labels = logits["data"][0]["y"]
+    assert labels[-1] == repr(page.positive_logits[0].token) and labels[0] == repr(page.negative_logits[0].token)
+    assert logits["data"][0]["x"][-1] == pytest.approx(page.positive_logits[0].value)
+    assert at.query_params["feature"] == str(latent)
+
+    next(b for b in at.button if b.label == "random latent").click().run()
+    assert_clean(at)
+    chosen = int(at.query_params["feature"])
+    assert at.number_input[0].value == chosen and f"Latent {chosen} of" in texts(at.subheader)
+    assert latents[:, chosen].max() > 0
+
+
+def test_feature_page_live_box_highlights_the_latent_on_typed_text(app, smollm2, runs_root, latent):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    text = "The capital of France is Paris. def main():\n    return 0"
+    at.text_area(key="live_text").set_value(text)
+    at.button[-1].click().run()
+    assert_clean(at)
+    shown = spans(at.html[-1].value)
+    # directly: the model to layer 15, the SAE on every position after the BOS
+    ids = [smollm2.tokenizer.bos_token_id, *smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(torch.tensor([ids]), names_filter=[HOOK], return_cache_object=False)
+        sae = load_sae(runs_root / "tiny" / "train" / "saes" / TOPK)
+        direct = sae.encode(cache[HOOK][0, 1:])[:, latent].tolist()
+    assert len(shown) == len(ids) and shown[0][0] == "not encoded (BOS / attention sink)"
+    for (title, _, _), value in zip(shown[1:], direct, strict=True):
+        assert float(title.removeprefix("activation ")) == pytest.approx(value, rel=1e-3, abs=1e-3)
+    assert f"latent {latent} fires on {sum(v > 0 for v in direct)} of {len(direct)} tokens" in texts(at.caption)
+    assert html.unescape("".join(t for _, _, t in shown[1:])).replace("↵", "\n") == text
+
+    for other in (latent + 1, latent + 2):  # the text stays; each new latent is highlighted (every edit counts)
+        at.number_input[0].set_value(other).run()
+        assert_clean(at)
+        assert f"latent {other} fires on" in texts(at.caption) and f"Latent {other} of" in texts(at.subheader)
+
+    at.text_area(key="live_text").set_value("   ")
+    at.button[-1].click().run()
+    assert "Type some text first" in texts(at.info)
+
+
+def test_feature_page_explains_a_bad_latent(app):
+    at = app("feature", run="tiny/train", sae=TOPK, feature=100_000)
+    assert "latent 100000 is not in" in texts(at.error) and "[0, 128)" in texts(at.error)
+    at = app("feature", run="tiny/train", sae=TOPK, feature="twelve")
+    assert "`twelve` is not a latent index; pick one in [0, 128)" in texts(at.error)
+    assert "Latent 0 of" in texts(at.subheader)  # and latent 0 is shown instead
+
+
+def test_feature_browser_finds_latents_by_index_token_text_and_filters(app, runs_root, latents, latent):
+    at = app("features", run="tiny/train", sae=TOPK)
+    assert [t.value for t in at.title] == ["Feature browser"]
+    with FeatureStore(runs_root / "tiny" / "train" / "saes" / TOPK / "features.sqlite") as store:
+        token = store.feature(latent).positive_logits[0].token
+        pushing = store.search_by_logit_token(token)
+        table = store.summary_table()
+
+    at.text_input(key="token").set_value(token.strip()).run()
+    links = [link.proto.label for link in at.get("page_link")]
+    assert [int(label.split(":")[0].removeprefix("latent ")) for label in links] == pushing[:15]
+    assert latent in pushing and repr(token) in links[pushing.index(latent)]
+    at.radio(key="direction").set_value("pushed down").run()
+    assert_clean(at)
+    at.text_input(key="token").set_value("").run()
+
+    # by text: the strongest latent on it, as computed directly
+    text = "import os\nprint(os.path.join('a', 'b'))"
+    at.text_area(key="search_text_value").set_value(text)
+    at.button[-1].click().run()
+    assert_clean(at)
+    links = [link.proto.label for link in at.get("page_link")]
+    first = int(links[0].split(":")[0].removeprefix("latent "))
+    highlighted = spans(at.html[0].value)
+    values = [float(t.removeprefix("activation ")) for t, _, _ in highlighted[1:]]
+    assert max(values) == pytest.approx(float(links[0].split("max ")[1].split(" ")[0]), rel=1e-2)
+    assert f"the strongest, latent {first}" in texts(at.caption)
+
+    # all latents: filter by max activation, sort by it
+    live = [r for r in table if r[1] > 0]
+    floor = sorted(r[2] for r in live)[len(live) // 2]
+    at.slider(key="min_max_activation").set_value(floor).run()
+    at.selectbox(key="sort_by").set_value("max activation").run()
+    assert_clean(at)
+    shown = at.dataframe[-1].value
+    kept = sorted((r for r in live if r[2] >= floor), key=lambda r: (-r[2], r[0]))
+    assert list(shown["latent"]) == [r[0] for r in kept]
+    assert f"{len(kept):,} of {len(table):,} latents match" in texts(at.caption)
+
+    # open by index, and a random latent: both land on the feature page
+    at.number_input(key="index").set_value(latent).run()
+    at.button(key="open_index").click().run()
+    assert_clean(at)
+    assert [t.value for t in at.title] == ["Feature page"] and f"Latent {latent} of" in texts(at.subheader)
+    at = app("features", run="tiny/train", sae=TOPK)
+    next(b for b in at.button if b.label == "random latent").click().run()
+    assert_clean(at)
+    chosen = int(at.query_params["feature"])
+    assert [t.value for t in at.title] == ["Feature page"] and dict((r[0], r[1]) for r in table)[chosen] > 0
+
+
+def test_no_runs_yet_every_page_says_how_to_make_one(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_RUNS", str(tmp_path / "nothing-here"))
+    for page in (None, "features", "feature"):
+        at = AppTest.from_file(str(APP), default_timeout=60).run()
+        if page:
+            at.switch_page(f"views/{page}.py").run()
+        assert_clean(at)
+        assert "No training runs under" in texts(at.info) and "make demo" in texts(at.info)
+        assert "saelab train" in texts(at.info)
+
+
+def test_broken_and_missing_feature_stores_are_messages_and_the_rest_works(app):
+    at = app("feature", run="broken/train", sae=TOPK, feature=3)
+    errors = texts(at.error)
+    assert "The feature store of `topk-128-k8` cannot be read" in errors and "saelab analyze" in errors
+    at.text_area(key="live_text").set_value("Paris")
+    at.button[-1].click().run()
+    assert_clean(at)
+    assert "latent 3 fires on" in texts(at.caption)  # the SAE itself still runs
+
+    at = app("features", run="broken/train", sae=TOPK)
+    assert "cannot be read" in texts(at.error) and [t.value for t in at.title] == ["Feature browser"]
+
+    at = app("feature", run="broken/train", sae=BATCHTOPK)
+    assert "No feature store for `batchtopk-96-k8` yet" in texts(at.warning)
+    assert f"saelab analyze run={Path(at.session_state['selection'].run.path)}" in texts(at.warning)
+
+
+def test_a_run_still_training_shows_what_it_has(app):
+    at = app("feature", run="tiny/training", sae=TOPK)
+    assert "No feature store for `topk-128-k8` yet" in texts(at.warning)
+    at.text_area(key="live_text").set_value("Paris")
+    at.button[-1].click().run()
+    assert_clean(at)
+    assert "holds no SAE weights" in texts(at.warning)
+    at = app("features", run="tiny/training", sae=TOPK)
+    assert [t.value for t in at.title] == ["Feature browser"]
+
+
+# ---- a real browser ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_feature_page_in_headless_chromium(runs_root, latent, tmp_path):
+    import screenshots
+
+    chromium = screenshots.find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium)")
+    with screenshots.dashboard(runs_root) as base, screenshots.Browser(chromium, 1400, 1800) as browser:
+        url = screenshots.page_url(base, "feature", run="tiny/train", sae=TOPK, feature=latent)
+        capture = browser.capture(url, tmp_path / "feature.png", wait_for="Top-activating contexts", charts=2)
+    assert capture.exception is None, capture.exception
+    assert f"Latent {latent} of {TOPK}" in capture.text and "activation histogram" in capture.html.read_text()
+    assert 'title="activation ' in capture.html.read_text()  # the highlighted contexts are in the DOM
+    data = capture.png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    print(f"screenshot: {capture.png}")
