@@ -32,8 +32,9 @@ def _harvest(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from saelab.config import load_config
+    from saelab.run_layout import SUMMARY_FILE
     from saelab.train.config import TrainConfig
-    from saelab.train.trainer import SUMMARY_FILE, train
+    from saelab.train.trainer import train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     train(cfg, resume=args.resume, progress=not args.quiet)
@@ -52,7 +53,8 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from saelab.config import load_config
     from saelab.eval.config import EvalConfig
-    from saelab.eval.evaluate import EVAL_FILE, evaluate
+    from saelab.eval.evaluate import evaluate
+    from saelab.run_layout import EVAL_FILE
 
     cfg = load_config(EvalConfig, args.config, args.overrides)
     results = evaluate(cfg, progress=not args.quiet)

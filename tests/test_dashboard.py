@@ -17,7 +17,6 @@ from streamlit.testing.v1 import AppTest
 
 import saelab.models
 from saelab.analysis.feature_store import FeatureStore
-from saelab.browse import runs as runs_module
 from saelab.browse.feature_filter import FeatureFilter, random_live_latent
 from saelab.browse.highlight import token_text, tokens_html
 from saelab.browse.live import encode_text, encode_tokens
@@ -87,14 +86,6 @@ def spans(fragment: str) -> list[tuple[str, str, str]]:
 
 
 # ---- the library --------------------------------------------------------------------------------
-
-
-def test_file_names_are_the_pipelines():
-    from saelab.eval import evaluate
-    from saelab.train import trainer
-
-    assert runs_module.CONFIG_FILE == trainer.CONFIG_FILE and runs_module.SUMMARY_FILE == trainer.SUMMARY_FILE
-    assert runs_module.SAE_DIR == trainer.SAE_DIR and runs_module.EVAL_FILE == evaluate.EVAL_FILE
 
 
 def test_runs_are_found_with_numbers_from_the_best_file(runs_root, tmp_path):

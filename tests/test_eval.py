@@ -17,16 +17,17 @@ from saelab.errors import SaelabError
 from saelab.eval import metrics as M
 from saelab.eval.ce_loss import ce_loss_recovered
 from saelab.eval.config import EvalConfig
-from saelab.eval.evaluate import EVAL_FILE, evaluate, held_out_contexts
+from saelab.eval.evaluate import evaluate, held_out_contexts
 from saelab.harvest.config import CorpusConfig, HarvestConfig
 from saelab.harvest.corpus import iter_documents
 from saelab.harvest.harvester import harvest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.store import ActivationStore
+from saelab.run_layout import CONFIG_FILE, EVAL_FILE
 from saelab.sae import load_sae
 from saelab.sae.config import SAEConfig
 from saelab.train.config import TrainConfig
-from saelab.train.trainer import CONFIG_FILE, train
+from saelab.train.trainer import train
 
 HOOK = "blocks.15.hook_resid_post"
 CONTEXT = 32

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from saelab.errors import SaelabError
+from saelab.run_layout import CONFIG_FILE
 from saelab.sae import build_sae, load_sae
 from saelab.sae.config import SAEConfig
 from saelab.train.checkpoint import complete_checkpoints
@@ -20,7 +21,7 @@ from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.loss import auxk_loss, normalized_mse
 from saelab.train.sources import TensorSource
 from saelab.train.step import train_step
-from saelab.train.trainer import CONFIG_FILE, train
+from saelab.train.trainer import train
 
 D_IN = 16
 

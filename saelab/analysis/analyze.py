@@ -55,10 +55,10 @@ from saelab.eval.metrics import DENSE_THRESHOLD
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
+from saelab.run_layout import SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
 from saelab.train.config import TrainConfig
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
-from saelab.train.trainer import SAE_DIR
 
 TokenText = Callable[[Iterable[int]], dict[int, str]]
 

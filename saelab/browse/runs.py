@@ -23,19 +23,16 @@ from typing import Any
 from saelab.analysis.feature_store import FEATURES_FILE
 from saelab.config import load_config
 from saelab.errors import SaelabError
+from saelab.run_layout import CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae.config import SAEConfig
 from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
 from saelab.train.config import TrainConfig
-from saelab.train.metrics_log import METRICS_FILE
 
-# The names saelab.train.trainer and saelab.eval.evaluate give these files (tests hold them equal):
-# importing those modules would import the model stack, seconds before the dashboard's first page.
-CONFIG_FILE, SUMMARY_FILE, SAE_DIR, EVAL_FILE = "config.yaml", "summary.json", "saes", "eval.json"
 RUNS_ENV = "SAELAB_RUNS"  # the dashboard's runs root, set by `saelab dashboard --runs DIR`
 DEFAULT_RUNS_ROOT = "runs"
 CURVE_METRICS = ("loss", "fvu", "l0", "dead_fraction")
-_RUN_MARKERS = (METRICS_FILE, SAE_DIR, "checkpoints", SUMMARY_FILE)
-_NEVER_RUNS = {"wandb", "checkpoints", "shards", SAE_DIR, "__pycache__"}
+_RUN_MARKERS = (METRICS_FILE, SAE_DIR, CHECKPOINT_DIR, SUMMARY_FILE)
+_NEVER_RUNS = {"wandb", CHECKPOINT_DIR, "shards", SAE_DIR, "__pycache__"}
 _MAX_DEPTH = 6
 
 

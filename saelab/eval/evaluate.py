@@ -41,13 +41,10 @@ from saelab.harvest.packing import iter_contexts
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
+from saelab.run_layout import EVAL_FILE, METRICS_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
 from saelab.train.config import TrainConfig
-from saelab.train.metrics_log import METRICS_FILE
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
-from saelab.train.trainer import SAE_DIR
-
-EVAL_FILE = "eval.json"
 
 
 def evaluate(

@@ -16,8 +16,7 @@ import torch
 
 from saelab.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from saelab.errors import SaelabError
-
-CHECKPOINT_DIR = "checkpoints"
+from saelab.run_layout import CHECKPOINT_DIR
 
 
 def checkpoint_path(run: Path, step: int) -> Path:

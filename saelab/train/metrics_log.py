@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from saelab.atomic import atomic_write_text
+from saelab.run_layout import METRICS_FILE
 from saelab.train.config import WandbConfig
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:

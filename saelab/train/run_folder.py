@@ -12,10 +12,10 @@ from pathlib import Path
 from saelab.config import load_config
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
+from saelab.run_layout import CONFIG_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder
 from saelab.sae.saelens_format import CFG_FILE
 from saelab.train.config import TrainConfig
-from saelab.train.trainer import CONFIG_FILE, SAE_DIR
 
 
 def read_run_config(run: Path) -> TrainConfig:

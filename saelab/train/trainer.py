@@ -22,6 +22,7 @@ from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import resolve_device
+from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae import GBASAE, SparseAutoencoder, build_sae, save_sae
 from saelab.sae.config import default_lr
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
@@ -32,9 +33,6 @@ from saelab.train.metrics_log import MetricsLog
 from saelab.train.sources import BatchSource, StoreSource
 from saelab.train.step import train_step
 
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-SAE_DIR = "saes"
 _INIT_SEED_OFFSET = 1_000_003  # the initialisation sample is drawn apart from the training epochs
 _NOT_IDENTITY = ("out", "device", "wandb", "keep_checkpoints", "log_every_steps")
 _SUMMARY_STEPS = 20

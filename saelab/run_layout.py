@@ -1,0 +1,16 @@
+"""The names of what a training run folder holds, in one light module that every stage (and the
+dashboard, which must start without importing the model stack) reads them from.
+
+    <run>/config.yaml                 the TrainConfig the run was made with
+    <run>/metrics.jsonl               one line per logged step and SAE (and per `saelab eval`)
+    <run>/summary.json                each SAE's numbers over the last training steps
+    <run>/checkpoints/                atomic training checkpoints
+    <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json and features.sqlite
+"""
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+SAE_DIR = "saes"
+EVAL_FILE = "eval.json"
