@@ -4,6 +4,8 @@ hooks never outlive their block, configs fail in one line, and `saelab steer` en
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -292,3 +294,107 @@ def test_generation_matches_the_bridge_and_steers_only_generated_positions(smoll
     assert torch.equal(steered, expected)
     assert steered[0, n] == greedy[0, n]  # the first new token is predicted from the untouched prompt
     assert not torch.equal(steered, greedy)
+
+
+# ---- experiments: config errors and `saelab steer` end to end ----------------------------------------
+
+
+def test_steer_config_errors_name_the_key_and_the_fix(tmp_path):
+    from saelab.config import load_config
+    from saelab.errors import ConfigError
+    from saelab.steer import SteerConfig
+    from saelab.steer.experiment import feature_scales
+
+    path = tmp_path / "steer.yaml"
+    path.write_text("features: [3]\nprompts: ['def f():']\ncoefficients: [0, 2]\n")
+    cfg = load_config(SteerConfig, path, ["targets=[' open']", "positions=generated"])
+    assert (cfg.features, cfg.prompts, cfg.coefficients, cfg.targets) == ([3], ["def f():"], [0.0, 2.0], [" open"])
+    for overrides, message in [
+        (["prompts=[]"], r"^prompts: empty; give at least one prompt, e\.g\. prompts: \['def read_file\(path\):'\]$"),
+        (["features=[]"], r"^features: empty; list the SAE latents"),
+        (["features=[3, -1]"], r"^features\[1\]: latent indices are ≥ 0, got -1$"),
+        (["mode=steer"], r"^mode: 'steer' is not one of: add, clamp, ablate$"),
+        (["positions=last"], r"^positions: 'last' is not one of: all, prompt, generated$"),
+        (["coefficients=[]"], r"^coefficients: empty; mode add needs at least one"),
+        (["name=../x"], r"^name: '\.\./x' must be a plain file name"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(SteerConfig, path, overrides)
+    with pytest.raises(ConfigError, match=r"^scale: max_activation reads .*features.sqlite, which does not exist; "):
+        feature_scales(tmp_path / "run" / "saes" / "topk-8", [1], "max_activation")
+
+
+def test_bad_features_hooks_and_targets_fail_before_any_steering(smollm2, steer_run, monkeypatch, capsys):
+    from saelab import cli
+    from saelab.errors import ConfigError
+    from saelab.steer import SteerConfig, run_steering
+
+    base = {"run": str(steer_run), "sae": "topk-128-k8", "prompts": ["def f():"], "max_new_tokens": 1}
+    for changes, message in [
+        ({"features": [3, 128]}, r"^features\[1\]: latent 128 does not exist: topk-128-k8 has latents 0..127$"),
+        ({"features": [3], "hook": "blocks.40.hook_resid_post"}, r"^hook: hook 'blocks.40.hook_resid_post' is not a"),
+        ({"features": [3], "mode": "clamp", "hook": "blocks.3.hook_resid_post"}, r"^hook: mode clamp edits the SAE"),
+        ({"features": [3], "targets": [" listdir"]}, r"^targets\[0\]: ' listdir' is 2 tokens \[' list', 'dir'\]; "),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            run_steering(SteerConfig(**base, **changes), model=smollm2, progress=False)
+    assert smollm2.list_hooks() == {} and not (steer_run / "steer").exists()
+
+    monkeypatch.setattr("saelab.steer.experiment.load_model", lambda spec, device: smollm2)
+    assert cli.main(["steer", f"run={steer_run}", "sae=topk-128-k8", "features=[999]", "prompts=[x]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["saelab steer: error: features[0]: latent 999 does not exist: topk-128-k8 has latents 0..127"]
+
+
+def test_steer_cli_prints_the_table_and_writes_the_files(smollm2, sae, steer_run, store_latents, monkeypatch, capsys):
+    from saelab import cli
+    from saelab.config import load_config
+    from saelab.steer import SteerConfig, add_feature, generate, steer
+
+    monkeypatch.setattr("saelab.steer.experiment.load_model", lambda spec, device: smollm2)
+    config = steer_run.parent / "steer.yaml"
+    config.write_text(
+        "sae: topk-128-k8\nfeatures: [5, 40]\ncoefficients: [0, 2]\nscale: max_activation\n"
+        f"prompts: [{json.dumps(PROMPT)}]\ntargets: [' os', ':']\nmax_new_tokens: 3\nname: sweep\n"
+    )
+    assert cli.main(["steer", "--quiet", "--config", str(config), f"run={steer_run}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "4 cells" in lines[0] and "sweep.jsonl" in lines[0]
+    header = re.split(r"\s{2,}", lines[1].strip())
+    assert header == ["feature", "coef", "prompt", "KL", "Δlogp os", "Δlogp :", "act", "generation"]
+    table = [re.split(r"\s{2,}", line.strip(), maxsplit=7) for line in lines[2:]]
+    assert [(row[0], row[1]) for row in table] == [("5", "0"), ("5", "2"), ("40", "0"), ("40", "2")]
+    assert all(row[2] == "import os\\n\\ndef main…" for row in table)  # the prompt, on one line, cut
+    assert table[0][3:7] == ["0.000", "+0.000", "+0.000", "0.00"]  # coefficient 0: nothing moves
+
+    folder = steer_run / "steer"
+    assert sorted(p.name for p in folder.iterdir()) == ["sweep.html", "sweep.jsonl", "sweep.yaml"]  # no temporaries
+    rows = [json.loads(line) for line in (folder / "sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and load_config(SteerConfig, folder / "sweep.yaml").features == [5, 40]
+    html = (folder / "sweep.html").read_text()
+    assert "plotly" in html and "feature 40" in html and "log p(' os')" in html
+
+    # every number of a steered cell, recomputed directly
+    row = rows[1]
+    maximum = float(store_latents[:, 5].max())
+    assert row["scale"] == pytest.approx(maximum, rel=1e-6) and row["strength"] == pytest.approx(2 * maximum)
+    tokens = smollm2.to_tokens(PROMPT)
+    os_id, colon_id = (smollm2.tokenizer.encode(t, add_special_tokens=False)[0] for t in (" os", ":"))
+    with torch.inference_mode():
+        base = torch.log_softmax(smollm2(tokens)[0, -1], -1)
+        with steer(smollm2, [add_feature(sae, 5, row["strength"])]) as steering:
+            steered = torch.log_softmax(smollm2(tokens)[0, -1], -1)
+            activation = float(sae.encode(steering.outputs[HOOK][0, -1:])[0, 5])
+            continuation = generate(smollm2, tokens, 3)[0, tokens.shape[1] :].tolist()
+    assert row["target_logprob"][" os"] == pytest.approx(float(steered[os_id]), abs=1e-5)
+    assert row["delta_logprob"][":"] == pytest.approx(float(steered[colon_id] - base[colon_id]), abs=1e-5)
+    assert row["kl"] == pytest.approx(float((steered.exp() * (steered - base)).sum()), abs=1e-5) and row["kl"] > 0
+    assert row["activation_steered"] == pytest.approx(activation, abs=1e-5)
+    assert row["activation_steered"] > row["activation_baseline"]
+    assert row["generated_ids"] == continuation and row["generation"] == smollm2.tokenizer.decode(continuation)
+    assert table[1][3:5] == [f"{row['kl']:.3f}", f"{row['delta_logprob'][' os']:+.3f}"]
+    assert table[1][6] == f"{row['activation_steered']:.2f}"
+    assert table[1][7] == json.dumps(row["generation"])[1:-1].strip()[:40]
+    unsteered = rows[0]
+    assert unsteered["kl"] == 0 and unsteered["generation"] == unsteered["baseline_generation"]
+    assert unsteered["activation_steered"] == unsteered["activation_baseline"]

@@ -1,6 +1,8 @@
 """Steering: interventions on a model's activations (add a feature's direction, clamp or ablate a latent),
-the context manager that applies them, and generation."""
+the context manager that applies them, generation, and YAML-described sweeps."""
 
+from saelab.steer.config import SteerConfig
+from saelab.steer.experiment import SteeringResult, run_steering
 from saelab.steer.generation import generate
 from saelab.steer.interventions import (
     AddDirection,
@@ -18,12 +20,15 @@ __all__ = [
     "AddDirection",
     "Intervention",
     "SAEEdit",
+    "SteerConfig",
     "Steering",
+    "SteeringResult",
     "ablate_feature",
     "add_feature",
     "clamp_feature",
     "generate",
     "position_mask",
+    "run_steering",
     "splice_sae",
     "steer",
 ]

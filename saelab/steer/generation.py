@@ -5,8 +5,9 @@ Why not a KV cache. A cached step runs the model on the newest token alone, so a
 hook absolute positions (so "prompt" and "generated" positions mean what they say) at a cost that is
 small for the short continuations steering needs (16 tokens after a short prompt: 16 passes of
 < 64 tokens). It also sidesteps the bridge's cached path, which is wrong for SmolLM2 here
-(TransformerLens 4.3.0, transformers 5.24.0): on the prompt below a cached step's logits differ from a full pass's by
-27, and greedy `generate` continues "with open(path) as" with " f-----" instead of " f:\n".
+(TransformerLens 4.3.0, transformers 5.24.0): after "def read_file(path):\n    with open(path) as" a
+cached step's logits differ from a full pass's by 27, and greedy `generate` continues with " f-----"
+where full passes give " f:\n".
 """
 
 from __future__ import annotations
