@@ -98,7 +98,8 @@ def _steer(args: argparse.Namespace) -> None:
     result = run_steering(cfg, progress=not args.quiet)
     print(f"steering {cfg.sae} of {cfg.run}: {len(result.rows)} cells ({result.jsonl}, {result.figure.name})")
     columns = [("feature", 8), ("coef", 7), ("prompt", 26), ("KL", 8)]
-    columns += [(f"Δlogp {target.strip() or repr(target)}"[:14], 15) for target in cfg.targets]
+    headers = [f"Δlogp {target.strip() or repr(target)}"[:14] for target in cfg.targets]
+    columns += [(header, max(len(header) + 2, 9)) for header in headers]
     columns += [("act", 8), ("generation", 42)]
     rows = []
     for r in result.rows:

@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 
@@ -16,6 +17,9 @@ def steering_figure(rows: list[dict[str, Any]], targets: list[str], title: str) 
     panels = targets or [None]
     names = [f"log p({target!r})" for target in targets] or ["KL(steered ‖ baseline), nats"]
     figure = make_subplots(rows=1, cols=len(panels), subplot_titles=names)
+    features = list(dict.fromkeys(row["feature"] for row in rows))
+    palette = qualitative.Plotly
+    color = {feature: palette[i % len(palette)] for i, feature in enumerate(features)}  # the same in every panel
     for column, target in enumerate(panels, start=1):
         by_feature: dict[int, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
         baseline: dict[int, float] = {}
@@ -31,6 +35,7 @@ def steering_figure(rows: list[dict[str, Any]], targets: list[str], title: str) 
                     x=coefficients,
                     y=[sum(cells[c]) / len(cells[c]) for c in coefficients],
                     mode="lines+markers",
+                    line={"color": color[feature]},
                     name=f"feature {feature}",
                     legendgroup=str(feature),
                     showlegend=column == 1,
