@@ -300,6 +300,7 @@ def test_generation_matches_the_bridge_and_steers_only_generated_positions(smoll
 
 
 def test_steer_config_errors_name_the_key_and_the_fix(tmp_path):
+    from saelab.analysis.feature_store import FeaturePage, write_feature_store
     from saelab.config import load_config
     from saelab.errors import ConfigError
     from saelab.steer import SteerConfig
@@ -320,8 +321,20 @@ def test_steer_config_errors_name_the_key_and_the_fix(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(SteerConfig, path, overrides)
+    folder = tmp_path / "run" / "saes" / "topk-64-k4"
     with pytest.raises(ConfigError, match=r"^scale: max_activation reads .*features.sqlite, which does not exist; "):
-        feature_scales(tmp_path / "run" / "saes" / "topk-8", [1], "max_activation")
+        feature_scales(folder, [1], "max_activation")
+    assert feature_scales(folder, [1, 4], "none") == {1: 1.0, 4: 1.0}
+
+    sae = random_sae()  # input scale 0.37
+    pages = [FeaturePage(i, 3, 0.1, 1.0, 2.5 * i, 0.1, [3], [], [], [], []) for i in range(64)]
+    write_feature_store(folder / "features.sqlite", {"d_sae": 64, "input_scale": 0.37}, pages)
+    assert feature_scales(folder, [1, 4], "max_activation", sae) == {1: 2.5, 4: 10.0}
+    with pytest.raises(ConfigError, match=r"^features\[1\]: latent 0 never fired in .*pick a live latent or set"):
+        feature_scales(folder, [1, 0], "max_activation", sae)
+    write_feature_store(folder / "features.sqlite", {"d_sae": 64, "input_scale": 0.5}, pages)
+    with pytest.raises(ConfigError, match=r"^scale: .* was made from another SAE \(d_sae 64, input scale 0.5\) than"):
+        feature_scales(folder, [1], "max_activation", sae)
 
 
 def test_bad_features_hooks_and_targets_fail_before_any_steering(smollm2, steer_run, monkeypatch, capsys):

@@ -22,6 +22,7 @@ cell), `<name>.html` (target log-probability against coefficient per feature) an
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -68,7 +69,8 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
             check_feature(sae, feature)
         except SaelabError as error:
             raise ConfigError(f"features[{i}]: {error}") from error
-    scales = feature_scales(run / SAE_DIR / label, cfg.features, cfg.scale)
+    scale = "none" if cfg.mode == "ablate" else cfg.scale  # ablating sets 0 whatever the scale
+    scales = feature_scales(run / SAE_DIR / label, cfg.features, scale, sae)
 
     model_spec, own_hook = sae.cfg.model_name, sae.cfg.hook_name
     if not model_spec or not own_hook:  # an SAE that does not say: the run's activation store does
@@ -112,18 +114,31 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
     return result
 
 
-def feature_scales(sae_folder: Path, features: list[int], scale: str) -> dict[int, float]:
-    """Each feature's coefficient multiplier: its max activation in the SAE's feature store, or 1."""
+def feature_scales(
+    sae_folder: Path, features: list[int], scale: str, sae: SparseAutoencoder | None = None
+) -> dict[int, float]:
+    """Each feature's coefficient multiplier: its max activation in the SAE's feature store, or 1.
+
+    With `sae`, the store must have been made from it (same d_sae and input scale), not from an older SAE."""
     if scale == "none":
         return {feature: 1.0 for feature in features}
     path = sae_folder / FEATURES_FILE
+    remake = f"`saelab analyze run={sae_folder.parent.parent} saes=[{sae_folder.name}]`"
     if not path.is_file():
         raise ConfigError(
             f"scale: max_activation reads each latent's max activation from {path}, which does not exist; "
-            f"make it with `saelab analyze run={sae_folder.parent.parent} saes=[{sae_folder.name}]`, or set scale=none"
+            f"make it with {remake}, or set scale=none"
         )
     scales = {}
     with FeatureStore(path) as store:
+        if sae is not None:
+            stored = (store.meta.get("d_sae"), store.meta.get("input_scale"))
+            if stored[0] != sae.cfg.d_sae or not math.isclose(stored[1] or 0.0, float(sae.input_scale), rel_tol=1e-6):
+                here = f"d_sae {sae.cfg.d_sae}, input scale {float(sae.input_scale):g}"
+                raise ConfigError(
+                    f"scale: {path} was made from another SAE (d_sae {stored[0]}, input scale {stored[1]}) than "
+                    f"{sae_folder} ({here}); remake it with {remake}"
+                )
         for i, feature in enumerate(features):
             maximum = store.feature(feature).max_activation
             if maximum <= 0:
