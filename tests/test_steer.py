@@ -273,11 +273,11 @@ def test_generation_matches_the_bridge_and_steers_only_generated_positions(smoll
     from saelab.steer import add_feature, generate, steer
 
     n = tokens.shape[1]
-    greedy = generate(smollm2, tokens, max_new_tokens=4)
-    bridge = smollm2.generate(tokens, max_new_tokens=4, do_sample=False, use_past_kv_cache=False, verbose=False)
-    assert torch.equal(greedy, bridge) and greedy.shape == (1, n + 4)
-    assert torch.equal(generate(smollm2, tokens, 4, do_sample=True, top_k=1, generator=torch.Generator()), greedy)
-    sampled = [generate(smollm2, tokens, 4, do_sample=True, generator=torch.Generator().manual_seed(3)) for _ in "ab"]
+    greedy = generate(smollm2, tokens, max_new_tokens=3)
+    bridge = smollm2.generate(tokens, max_new_tokens=3, do_sample=False, use_past_kv_cache=False, verbose=False)
+    assert torch.equal(greedy, bridge) and greedy.shape == (1, n + 3)
+    assert torch.equal(generate(smollm2, tokens, 3, do_sample=True, top_k=1, generator=torch.Generator()), greedy)
+    sampled = [generate(smollm2, tokens, 3, do_sample=True, generator=torch.Generator().manual_seed(3)) for _ in "ab"]
     assert torch.equal(*sampled)
 
     direction = decoder_directions(sae)[5]
@@ -288,9 +288,9 @@ def test_generation_matches_the_bridge_and_steers_only_generated_positions(smoll
         return out
 
     with smollm2.hooks(fwd_hooks=[(HOOK, reference)]):
-        expected = generate(smollm2, tokens, max_new_tokens=4)
+        expected = generate(smollm2, tokens, max_new_tokens=3)
     with steer(smollm2, [add_feature(sae, 5, 60.0, positions="generated")], prompt_length=n):
-        steered = generate(smollm2, tokens, max_new_tokens=4)
+        steered = generate(smollm2, tokens, max_new_tokens=3)
     assert torch.equal(steered, expected)
     assert steered[0, n] == greedy[0, n]  # the first new token is predicted from the untouched prompt
     assert not torch.equal(steered, greedy)
