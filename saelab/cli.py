@@ -119,13 +119,45 @@ def _dashboard(args: argparse.Namespace) -> None:
         raise SaelabError(f"streamlit exited with status {code}")
 
 
-def _print_table(columns: list[tuple[str, int]], rows: list[list[str]]) -> None:
-    """Formatted cells under their headers, `columns` = (header, width); the first column left-aligned."""
+def _steer(args: argparse.Namespace) -> None:
+    from saelab.config import load_config
+    from saelab.steer.config import SteerConfig
+    from saelab.steer.experiment import run_steering
+
+    cfg = load_config(SteerConfig, args.config, args.overrides)
+    result = run_steering(cfg, progress=not args.quiet)
+    print(f"steering {cfg.sae} of {cfg.run}: {len(result.rows)} cells ({result.jsonl}, {result.figure.name})")
+    columns = [("feature", 8), ("coef", 7), ("prompt", 26), ("KL", 8)]
+    headers = [f"Δlogp {target.strip() or repr(target)}"[:14] for target in cfg.targets]
+    columns += [(header, max(len(header) + 2, 9)) for header in headers]
+    columns += [("act", 8), ("generation", 42)]
+    rows = []
+    for r in result.rows:
+        cells = [str(r["feature"]), f"{r['coefficient']:g}", _excerpt(r["prompt"], 22), f"{r['kl']:.3f}"]
+        cells += [f"{r['delta_logprob'][target]:+.3f}" for target in cfg.targets]
+        cells += [f"{r['activation_steered']:.2f}", _excerpt(r["generation"], 40)]
+        rows.append(cells)
+    _print_table(columns, rows, left=(0, 2, len(columns) - 1))
+
+
+def _excerpt(text: str, width: int) -> str:
+    """`text` on one line (newlines shown as \\n), cut to `width` characters with an ellipsis."""
+    flat = json.dumps(text, ensure_ascii=False)[1:-1]
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _print_table(columns: list[tuple[str, int]], rows: list[list[str]], left: Sequence[int] = (0,)) -> None:
+    """Formatted cells under their headers, `columns` = (header, width); the columns `left` (indices)
+    left-aligned (after two spaces, but for the first), the others right-aligned."""
+
+    def cell_text(i: int, cell: str, width: int) -> str:
+        if i not in left:
+            return f"{cell:>{width}}"
+        return f"{cell:<{width}}" if i == 0 else f"  {cell:<{width - 2}}"
 
     def line(cells: Sequence[str]) -> str:
-        aligned = [f"{cells[0]:<{columns[0][1]}}"]
-        aligned += [f"{cell:>{width}}" for cell, (_, width) in zip(cells[1:], columns[1:], strict=True)]
-        return "  " + "".join(aligned)
+        aligned = [cell_text(i, cell, width) for i, (cell, (_, width)) in enumerate(zip(cells, columns, strict=True))]
+        return "  " + "".join(aligned).rstrip()
 
     print(line([header for header, _ in columns]))
     for row in rows:
@@ -155,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--address", default="localhost", help="address to serve on (default: localhost)")
     dashboard.add_argument("--headless", action="store_true", help="do not open a browser")
     dashboard.set_defaults(run=_dashboard)
+    _add_command(commands, "steer", "steering sweeps: add / clamp / ablate SAE features over prompts", _steer)
     return parser
 
 

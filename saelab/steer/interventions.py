@@ -1,0 +1,199 @@
+"""Interventions: what steering does to the activation at one hook, and at which positions.
+
+An intervention edits `x: [batch, seq, d]` at the positions its rule selects and leaves the others
+as they are, bit for bit:
+
+    AddDirection   x ← x + c·d                        d a direction in model units, e.g. W_dec[f] / s
+    SAEEdit        x ← x + (z' − z) W_dec / s          z = SAE.encode(x), z' = z with some latents set
+                   (keep_error, the default)            = decode(z') + (x − x̂): x̂'s error term is kept,
+                                                          so only the edited latents change; the sum is
+                                                          taken in this order so that z' = z leaves x exactly
+                   x ← decode(z')                       (keep_error=False: the SAE spliced in, error dropped)
+
+`clamp_feature` (set latent f to a value), `ablate_feature` (set it to 0) and `splice_sae` (no
+latent changed) are SAEEdits; `add_feature` is an AddDirection along a latent's decoder row.
+
+Positions. `prompt_length` P is the number of prompt tokens; positions t ≥ P hold generated tokens.
+`positions="all"` edits every t ≥ 1, `"prompt"` 1 ≤ t < P, `"generated"` t ≥ P. Position 0 (the
+BOS, an attention sink whose norm is ~100× the others', which no SAE here was trained on) is
+never edited unless `include_first_position=True`. Without a prompt length every position is a
+prompt position (a plain forward pass over a prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from saelab.errors import SaelabError
+from saelab.sae.base import SparseAutoencoder
+
+Positions = Literal["all", "prompt", "generated"]
+POSITIONS: tuple[Positions, ...] = ("all", "prompt", "generated")
+
+
+def position_mask(
+    seq_len: int, prompt_length: int | None, positions: Positions, include_first_position: bool = False
+) -> torch.Tensor:
+    """`[seq_len]` bool: the positions an intervention edits (see the module docstring)."""
+    if positions not in POSITIONS:
+        raise SaelabError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+    t = torch.arange(seq_len)
+    boundary = seq_len if prompt_length is None else prompt_length
+    if positions == "all":
+        mask = torch.ones(seq_len, dtype=torch.bool)
+    elif positions == "prompt":
+        mask = t < boundary
+    else:
+        mask = t >= boundary
+    if not include_first_position:
+        mask &= t >= 1
+    return mask
+
+
+@dataclass(eq=False)
+class Intervention:
+    """An edit of the activation at `hook` on the positions its rule selects; subclasses give `edit`."""
+
+    hook: str
+    positions: Positions = field(default="all", kw_only=True)
+    include_first_position: bool = field(default=False, kw_only=True)
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """The edited rows: `x: [n, d]` → `[n, d]`."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor:
+        """`x: [batch, seq, d]` with the selected positions edited; a new tensor, `x` is not modified."""
+        mask = position_mask(x.shape[1], prompt_length, self.positions, self.include_first_position)
+        if not mask.any():
+            return x
+        mask = mask.to(x.device)
+        selected = x[:, mask]
+        out = x.clone()
+        out[:, mask] = self.edit(selected.reshape(-1, x.shape[-1])).reshape(selected.shape).to(x.dtype)
+        return out
+
+
+@dataclass(eq=False)
+class AddDirection(Intervention):
+    """x ← x + coefficient · direction, `direction: [d]` in the hook's units."""
+
+    direction: torch.Tensor = field(kw_only=True)
+    coefficient: float = field(default=1.0, kw_only=True)
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.direction.shape[-1]:
+            raise SaelabError(
+                f"hook {self.hook} carries vectors of size {x.shape[-1]} but the steering direction has "
+                f"{self.direction.shape[-1]}; steer at a hook of the SAE's width (e.g. a residual stream hook)"
+            )
+        return x + self.coefficient * self.direction.to(x.device, x.dtype)
+
+
+@dataclass(eq=False)
+class SAEEdit(Intervention):
+    """Encode with `sae`, set the latents `latents` ({index: value}), decode; with `keep_error` add
+    back the SAE's error term x − x̂ so that only the edited latents change (see the module docstring)."""
+
+    sae: SparseAutoencoder = field(kw_only=True)
+    latents: dict[int, float] = field(default_factory=dict, kw_only=True)
+    keep_error: bool = field(default=True, kw_only=True)
+
+    def __post_init__(self) -> None:
+        for index in self.latents:
+            check_feature(self.sae, index)
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        sae = self.sae
+        z = sae.encode(x.to(sae.W_dec.dtype))
+        edited = z.clone()
+        for index, value in self.latents.items():
+            edited[:, index] = value
+        if not self.keep_error:
+            return sae.decode(edited)
+        return x + ((edited - z) @ sae.W_dec) / sae.input_scale
+
+
+def check_feature(sae: SparseAutoencoder, index: int) -> None:
+    """A SaelabError unless `index` is one of the SAE's latents."""
+    if not 0 <= index < sae.cfg.d_sae:
+        raise SaelabError(f"latent {index} does not exist: {sae.cfg.label} has latents 0..{sae.cfg.d_sae - 1}")
+
+
+def _hook_of(sae: SparseAutoencoder, hook: str | None) -> str:
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise SaelabError(f"{sae.cfg.label} does not record the hook it was trained on; pass hook=")
+    return hook
+
+
+def add_feature(
+    sae: SparseAutoencoder,
+    feature: int,
+    coefficient: float,
+    hook: str | None = None,
+    positions: Positions = "all",
+    include_first_position: bool = False,
+) -> AddDirection:
+    """Add `coefficient × W_dec[feature] / s` (the latent's decoder direction in model units, as
+    `decoder_directions` gives it) at `hook` (default: the SAE's own hook). A coefficient of c is the
+    decoder's output for the latent firing at c; multiply by the latent's max activation to mean
+    "c times its usual strength"."""
+    check_feature(sae, feature)
+    direction = (sae.W_dec[feature] / sae.input_scale).detach().float()
+    return AddDirection(
+        _hook_of(sae, hook),
+        direction=direction,
+        coefficient=coefficient,
+        positions=positions,
+        include_first_position=include_first_position,
+    )
+
+
+def clamp_feature(
+    sae: SparseAutoencoder,
+    feature: int,
+    value: float,
+    hook: str | None = None,
+    positions: Positions = "all",
+    include_first_position: bool = False,
+) -> SAEEdit:
+    """Set latent `feature` to `value` at the SAE's hook (error term kept: nothing else changes)."""
+    return SAEEdit(
+        _hook_of(sae, hook),
+        sae=sae,
+        latents={feature: value},
+        positions=positions,
+        include_first_position=include_first_position,
+    )
+
+
+def ablate_feature(
+    sae: SparseAutoencoder,
+    feature: int,
+    hook: str | None = None,
+    positions: Positions = "all",
+    include_first_position: bool = False,
+) -> SAEEdit:
+    """Clamp latent `feature` to 0."""
+    return clamp_feature(sae, feature, 0.0, hook, positions, include_first_position)
+
+
+def splice_sae(
+    sae: SparseAutoencoder,
+    keep_error: bool = False,
+    hook: str | None = None,
+    positions: Positions = "all",
+    include_first_position: bool = False,
+) -> SAEEdit:
+    """Replace the activation by the SAE's reconstruction (`keep_error=True`: a no-op, for checks)."""
+    return SAEEdit(
+        _hook_of(sae, hook),
+        sae=sae,
+        keep_error=keep_error,
+        positions=positions,
+        include_first_position=include_first_position,
+    )
