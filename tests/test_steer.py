@@ -170,7 +170,7 @@ def test_clamping_a_feature_to_its_current_value_leaves_the_logits_unchanged(smo
 
 
 def test_splicing_the_sae_with_its_error_is_the_clean_model_and_without_is_its_reconstruction(smollm2, sae, steer_run):
-    from saelab.eval.ce_loss import as_reconstruct, next_token_loss_sum, spliced_loss_sum
+    from saelab.eval.ce_loss import next_token_loss_sum, spliced_loss_sum
     from saelab.harvest.store import ActivationStore
     from saelab.steer import splice_sae, steer
 
@@ -183,7 +183,7 @@ def test_splicing_the_sae_with_its_error_is_the_clean_model_and_without_is_its_r
         assert steering.outputs[HOOK].shape == (2, 32, 576)  # the hook did run
         with steer(smollm2, [splice_sae(sae)]):
             spliced = smollm2(contexts)
-        reference = float(spliced_loss_sum(smollm2, contexts, HOOK, as_reconstruct(sae)))
+        reference = float(spliced_loss_sum(smollm2, contexts, HOOK, sae))
     assert (kept - clean).abs().max() < 1e-4
     assert float(next_token_loss_sum(spliced, contexts)) == pytest.approx(reference, rel=1e-5)
     assert (spliced - clean).abs().max() > 0.1  # the reconstruction is not the activation: the check is real

@@ -60,13 +60,15 @@ def spliced_loss_sum(
     model: TransformerBridge,
     tokens: torch.Tensor,
     hook: str,
-    reconstruct: Reconstruct | None,
+    reconstruct: SparseAutoencoder | Reconstruct | None,
     first_position: int = FIRST_POSITION,
 ) -> torch.Tensor:
     """The summed next-token loss of `tokens: [batch, T]` with x[:, first_position:] at `hook` replaced by
-    reconstruct(x) (row by row: [n, d_model] → [n, d_model]); `reconstruct=None` runs the model unchanged."""
+    reconstruct(x) (row by row: [n, d_model] → [n, d_model]; an SAE: its reconstruction); `reconstruct=None`
+    runs the model unchanged."""
     if reconstruct is None:
         return next_token_loss_sum(model(tokens), tokens)
+    reconstruct = as_reconstruct(reconstruct)
 
     def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
         tail = x[:, first_position:]
