@@ -22,6 +22,7 @@ from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
 from saelab.errors import SaelabError
 
 FEATURE_PAGE = "views/feature.py"
+STEERING_PAGE = "views/steering.py"
 # Every chart: tight margins, the plotly toolbar upright at the right so it never covers the title.
 CHART_LAYOUT = {"margin": {"l": 10, "r": 40, "t": 40, "b": 10}, "modebar": {"orientation": "v"}}
 MAKE_A_RUN = (
