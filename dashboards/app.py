@@ -25,6 +25,7 @@ navigation = st.navigation(
         st.Page("views/runs.py", title="Runs", icon=":material/monitoring:", default=True),
         st.Page("views/features.py", title="Feature browser", icon=":material/search:"),
         st.Page("views/feature.py", title="Feature page", icon=":material/extension:"),
+        st.Page("views/steering.py", title="Steering playground", icon=":material/tune:"),
     ]
 )
 ui.sidebar()

@@ -34,9 +34,15 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 # Streamlit's own markers: the traceback box of an uncaught exception, and the "running" widget.
 EXCEPTION_SELECTOR = '[data-testid="stException"]'
 RUNNING_SELECTOR = '[data-testid="stStatusWidget"]'
-URL_PATHS = {"runs": "", "features": "features", "feature": "feature"}
-# What a page shows once it is complete, on a run with everything: a text and its number of charts.
-PAGES = {"runs": ("Training curves", 4), "features": ("All latents by density", 1), "feature": ("Top-activating", 2)}
+URL_PATHS = {"runs": "", "features": "features", "feature": "feature", "steering": "steering"}
+# What a page shows once it is complete, on a run with everything: a text, its number of charts, and
+# the button to press first (the steering playground runs the model only when asked).
+PAGES = {
+    "runs": ("Training curves", 4, None),
+    "features": ("All latents by density", 1, None),
+    "feature": ("Top-activating", 2, None),
+    "steering": ("what rose and fell", 1, "Run"),
+}
 
 
 def find_chromium() -> str | None:
@@ -141,13 +147,25 @@ class Browser:
         return result.get("result", {}).get("value")
 
     def capture(
-        self, url: str, png: Path, wait_for: str = "", charts: int = 0, timeout: float = 90, strict: bool = True
+        self,
+        url: str,
+        png: Path,
+        wait_for: str = "",
+        charts: int = 0,
+        timeout: float = 90,
+        strict: bool = True,
+        click: str | None = None,
     ) -> Capture:
         """Open `url`, wait until Streamlit is done, `wait_for` appears in the page's text and at least
         `charts` plotly charts are drawn (their code loads lazily, after the rest of the page), then
-        save a screenshot to `png` and the page's HTML beside it. After `timeout` seconds: a
-        TimeoutError when `strict`, else the page as it is (`complete` False)."""
+        save a screenshot to `png` and the page's HTML beside it. With `click`, the button of that
+        label is pressed once the page has first finished. After `timeout` seconds: a TimeoutError
+        when `strict`, else the page as it is (`complete` False)."""
         self.call("Page.navigate", url=url)
+        press = (
+            "(() => { const b = [...document.querySelectorAll('button')]"
+            f".find(b => b.innerText.trim() === {json.dumps(click)}); if (b) b.click(); return !!b; }})()"
+        )
         state = (
             "JSON.stringify({text: document.body ? document.body.innerText : '',"
             f" running: !!document.querySelector('{RUNNING_SELECTOR}'),"
@@ -161,6 +179,11 @@ class Browser:
         deadline, quiet_since, seen, complete = time.monotonic() + timeout, None, {}, True
         while time.monotonic() < deadline:
             seen = json.loads(self.evaluate(state) or "{}")
+            if click and seen.get("app") and not seen.get("running") and not seen.get("loading"):
+                if self.evaluate(press):
+                    click = None
+                    time.sleep(0.5)  # until Streamlit shows it is running
+                    continue
             done = seen.get("app") and not seen.get("running") and wait_for in seen.get("text", "")
             done = done and not seen.get("loading") and seen.get("drawn") == seen.get("charts") >= charts
             if seen.get("exception"):
@@ -211,7 +234,7 @@ def main() -> None:
     parser.add_argument("--out", default="screenshots")
     parser.add_argument("--run", help="the run to show (default: the dashboard's choice)")
     parser.add_argument("--sae", help="the SAE to show")
-    parser.add_argument("--feature", type=int, default=0, help="the latent of the feature page")
+    parser.add_argument("--feature", type=int, default=0, help="the latent of the feature page and the steering one")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=1800)
     args = parser.parse_args()
@@ -220,12 +243,14 @@ def main() -> None:
         sys.exit("no Chromium found: apt-get install -y chromium")
     out = Path(args.out)
     with dashboard(Path(args.runs)) as base, Browser(chromium, args.width, args.height) as browser:
-        for page, (text, charts) in PAGES.items():
-            feature = args.feature if page == "feature" else None
+        for page, (text, charts, click) in PAGES.items():
+            feature = args.feature if page in ("feature", "steering") else None
             url = page_url(base, page, run=args.run, sae=args.sae, feature=feature)
             # A page may rightly show less (a message instead of a missing feature store): shoot it anyway.
-            capture = browser.capture(url, out / f"{page}.png", text, charts, timeout=30, strict=False)
-            state = "ok" if capture.complete else "shot after 30 s, not all shown"
+            # The playground loads the model and generates twice: longer on a CPU.
+            wait = 180 if click else 30
+            capture = browser.capture(url, out / f"{page}.png", text, charts, timeout=wait, strict=False, click=click)
+            state = "ok" if capture.complete else f"shot after {wait} s, not all shown"
             print(f"{capture.png}  {'EXCEPTION: ' + capture.exception if capture.exception else state}  {url}")
 
 

@@ -17,10 +17,12 @@ import streamlit as st
 from saelab.analysis.feature_store import FeatureStore
 from saelab.browse.feature_filter import SummaryRow
 from saelab.browse.highlight import tokens_html
+from saelab.browse.model_lock import MODEL_LOCK
 from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
 from saelab.errors import SaelabError
 
 FEATURE_PAGE = "views/feature.py"
+STEERING_PAGE = "views/steering.py"
 # Every chart: tight margins, the plotly toolbar upright at the right so it never covers the title.
 CHART_LAYOUT = {"margin": {"l": 10, "r": 40, "t": 40, "b": 10}, "modebar": {"orientation": "v"}}
 MAKE_A_RUN = (
@@ -178,11 +180,10 @@ def _model(spec: str) -> Any:
     return load_model(spec)
 
 
-@st.cache_resource(show_spinner=False)
 def model_lock() -> threading.Lock:
     """One model serves every browser tab, each in its own thread; a pass adds hooks to the model for
-    its duration, so passes take turns."""
-    return threading.Lock()
+    its duration, so passes take turns (`saelab.browse.model_lock`: the steering playground holds it too)."""
+    return MODEL_LOCK
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

@@ -376,7 +376,7 @@ def test_feature_browser_finds_latents_by_index_token_text_and_filters(app, runs
 
 def test_no_runs_yet_every_page_says_how_to_make_one(app, tmp_path, monkeypatch):
     monkeypatch.setenv("SAELAB_RUNS", str(tmp_path / "nothing-here"))
-    for page in (None, "features", "feature"):
+    for page in (None, "features", "feature", "steering"):
         at = AppTest.from_file(str(APP), default_timeout=60).run()
         if page:
             at.switch_page(f"views/{page}.py").run()
@@ -411,6 +411,108 @@ def test_a_run_still_training_shows_what_it_has(app):
     assert "holds no SAE weights" in texts(at.warning)
     at = app("features", run="tiny/training", sae=TOPK)
     assert [t.value for t in at.title] == ["Feature browser"]
+
+
+# ---- the steering playground ------------------------------------------------------------------------
+
+STEER_PROMPT = "The os module provides functions for"
+
+
+def steer_on_page(at: AppTest, prompt: str, rows: list[tuple[int, str, float]], **fields: object) -> AppTest:
+    """Fill the playground's form (`fields`: scale, hook, positions, max_new) and press Run."""
+    at.number_input(key="steer_rows").set_value(len(rows)).run()
+    at.text_area(key="steer_prompt").set_value(prompt)
+    for i, (latent, mode, value) in enumerate(rows):
+        at.number_input(key=f"steer_latent_{i}").set_value(latent)
+        at.selectbox(key=f"steer_mode_{i}").set_value(mode)
+        at.number_input(key=f"steer_value_{i}").set_value(value)
+    at.checkbox(key="steer_scale").set_value(fields.get("scale", False))
+    at.text_input(key="steer_hook").set_value(fields.get("hook", HOOK))
+    at.selectbox(key="steer_positions").set_value(fields.get("positions", "all"))
+    at.number_input(key="steer_max_new").set_value(fields.get("max_new", 3))
+    next(b for b in at.button if b.label == "Run").click().run()
+    assert_clean(at)
+    return at
+
+
+def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
+    app, runs_root, smollm2, latent, monkeypatch
+):
+    import saelab.browse.steering
+    from saelab.browse.model_lock import MODEL_LOCK
+    from saelab.steer import add_feature, generate, steer
+
+    locked = []
+
+    def generate_and_check_the_lock(*args, **kwargs):
+        locked.append(MODEL_LOCK.locked())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(saelab.browse.steering, "generate", generate_and_check_the_lock)
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    (link,) = [link.proto for link in at.get("page_link") if link.proto.label == "steer with this latent"]
+    assert link.page == "steering" and f"feature={latent}" in link.query_string
+    at = app("steering", run="tiny/train", sae=TOPK, feature=latent)
+    assert at.number_input(key="steer_latent_0").value == latent  # from the feature page's link (?feature=)
+    folder = runs_root / "tiny" / "train" / "saes" / TOPK
+    with FeatureStore(folder / "features.sqlite") as store:
+        page = store.feature(latent)
+    # × the latent's max activation: so large that the direction swamps the residual stream, and what
+    # the 15 layers after the SAE's hook add barely matters (at 10× they decide; see test_steer.py)
+    coefficient = 1000.0
+    steer_on_page(at, STEER_PROMPT, [(latent, "add", coefficient)], scale=True, max_new=3)
+    assert locked == [True, True]  # baseline and steered generation, each holding the live text's lock
+
+    # directly, with saelab.steer
+    sae = load_sae(folder)
+    tokenizer = smollm2.tokenizer
+    tokens = torch.tensor([[tokenizer.bos_token_id, *tokenizer(STEER_PROMPT, add_special_tokens=False)["input_ids"]]])
+    length = tokens.shape[1]
+    with torch.inference_mode():
+        before = torch.softmax(smollm2(tokens)[0, -1].float(), -1)
+        baseline = generate(smollm2, tokens, 3)[0, length:].tolist()
+        with steer(smollm2, [add_feature(sae, latent, coefficient * page.max_activation)], prompt_length=length):
+            after = torch.softmax(smollm2(tokens)[0, -1].float(), -1)
+            steered = generate(smollm2, tokens, 3)[0, length:].tolist()
+    change = after - before
+    top, bottom = int(change.argmax()), int(change.argmin())
+
+    table = at.dataframe[0].value
+    rose, fell = table[table[""] == "rose"], table[table[""] == "fell"]
+    assert len(rose) == len(fell) == 10
+    assert rose.iloc[0]["id"] == top and rose.iloc[0]["token"] == repr(tokenizer.decode([top]))
+    assert rose.iloc[0]["p after"] == pytest.approx(float(after[top]), rel=1e-4, abs=1e-7)
+    assert rose.iloc[0]["p before"] == pytest.approx(float(before[top]), rel=1e-4, abs=1e-7)
+    assert fell.iloc[0]["id"] == bottom and fell.iloc[0]["change"] == pytest.approx(float(change[bottom]), rel=1e-4)
+    assert list(rose["change"]) == sorted(rose["change"], reverse=True) and (fell["change"] < 0).all()
+    assert [c.value for c in at.code] == [tokenizer.decode(baseline), tokenizer.decode(steered)]
+    assert baseline != steered
+    # a latent's decoder direction, added strongly enough, raises the token its logit effects put first
+    assert page.positive_logits[0].token_id in list(rose["id"])
+    (chart,) = charts(at)
+    assert chart["data"][0]["y"][-1] == repr(tokenizer.decode([top]))
+    assert chart["data"][0]["x"][-1] == pytest.approx(float(change[top]), rel=1e-4)
+
+
+def test_steering_page_turns_bad_input_into_messages(app, monkeypatch):
+    import saelab.browse.steering
+
+    at = app("steering", run="tiny/train", sae=TOPK)
+    steer_on_page(at, "   ", [(3, "add", 1.0)])
+    assert "Type a prompt first" in texts(at.info) and not at.dataframe
+    steer_on_page(at, STEER_PROMPT, [(3, "add", 1.0), (100_000, "ablate", 0.0)])
+    assert "feature row 2: latent 100000 does not exist" in texts(at.error) and "0..127" in texts(at.error)
+    steer_on_page(at, STEER_PROMPT, [(3, "clamp", 1.0)], hook="blocks.10.hook_resid_post")
+    assert "clamp edits the SAE's latents, so it needs the SAE's own hook" in texts(at.error)
+    steer_on_page(at, STEER_PROMPT, [(3, "add", 1.0)], hook="blocks.99.hook_resid_post")
+    assert "is not a hook of this model" in texts(at.error)
+    for huge in (1e9, 1e30):  # rendered, with a warning (at 1e30 the next-token distribution goes flat)
+        steer_on_page(at, STEER_PROMPT, [(3, "add", huge)], max_new=1)
+        assert "far beyond any activation" in texts(at.warning) and len(at.code) == 2
+        assert not at.error
+    monkeypatch.setattr(saelab.browse.steering, "MAX_PROMPT_TOKENS", 8)
+    steer_on_page(at, STEER_PROMPT + " reading and writing files", [(3, "ablate", 0.0)], positions="prompt")
+    assert "The prompt was cut to its first 8 tokens" in texts(at.warning) and at.dataframe
 
 
 # ---- a real browser ---------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ if right.button("random latent", help="a latent that fired at least once in the 
         st.session_state["latent"] = choice
         st.rerun()  # so the number box shows it too
 ui.write_query_params(feature=latent)
+st.page_link(
+    ui.STEERING_PAGE, label="steer with this latent", icon=":material/tune:", query_params=ui.feature_query(latent)
+)
 
 
 def show_page(page: FeaturePage) -> None:
