@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
 import streamlit as st
 
 from saelab.analysis.feature_store import FeatureStore
@@ -245,6 +246,24 @@ def show_tokens(tokens: list[str], activations: list[float | None], scale: float
 def token_label(token: str) -> str:
     """A token as a chart or table label: quoted, so leading spaces and newlines show."""
     return repr(token)
+
+
+def signed_token_bars(
+    tokens: list[str], token_ids: list[int], values: list[float], title: str, **bar: Any
+) -> go.Figure:
+    """Horizontal bars of signed values per token, listed bottom to top; green up, red down.
+
+    Two ids can decode to the same text, so a repeated label gets its id to keep the bars apart.
+    `bar` goes to `go.Bar` (e.g. `hovertemplate`, `customdata`)."""
+    labels, seen = [], set()
+    for token, token_id in zip(tokens, token_ids, strict=True):
+        label = token_label(token)
+        labels.append(label if label not in seen else f"{label} #{token_id}")
+        seen.add(label)
+    colours = ["#d62728" if value < 0 else "#2ca02c" for value in values]
+    figure = go.Figure(go.Bar(x=values, y=labels, orientation="h", marker_color=colours, **bar))
+    figure.update_layout(title=title, height=max(320, 18 * len(values) + 80), **CHART_LAYOUT)
+    return figure
 
 
 def percent(value: float | None, digits: int = 2) -> str:

@@ -84,24 +84,12 @@ def show_page(page: FeaturePage) -> None:
     left.plotly_chart(histogram, key="histogram")
 
     effects = [*page.negative_logits, *reversed(page.positive_logits)]  # bottom to top: most negative … most positive
-    labels, seen = [], set()
-    for effect in effects:  # two ids can decode to the same text: keep the bars apart
-        label = ui.token_label(effect.token)
-        labels.append(label if label not in seen else f"{label} #{effect.token_id}")
-        seen.add(label)
-    logits = go.Figure(
-        go.Bar(
-            x=[e.value for e in effects],
-            y=labels,
-            orientation="h",
-            marker_color=["#d62728" if e.value < 0 else "#2ca02c" for e in effects],
-            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-        )
-    )
-    logits.update_layout(
-        title="logit effects: tokens it pushes up (green) and down (red)",
-        height=max(320, 18 * len(effects) + 80),
-        **ui.CHART_LAYOUT,
+    logits = ui.signed_token_bars(
+        [e.token for e in effects],
+        [e.token_id for e in effects],
+        [e.value for e in effects],
+        "logit effects: tokens it pushes up (green) and down (red)",
+        hovertemplate="%{y}: %{x:.3f}<extra></extra>",
     )
     right.plotly_chart(logits, key="logits")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 import ui
 
@@ -188,25 +187,13 @@ def show(result: SteeringComparison, strengths: list[FeatureEdit]) -> None:
         key="steer_table",
     )
     ordered = [c for _, c in reversed(rows)]  # bottom to top: the most fallen … the most risen
-    labels, seen = [], set()
-    for change in ordered:  # two ids can decode to the same text: keep the bars apart
-        label = ui.token_label(change.token)
-        labels.append(label if label not in seen else f"{label} #{change.token_id}")
-        seen.add(label)
-    figure = go.Figure(
-        go.Bar(
-            x=[c.change for c in ordered],
-            y=labels,
-            orientation="h",
-            marker_color=["#d62728" if c.change < 0 else "#2ca02c" for c in ordered],
-            customdata=[[c.before, c.after] for c in ordered],
-            hovertemplate="%{y}: %{customdata[0]:.4f} → %{customdata[1]:.4f}<extra></extra>",
-        )
-    )
-    figure.update_layout(
-        title="Δ probability (steered − baseline)",
-        height=max(320, 18 * len(ordered) + 80),
-        **ui.CHART_LAYOUT,
+    figure = ui.signed_token_bars(
+        [c.token for c in ordered],
+        [c.token_id for c in ordered],
+        [c.change for c in ordered],
+        "Δ probability (steered − baseline)",
+        customdata=[[c.before, c.after] for c in ordered],
+        hovertemplate="%{y}: %{customdata[0]:.4f} → %{customdata[1]:.4f}<extra></extra>",
     )
     right.plotly_chart(figure, key="steer_changes")
 
