@@ -248,6 +248,19 @@ def token_label(token: str) -> str:
     return repr(token)
 
 
+def text_to_run(form: str, text_key: str, placeholder: str) -> str | None:
+    """A text box and a run button in form `form`; the text to run when the button was pressed, and
+    again on later reruns (other widgets changing) while the text stays as it was run."""
+    shown_key = f"{form}_shown"
+    with st.form(form):
+        text = st.text_area("text", key=text_key, placeholder=placeholder)
+        submitted = st.form_submit_button("run")
+    if submitted or st.session_state.get(shown_key) == text and text:
+        st.session_state[shown_key] = text
+        return text
+    return None
+
+
 def signed_token_bars(
     tokens: list[str], token_ids: list[int], values: list[float], title: str, **bar: Any
 ) -> go.Figure:

@@ -114,11 +114,8 @@ if page is not None:
     show_page(page)
 
 st.subheader("Live: run any text through the model and the SAE")
-with st.form("live"):
-    text = st.text_area("text", key="live_text", placeholder="Type a phrase; this latent is highlighted on it.")
-    submitted = st.form_submit_button("run")
-if submitted or st.session_state.get("live_shown") == text and text:
-    st.session_state["live_shown"] = text
+text = ui.text_to_run("live", "live_text", "Type a phrase; this latent is highlighted on it.")
+if text is not None:
     result = ui.run_text(sae, meta, text)
     if result is not None:
         try:

@@ -61,11 +61,8 @@ if token.strip() and store is not None:
         st.caption(f"… and {len(found) - LINKS} more")
 
 st.subheader("Latents that fire on a text")
-with st.form("search_text"):
-    text = st.text_area("text", key="search_text_value", placeholder="Type a phrase: which latents fire on it?")
-    submitted = st.form_submit_button("run")
-if submitted or st.session_state.get("search_shown") == text and text:
-    st.session_state["search_shown"] = text
+text = ui.text_to_run("search_text", "search_text_value", "Type a phrase: which latents fire on it?")
+if text is not None:
     result = ui.run_text(sae, meta, text)
     if result is not None:
         strongest = result.strongest(LINKS)
