@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from saelab.browse.model_lock import MODEL_LOCK
 from saelab.errors import SaelabError
 from saelab.sae import SparseAutoencoder
-from saelab.steer import Intervention, ablate_feature, add_feature, clamp_feature, generate, steer
-from saelab.steer.interventions import POSITIONS, Positions, check_feature
+from saelab.steer import Intervention, generate, steer
+from saelab.steer.interventions import MODES, POSITIONS, Mode, Positions, check_feature, feature_intervention
 from saelab.steer.steering import check_hook
 
-Mode = Literal["add", "clamp", "ablate"]
-MODES: tuple[Mode, ...] = ("add", "clamp", "ablate")
 MAX_NEW_TOKENS = 64  # each new token reruns the whole sequence (see saelab.steer.generation), twice
 MAX_PROMPT_TOKENS = 512  # a pasted book is cut here: the page must stay interactive on a CPU
 HUGE = 1e4  # a strength beyond any activation the SAEs here see (their max activations are ~1–100)
@@ -96,15 +94,7 @@ def interventions_for(
 ) -> list[Intervention]:
     """The `saelab.steer` interventions for `edits` (checked by `check_edits`)."""
     check_edits(sae, edits, hook, own_hook)
-    made: list[Intervention] = []
-    for edit in edits:
-        if edit.mode == "add":
-            made.append(add_feature(sae, edit.latent, edit.value, hook=hook, positions=positions))
-        elif edit.mode == "clamp":
-            made.append(clamp_feature(sae, edit.latent, edit.value, hook=hook, positions=positions))
-        else:
-            made.append(ablate_feature(sae, edit.latent, hook=hook, positions=positions))
-    return made
+    return [feature_intervention(sae, edit.mode, edit.latent, edit.value, hook, positions) for edit in edits]
 
 
 def prompt_ids(model: Any, prompt: str, max_tokens: int) -> tuple[list[int], bool]:

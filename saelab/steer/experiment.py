@@ -41,7 +41,7 @@ from saelab.sae import SparseAutoencoder, load_sae
 from saelab.steer.config import SteerConfig
 from saelab.steer.figure import steering_figure
 from saelab.steer.generation import generate
-from saelab.steer.interventions import Intervention, add_feature, check_feature, clamp_feature
+from saelab.steer.interventions import Intervention, check_feature, feature_intervention
 from saelab.steer.steering import check_hook, steer
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
 
@@ -97,7 +97,9 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
     rows = []
     for feature, coefficient, p in cells:
         strength = coefficient * scales[feature]
-        intervention = _intervention(cfg, sae, hook, feature, strength)
+        intervention = feature_intervention(
+            sae, cfg.mode, feature, strength, hook, cfg.positions, cfg.include_first_position
+        )
         base = baselines[p]
         cell = _measure(model, sae, own_hook, base["tokens"], [intervention], cfg)
         rows.append(_row(cfg, label, hook, feature, coefficient, scales[feature], p, base, cell, targets, model))
@@ -162,13 +164,6 @@ def target_token_ids(tokenizer: Any, targets: list[str]) -> dict[str, int]:
             )
         ids[target] = pieces[0]
     return ids
-
-
-def _intervention(cfg: SteerConfig, sae: SparseAutoencoder, hook: str, feature: int, strength: float) -> Intervention:
-    where = {"hook": hook, "positions": cfg.positions, "include_first_position": cfg.include_first_position}
-    if cfg.mode == "add":
-        return add_feature(sae, feature, strength, **where)
-    return clamp_feature(sae, feature, 0.0 if cfg.mode == "ablate" else strength, **where)
 
 
 @torch.inference_mode()

@@ -32,6 +32,8 @@ from saelab.sae.base import SparseAutoencoder
 
 Positions = Literal["all", "prompt", "generated"]
 POSITIONS: tuple[Positions, ...] = ("all", "prompt", "generated")
+Mode = Literal["add", "clamp", "ablate"]
+MODES: tuple[Mode, ...] = ("add", "clamp", "ablate")
 
 
 def position_mask(
@@ -197,3 +199,21 @@ def splice_sae(
         positions=positions,
         include_first_position=include_first_position,
     )
+
+
+def feature_intervention(
+    sae: SparseAutoencoder,
+    mode: Mode,
+    feature: int,
+    value: float,
+    hook: str | None = None,
+    positions: Positions = "all",
+    include_first_position: bool = False,
+) -> Intervention:
+    """The intervention a steering mode names: `add` (value = coefficient), `clamp` (value = the
+    latent's value) or `ablate` (value unused)."""
+    if mode not in MODES:
+        raise SaelabError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "add":
+        return add_feature(sae, feature, value, hook, positions, include_first_position)
+    return clamp_feature(sae, feature, 0.0 if mode == "ablate" else value, hook, positions, include_first_position)
