@@ -243,12 +243,25 @@ def analyze(cfg: AnalyzeConfig, model: Any | None = None, progress: bool = True)
     return summaries
 
 
+EXAMPLE_CANDIDATES = 200  # pages read to pick the example feature: milliseconds each
+
+
 def example_feature(features: FeatureStore) -> str:
-    """One line about the most frequent non-dense latent: its top tokens and the tokens it pushes up."""
-    candidates = [row for row in features.summary_table() if 0 < row[1] <= DENSE_THRESHOLD]
-    if not candidates:
+    """One line about a latent a reader can make sense of at a glance: among the non-dense latents
+    that fired most often (up to `EXAMPLE_CANDIDATES`), the one whose top contexts agree most on a
+    token they are about that is a word, not whitespace or punctuation. Its top tokens and the
+    tokens it pushes up."""
+    live = [row for row in features.summary_table() if 0 < row[1] <= DENSE_THRESHOLD]
+    if not live:
         return "no latent fired on up to 10 % of the tokens analysed"
-    index, frequency, maximum, _ = max(candidates, key=lambda row: (row[1], -row[0]))
+    candidates = sorted(live, key=lambda row: (-row[1], row[0]))[:EXAMPLE_CANDIDATES]
+
+    def agreement(index: int) -> tuple[float, int]:
+        tokens = [w.tokens[w.highlight] for w in features.feature(index).top_contexts]
+        words = Counter(t for t in tokens if any(c.isalpha() for c in t)).most_common(1)
+        return (words[0][1] / len(tokens) if words else 0.0), -index
+
+    index, frequency, maximum, _ = max(candidates, key=lambda row: agreement(row[0]))
     page = features.feature(index)
     tops = Counter(w.tokens[w.highlight] for w in page.top_contexts).most_common(5)
     pushed = [e.token for e in page.positive_logits[:5]]
