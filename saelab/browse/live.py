@@ -10,11 +10,13 @@ saw) are not encoded: their activations are None, as in the feature store's cont
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from saelab.errors import SaelabError
+from saelab.harvest.packing import text_token_ids
 from saelab.models import parse_hook, stop_at_layer
 from saelab.sae import SparseAutoencoder
 
@@ -88,17 +90,21 @@ def encode_text(
     """
     if not text.strip():
         raise SaelabError("the text is empty: type a phrase to run through the model and the SAE")
-    tokenizer = model.tokenizer
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    ids, truncated = context_ids(model.tokenizer, text, prepend_bos, max_tokens)
+    result = encode_tokens(model, sae, hook, ids, first_position if prepend_bos else 0)
+    result.truncated = truncated
+    return result
+
+
+def context_ids(tokenizer: Any, text: str, prepend_bos: bool, max_tokens: int) -> tuple[list[int], bool]:
+    """BOS (when `prepend_bos`) + `text`'s token ids as the store's contexts were made, cut to
+    `max_tokens`; and whether it was cut."""
+    ids = text_token_ids(text, tokenizer)
     if prepend_bos:
         if tokenizer.bos_token_id is None:
             raise SaelabError("the model's tokenizer has no BOS token, but the SAE's store prepended one")
         ids = [tokenizer.bos_token_id, *ids]
-    else:
-        first_position = 0
-    result = encode_tokens(model, sae, hook, ids[:max_tokens], first_position)
-    result.truncated = len(ids) > max_tokens
-    return result
+    return ids[:max_tokens], len(ids) > max_tokens
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from saelab.browse.live import context_ids
 from saelab.browse.model_lock import MODEL_LOCK
 from saelab.errors import SaelabError
 from saelab.sae import SparseAutoencoder
@@ -102,11 +103,7 @@ def prompt_ids(model: Any, prompt: str, max_tokens: int) -> tuple[list[int], boo
     `max_tokens`; and whether it was cut."""
     if not prompt.strip():
         raise SaelabError("the prompt is empty: type the start of a text for the model to continue")
-    tokenizer = model.tokenizer
-    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids[:max_tokens], len(ids) > max_tokens
+    return context_ids(model.tokenizer, prompt, model.tokenizer.bos_token_id is not None, max_tokens)
 
 
 @torch.inference_mode()

@@ -73,12 +73,18 @@ def _pack(
             del buffer[: n_full * n_stream]
 
 
+def text_token_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """`text`'s token ids as a document's are here: no special tokens added, special-token text split
+    into ordinary tokens, lone surrogates replaced by U+FFFD. (Live text in the dashboard uses this too.)"""
+    # verbose=False: a chunk may exceed model_max_length; packing makes that harmless.
+    text = _SURROGATE.sub("\ufffd", text)
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
 def _tokenise(document: str, tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
     """Yield the ids of `document`'s chunks, skipping chunks that give no ids."""
-    text = _SURROGATE.sub("\ufffd", document)
-    for chunk in _chunks(text, CHUNK_CHARS):
-        # verbose=False: a chunk may exceed model_max_length; packing makes that harmless.
-        ids = tokenizer(chunk, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    for chunk in _chunks(document, CHUNK_CHARS):  # text_token_ids replaces surrogates, one character each
+        ids = text_token_ids(chunk, tokenizer)
         if ids:
             yield ids
 
