@@ -23,6 +23,7 @@ from typing import Any
 from saelab.analysis.feature_store import FEATURES_FILE
 from saelab.config import load_config
 from saelab.errors import SaelabError
+from saelab.harvest.manifest import MANIFEST_FILE
 from saelab.run_layout import CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae.config import SAEConfig
 from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
@@ -230,7 +231,7 @@ def _store_manifest(run: Path, store: str) -> dict[str, Any]:
     candidates = [given] if given.is_absolute() else [given, *(ancestor / given for ancestor in run.resolve().parents)]
     for candidate in candidates:
         try:
-            manifest = _read_json(candidate / "manifest.json")
+            manifest = _read_json(candidate / MANIFEST_FILE)
         except (OSError, ValueError):
             continue
         if manifest is not None:
