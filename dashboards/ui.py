@@ -21,6 +21,7 @@ from saelab.browse.highlight import tokens_html
 from saelab.browse.model_lock import MODEL_LOCK
 from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
 from saelab.errors import SaelabError
+from saelab.sae.saelens_format import WEIGHTS_FILE
 
 FEATURE_PAGE = "views/feature.py"
 STEERING_PAGE = "views/steering.py"
@@ -207,7 +208,7 @@ def model_and_sae(sae: SAEInfo, meta: dict[str, Any]) -> tuple[Any, Any, str] | 
     try:
         with st.spinner(f"loading {spec} and {sae.label} (once per dashboard process)…"):
             model = _model(spec)
-            return model, _sae(str(sae.folder), _stamp(sae.folder / "sae_weights.safetensors")), hook
+            return model, _sae(str(sae.folder), _stamp(sae.folder / WEIGHTS_FILE)), hook
     except (SaelabError, OSError) as error:
         st.error(f"cannot load the model or the SAE: {error}")
         return None
