@@ -63,6 +63,9 @@ class StoreManifest:
     # Added after version 1 shipped; a manifest without them reads as a store without gradients.
     gradients: bool = False
     gradient_loss: str | None = None
+    # Only in a store harvested by several ranks (`torchrun`): how the shards were split among them.
+    # Left out of the file when None, so a single-process manifest is byte for byte what it was.
+    ranks: dict[str, Any] | None = None
     format: str = STORE_FORMAT
     version: int = STORE_VERSION
 
@@ -79,7 +82,10 @@ class StoreManifest:
         return sum(shard.n_contexts for shard in self.shards)
 
     def save(self, store: str | Path) -> None:
-        atomic_write_json(Path(store) / MANIFEST_FILE, asdict(self))
+        fields = asdict(self)
+        if fields["ranks"] is None:
+            del fields["ranks"]
+        atomic_write_json(Path(store) / MANIFEST_FILE, fields)
 
 
 def read_manifest(store: str | Path) -> StoreManifest:

@@ -20,16 +20,22 @@ r̄_g is the mean r over the latents of group g that fired in the window. When n
 we use the mean |r| of the group, the typical distance of its latents below 0, so that dead latents
 still move up. A latent dead at b = bias_max stays dead: the biases never go above it.
 
-All state lives in buffers, so `state_dict()` checkpoints it exactly and a distributed trainer can
-all-reduce `fires` and `tokens_observed` (sum) and `max_pre_activation` (max) before `adapt_biases`.
+All state lives in buffers, so `state_dict()` checkpoints it exactly. In data-parallel training
+`observe` adds each batch's window statistics summed (fires, tokens) or maxed (reach) over ranks, so
+every rank holds the global window and adapts its biases identically.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
+
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
 
 class GBASAE(SparseAutoencoder):
@@ -77,12 +83,16 @@ class GBASAE(SparseAutoencoder):
         return pre_activations.relu()
 
     @torch.no_grad()
-    def observe(self, pre_activations: torch.Tensor) -> None:
+    def observe(self, pre_activations: torch.Tensor, data_parallel: DataParallel | None = None) -> None:
         """Count firings and track the largest pre-activation; pre_activations: [batch, d_sae]."""
         u = pre_activations.reshape(-1, self.cfg.d_sae)
-        self.fires += (u > 0).sum(0)
-        self.max_pre_activation.copy_(torch.maximum(self.max_pre_activation, u.amax(0)))
-        self.tokens_observed += u.shape[0]
+        fires, reach, tokens = (u > 0).sum(0), u.amax(0), u.shape[0]
+        if data_parallel is not None:  # ranks hold equal slices
+            fires, reach = data_parallel.sum_(fires), data_parallel.max_(reach)
+            tokens *= data_parallel.world_size
+        self.fires += fires
+        self.max_pre_activation.copy_(torch.maximum(self.max_pre_activation, reach))
+        self.tokens_observed += tokens
 
     def adaptation_due(self) -> bool:
         return int(self.tokens_observed) >= self.cfg.update_tokens
