@@ -113,9 +113,7 @@ def barrier(what: str) -> None:
     if not is_distributed():
         return
     with collective(what):
-        dist.monitored_barrier(
-            group=_control_group, timeout=timedelta(seconds=timeout_s()), wait_all_ranks=True
-        )
+        dist.monitored_barrier(group=_control_group, timeout=timedelta(seconds=timeout_s()), wait_all_ranks=True)
 
 
 def broadcast_object(value: T, what: str, source: int = 0) -> T:
