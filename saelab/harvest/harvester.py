@@ -364,7 +364,11 @@ def _write_rank_shards(
 def _merge_rank_shards(out: Path, manifest: StoreManifest, world_size: int) -> StoreManifest:
     """Rank 0, after every rank finished: list every shard in context order, mark complete, drop `ranks/`."""
     listed = {record.file: record for record in manifest.shards}
-    listed.update(all_rank_shards(out))
+    from_ranks = all_rank_shards(out)
+    if manifest.complete and not from_ranks.keys() - listed.keys():  # a rerun of a finished store
+        (out / RANK_DIR).rmdir()
+        return manifest
+    listed.update(from_ranks)
     shards = sorted(listed.values(), key=lambda record: record.first_context)
     expected_first = 0
     for record in shards:

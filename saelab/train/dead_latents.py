@@ -24,11 +24,12 @@ class DeadLatentTracker:
 
     def update(self, latents: torch.Tensor) -> None:
         """latents: [batch, d_sae]; a latent fired if any token gave it a non-zero value."""
-        fired = (latents != 0).any(0).to(self.tokens_since_fired.device)
+        fired = (latents != 0).any(0)
         tokens = latents.shape[0]
-        if self.data_parallel is not None:
+        if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
             fired = self.data_parallel.max_(fired.to(torch.int32)).bool()
             tokens *= self.data_parallel.world_size  # equal slices
+        fired = fired.to(self.tokens_since_fired.device)
         self.tokens_since_fired += tokens
         self.tokens_since_fired[fired] = 0
 

@@ -323,7 +323,7 @@ def _run_steps(
                     state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, autocast, parallel
                 )
                 if parallel is not None:
-                    step_metrics = _global_metrics(step_metrics, parallel)
+                    step_metrics = _global_metrics(step_metrics, parallel, device)
                     _synchronize_batchtopk(state.sae, parallel)
                 step_metrics.update(
                     dead_fraction=state.tracker.dead_fraction(), lr=state.optimizer.param_groups[0]["lr"]
@@ -359,10 +359,10 @@ def _batches(
     )
 
 
-def _global_metrics(metrics: dict[str, float], parallel: DataParallel) -> dict[str, float]:
+def _global_metrics(metrics: dict[str, float], parallel: DataParallel, device: torch.device) -> dict[str, float]:
     """A step's metrics for the global batch: the loss terms are per-rank shares (summed), L0 a per-rank mean."""
     keys = ("loss", "fvu", "aux_loss", "l0")
-    values = parallel.sum_(torch.tensor([metrics[key] for key in keys], dtype=torch.float64))
+    values = parallel.sum_(torch.tensor([metrics[key] for key in keys], dtype=torch.float64, device=device))
     values[3] /= parallel.world_size  # equal slices: the mean of the ranks' means
     return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
 
