@@ -203,10 +203,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISTRIBUTED_COMMANDS = ("harvest", "train")  # the commands that split their work over torchrun's ranks
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if distributed.launched():  # torchrun stops the other ranks with SIGTERM when one fails
-        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    if distributed.launched():
+        if args.command not in _DISTRIBUTED_COMMANDS:  # N copies would only race for the same files
+            print(f"saelab {args.command}: error: runs in one process; start it without torchrun", file=sys.stderr)
+            return 2
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)  # torchrun stops the other ranks when one fails
     try:
         args.run(args)
     except SaelabError as error:
