@@ -39,7 +39,6 @@ from saelab.distributed import DataParallel
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
-from saelab.models import resolve_device
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, save_sae
 from saelab.sae.config import default_lr
@@ -88,7 +87,7 @@ def train(
     source, provenance = _open_source(cfg, source)  # bad input fails before the run folder exists
     with folder_lock(out, what="training run"):
         _prepare_run_folder(out, cfg, resume)
-        device = torch.device(resolve_device(cfg.device))
+        device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device)
         position = _restore_or_initialize(out, cfg, source, states, resume)
         log = MetricsLog(out, cfg.wandb, _identity(cfg), resume_step=position["step"] if resume else None)
