@@ -321,3 +321,11 @@ def test_a_killed_rank_fails_training_leaves_only_complete_checkpoints_and_it_re
     single = train(train_config(gradient_store, tmp_path / "single", saes=topk, **steps), progress=False)
     for name, tensor in single["topk-64-k4"].state_dict().items():
         assert torch.allclose(resumed.state_dict()[name], tensor, rtol=0, atol=2e-5), name
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze", "steer"])
+def test_commands_that_do_not_split_their_work_refuse_to_run_on_ranks(command, tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}  # what torchrun gives each worker
+    result = subprocess.run([sys.executable, "-m", "saelab", command], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"saelab {command}: error: runs in one process; start it without torchrun"

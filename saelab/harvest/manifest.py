@@ -1,7 +1,9 @@
 """The activation store's manifest: what a store holds, how it was made, and each shard's checksum.
 
 A shard counts as part of the store only once its record is in `manifest.json`; the manifest is
-rewritten atomically after every shard, so readers and resumed harvests trust nothing else.
+rewritten atomically after every shard, so readers and resumed harvests trust nothing else. (A
+harvest on several ranks lists shards in per-rank partial manifests first and merges them here at
+the end: `rank_manifests.py`.)
 """
 
 from __future__ import annotations
