@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from saelab.kernels import AboveThreshold
+from saelab.kernels.encode import SelectionRule, TileObserver
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
 
@@ -76,13 +78,25 @@ class GBASAE(SparseAutoencoder):
         """z = relu(u); [..., d_sae] → same shape."""
         return pre_activations.relu()
 
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        return AboveThreshold(0.0)
+
+    def tile_observer(self) -> TileObserver | None:
+        """In training, `sparse_forward` feeds every tile of u to `observe`."""
+        return self.observe if self.training else None
+
     @torch.no_grad()
-    def observe(self, pre_activations: torch.Tensor) -> None:
-        """Count firings and track the largest pre-activation; pre_activations: [batch, d_sae]."""
-        u = pre_activations.reshape(-1, self.cfg.d_sae)
-        self.fires += (u > 0).sum(0)
-        self.max_pre_activation.copy_(torch.maximum(self.max_pre_activation, u.amax(0)))
-        self.tokens_observed += u.shape[0]
+    def observe(self, pre_activations: torch.Tensor, start: int = 0) -> None:
+        """Count firings and track the largest pre-activation of latents [start, start + width).
+
+        pre_activations: [batch, width]; the window's token count moves once per batch (at start 0).
+        """
+        u = pre_activations.reshape(-1, pre_activations.shape[-1])
+        latents = slice(start, start + u.shape[-1])
+        self.fires[latents] += (u > 0).sum(0)
+        self.max_pre_activation[latents] = torch.maximum(self.max_pre_activation[latents], u.amax(0))
+        if start == 0:
+            self.tokens_observed += u.shape[0]
 
     def adaptation_due(self) -> bool:
         return int(self.tokens_observed) >= self.cfg.update_tokens

@@ -18,6 +18,13 @@ class DeadLatentTracker:
         self.tokens_since_fired += latents.shape[0]
         self.tokens_since_fired[fired] = 0
 
+    def update_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """`update` for sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[indices[values > 0].to(fired.device)] = True
+        self.tokens_since_fired += indices.shape[0]
+        self.tokens_since_fired[fired] = 0
+
     @property
     def dead(self) -> torch.Tensor:
         """[d_sae] bool."""

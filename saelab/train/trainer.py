@@ -31,7 +31,7 @@ from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.metrics_log import MetricsLog
 from saelab.train.sources import BatchSource, StoreSource
-from saelab.train.step import train_step
+from saelab.train.step import KernelOptions, train_step
 
 _INIT_SEED_OFFSET = 1_000_003  # the initialisation sample is drawn apart from the training epochs
 _NOT_IDENTITY = ("out", "device", "wandb", "keep_checkpoints", "log_every_steps")
@@ -102,7 +102,8 @@ def _build_states(cfg: TrainConfig, d_in: int, provenance: dict[str, str], devic
         sae = build_sae(sae_cfg, generator=generator).to(device)
         lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.d_sae)
         trainable = [p for p in sae.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
+        optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens())
         states.append(SAEState(sae, optimizer, tracker, lr))
     return states
@@ -173,7 +174,7 @@ def _run_steps(
     progress: bool,
 ) -> None:
     needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
-    autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
     k_aux = cfg.k_aux if cfg.k_aux is not None else source.d_in // 2
     batches = source.batches(cfg.batch_size, cfg.seed + position["epoch"], position["batch_in_epoch"], needs_gradients)
     bar = tqdm(
@@ -198,7 +199,7 @@ def _run_steps(
                 for group in state.optimizer.param_groups:
                     group["lr"] = _learning_rate(state.lr, position["step"], cfg)
                 step_metrics = train_step(
-                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, autocast
+                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels
                 )
                 step_metrics.update(
                     dead_fraction=state.tracker.dead_fraction(), lr=state.optimizer.param_groups[0]["lr"]
