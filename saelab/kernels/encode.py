@@ -90,7 +90,8 @@ def _scan(
     left = centered.to(dtype)
     for start in range(0, n, tile or n):
         end = min(n, start + (tile or n))
-        pre = torch.addmm(b_enc[start:end].to(dtype), left, W_enc[:, start:end].to(dtype)).to(W_enc.dtype)
+        # In bf16 the tile stays bf16: rules only rank it, and the kept values are recomputed in float32.
+        pre = torch.addmm(b_enc[start:end].to(dtype), left, W_enc[:, start:end].to(dtype))
         for rule in rules:
             rule.update(pre, start)
         if observe is not None:
