@@ -64,48 +64,36 @@ def _sampled_dot_kernel(
 
 
 def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    batch, k = indices.shape
-    d = dense.shape[1]
-    out = torch.empty(batch, d, device=dense.device, dtype=_accumulator(dense))
-    if batch and k:
-        grid = (batch, triton.cdiv(d, BLOCK_D))
-        _rows_matmul_kernel[grid](
-            indices.contiguous(), values.contiguous(), dense.contiguous(), out, k, d, BLOCK_D, _triton_dtype(dense)
-        )
-    else:
-        out.zero_()
-    return out.to(dense.dtype)
+    out = torch.zeros(indices.shape[0], dense.shape[1], device=dense.device, dtype=_accumulator(dense))
+    return _launch(_rows_matmul_kernel, triton.cdiv(dense.shape[1], BLOCK_D), indices, values, dense, out, BLOCK_D)
 
 
 def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
-    batch, k = indices.shape
-    d = dense.shape[1]
-    out = torch.zeros(n, d, device=dense.device, dtype=_accumulator(dense))
-    if batch and k:
-        grid = (batch, triton.cdiv(d, BLOCK_D))
-        _rows_transpose_matmul_kernel[grid](
-            indices.contiguous(), values.contiguous(), dense.contiguous(), out, k, d, BLOCK_D, _triton_dtype(dense)
-        )
-    return out.to(dense.dtype)
+    out = torch.zeros(n, dense.shape[1], device=dense.device, dtype=_accumulator(dense))
+    blocks = triton.cdiv(dense.shape[1], BLOCK_D)
+    return _launch(_rows_transpose_matmul_kernel, blocks, indices, values, dense, out, BLOCK_D)
 
 
 def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(indices.shape, device=dense.device, dtype=_accumulator(dense))
+    blocks = triton.cdiv(indices.shape[1], BLOCK_K)
+    return _launch(_sampled_dot_kernel, blocks, indices, left, dense, out, BLOCK_K, BLOCK_D)
+
+
+def _launch(
+    kernel: triton.runtime.JITFunction,
+    blocks: int,
+    indices: torch.Tensor,
+    operand: torch.Tensor,
+    dense: torch.Tensor,
+    out: torch.Tensor,
+    *block_sizes: int,
+) -> torch.Tensor:
+    """Run `kernel` on a (batch, blocks) grid into the zeroed `out`; returns it in `dense`'s dtype."""
     batch, k = indices.shape
-    d = dense.shape[1]
-    out = torch.zeros(batch, k, device=dense.device, dtype=_accumulator(dense))
     if batch and k:
-        grid = (batch, triton.cdiv(k, BLOCK_K))
-        _sampled_dot_kernel[grid](
-            indices.contiguous(),
-            left.contiguous(),
-            dense.contiguous(),
-            out,
-            k,
-            d,
-            BLOCK_K,
-            BLOCK_D,
-            _triton_dtype(dense),
-        )
+        args = (indices.contiguous(), operand.contiguous(), dense.contiguous(), out, k, dense.shape[1])
+        kernel[(batch, blocks)](*args, *block_sizes, _triton_dtype(dense))
     return out.to(dense.dtype)
 
 
