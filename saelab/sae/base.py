@@ -8,6 +8,10 @@ so callers never see the normalised space.
     u  = (x·s − b_dec) W_enc + b_enc            pre-activations   [batch, d_sae]
     z  = select(u)                              sparse latents    [batch, d_sae]
     x̂  = (z W_dec + b_dec) / s                  reconstruction    [batch, d_in]
+
+`forward` materialises u and z densely: it is the plain reference, and what inference callers use.
+Training uses `sparse_forward`, the same maths through `saelab.kernels`: the variant's
+`selection_rule` picks (token, latent) pairs from u tile by tile, and the backward touches only them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saelab.kernels import RowTopK, sparse_decode, sparse_encode
+from saelab.kernels.encode import SelectionRule, TileObserver
 from saelab.sae.config import SAEConfig
 
 
@@ -25,6 +31,18 @@ class SAEOutput:
     reconstruction: torch.Tensor  # [batch, d_in], model units
     latents: torch.Tensor  # [batch, d_sae], zero where a latent did not fire
     pre_activations: torch.Tensor  # [batch, d_sae]
+
+
+@dataclass
+class SparseOutput:
+    reconstruction: torch.Tensor  # [batch, d_in], model units
+    indices: torch.Tensor  # [batch, k'] the latents kept per token
+    values: torch.Tensor  # [batch, k'] their activations (≥ 0; 0 at padded slots)
+    aux_reconstruction: torch.Tensor | None  # [batch, d_in] the AuxK latents' decoding (no b_dec), model units
+
+    @property
+    def n_tokens(self) -> int:
+        return self.indices.shape[0]
 
 
 class SparseAutoencoder(nn.Module):
@@ -63,6 +81,45 @@ class SparseAutoencoder(nn.Module):
         latents = self.select(pre, gradient)
         return SAEOutput(self.decode(latents), latents, pre)
 
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        """The kernels' form of `select` for this batch (training mode): a rule fed tiles of u."""
+        raise NotImplementedError
+
+    def tile_observer(self) -> TileObserver | None:
+        """A callback that sees every tile of u during `sparse_forward` (GBA's statistics); None by default."""
+        return None
+
+    def selected_(self, values: torch.Tensor) -> None:
+        """Called with the kept values after a training-mode selection (BatchTopK moves its threshold)."""
+
+    def sparse_forward(
+        self,
+        x: torch.Tensor,
+        gradient: torch.Tensor | None = None,
+        dead: torch.Tensor | None = None,
+        k_aux: int = 0,
+        tile: int | None = None,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> SparseOutput:
+        """`forward` through the sparse kernels, plus AuxK's selection when `dead` [d_sae] bool is given.
+
+        AuxK (Gao et al. 2024): the `k_aux` dead latents with the largest u per token, decoded without
+        b_dec, so that the trainer can ask them to explain the main reconstruction's residual.
+        """
+        rules = [self.selection_rule(x, gradient)]
+        if dead is not None and k_aux > 0 and bool(dead.any()):
+            rules.append(RowTopK(min(k_aux, self.cfg.d_sae), allowed=dead))
+        encoded = sparse_encode(
+            x * self.input_scale, self.W_enc, self.b_enc, self.b_dec, rules, tile, matmul_dtype, self.tile_observer()
+        )
+        values = encoded.values[0].relu()
+        self.selected_(values.detach())
+        reconstruction = (sparse_decode(encoded.indices[0], values, self.W_dec) + self.b_dec) / self.input_scale
+        aux = None
+        if len(rules) > 1:
+            aux = sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec) / self.input_scale
+        return SparseOutput(reconstruction, encoded.indices[0], values, aux)
+
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Give every decoder row unit norm (in the normalised space)."""
@@ -73,5 +130,6 @@ class SparseAutoencoder(nn.Module):
         """Drop the gradient component along each decoder row, which renormalisation would undo."""
         if self.W_dec.grad is None:
             return
-        rows = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= (self.W_dec.grad * rows).sum(dim=1, keepdim=True) * rows
+        # g ← g − (g·w / ‖w‖²) w, in place and without [d_sae, d_in] temporaries (this runs every step)
+        along = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec) / self.W_dec.pow(2).sum(dim=1).clamp_min(1e-24)
+        self.W_dec.grad.addcmul_(self.W_dec, along.unsqueeze(1), value=-1)

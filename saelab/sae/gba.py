@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saelab.kernels import AboveThreshold
+from saelab.kernels.encode import SelectionRule, TileObserver
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
 
@@ -46,6 +48,7 @@ class GBASAE(SparseAutoencoder):
     fires: torch.Tensor  # [d_sae] long, tokens on which each latent had u > 0 in this window
     max_pre_activation: torch.Tensor  # [d_sae], r_i over this window (-inf before any token)
     tokens_observed: torch.Tensor  # [] long, tokens in this window
+    data_parallel: DataParallel | None = None  # set by the data-parallel trainer: `observe` all-reduces
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
@@ -82,17 +85,31 @@ class GBASAE(SparseAutoencoder):
         """z = relu(u); [..., d_sae] → same shape."""
         return pre_activations.relu()
 
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        return AboveThreshold(0.0)
+
+    def tile_observer(self) -> TileObserver | None:
+        """In training, `sparse_forward` feeds every tile of u to `observe`."""
+        return self.observe if self.training else None
+
     @torch.no_grad()
-    def observe(self, pre_activations: torch.Tensor, data_parallel: DataParallel | None = None) -> None:
-        """Count firings and track the largest pre-activation; pre_activations: [batch, d_sae]."""
-        u = pre_activations.reshape(-1, self.cfg.d_sae)
+    def observe(self, pre_activations: torch.Tensor, start: int = 0) -> None:
+        """Count firings and track the largest pre-activation of latents [start, start + width).
+
+        pre_activations: [batch, width]; the window's token count moves once per batch (at start 0).
+        Data-parallel (`data_parallel` set by the trainer): the counts are summed and the maxima taken
+        over ranks, whose slices are equal, so every rank holds the global window.
+        """
+        u = pre_activations.reshape(-1, pre_activations.shape[-1])
+        latents = slice(start, start + u.shape[-1])
         fires, reach, tokens = (u > 0).sum(0), u.amax(0), u.shape[0]
-        if data_parallel is not None:  # ranks hold equal slices
-            fires, reach = data_parallel.sum_(fires), data_parallel.max_(reach)
-            tokens *= data_parallel.world_size
-        self.fires += fires
-        self.max_pre_activation.copy_(torch.maximum(self.max_pre_activation, reach))
-        self.tokens_observed += tokens
+        if self.data_parallel is not None:
+            fires, reach = self.data_parallel.sum_(fires), self.data_parallel.max_(reach)
+            tokens *= self.data_parallel.world_size
+        self.fires[latents] += fires
+        self.max_pre_activation[latents] = torch.maximum(self.max_pre_activation[latents], reach)
+        if start == 0:
+            self.tokens_observed += tokens
 
     def adaptation_due(self) -> bool:
         return int(self.tokens_observed) >= self.cfg.update_tokens

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from saelab.kernels import RowTopK
+from saelab.kernels.encode import SelectionRule
+from saelab.kernels.selection import ScoreHook
 from saelab.sae.topk import TopKSAE
 
 
@@ -28,9 +31,24 @@ class GradientTopKSAE(TopKSAE):
             return super().select(pre_activations)
         z = pre_activations.relu()
         with torch.no_grad():  # selection is discrete: no gradient flows through the score
-            norm = gradient.norm(dim=-1, keepdim=True)
-            g_hat = gradient / norm.clamp_min(torch.finfo(norm.dtype).tiny)  # a zero row stays zero
-            alignment = (g_hat.to(self.W_dec.dtype) @ self.W_dec.T).abs()  # [..., d_sae]
-            score = z + self.cfg.beta * z * alignment
+            score = self._score(gradient)(pre_activations, 0)
         indices = score.topk(self.cfg.k, dim=-1).indices
         return torch.zeros_like(z).scatter(-1, indices, z.gather(-1, indices))
+
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        if gradient is None or self.cfg.beta == 0:
+            return RowTopK(self.cfg.k)
+        return RowTopK(self.cfg.k, score=self._score(gradient))
+
+    def _score(self, gradient: torch.Tensor) -> ScoreHook:
+        """The selection hook: score(u_tile, start) = z + β·z·|ĝ · d_i| for the tile's latents."""
+        norm = gradient.norm(dim=-1, keepdim=True)
+        g_hat = (gradient / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(self.W_dec.dtype)  # zero rows stay 0
+        decoder = self.W_dec.detach()
+
+        def score(pre: torch.Tensor, start: int) -> torch.Tensor:
+            z = pre.relu()
+            alignment = (g_hat @ decoder[start : start + pre.shape[-1]].T).abs()
+            return z + self.cfg.beta * z * alignment
+
+        return score

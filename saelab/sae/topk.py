@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from saelab.kernels import AboveThreshold, BatchTopK, RowTopK
+from saelab.kernels.encode import SelectionRule
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
 
@@ -28,6 +30,9 @@ class TopKSAE(SparseAutoencoder):
         z = pre_activations.relu()
         top = z.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        return RowTopK(self.cfg.k)
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -53,6 +58,13 @@ class BatchTopKSAE(SparseAutoencoder):
         top = flat.topk(n_kept, sorted=False)
         self._update_threshold(top.values.detach())
         return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(z)
+
+    def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
+        return BatchTopK(self.cfg.k) if self.training else AboveThreshold(self.threshold)
+
+    def selected_(self, values: torch.Tensor) -> None:
+        if self.training:
+            self._update_threshold(values.flatten())
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:

@@ -25,6 +25,9 @@ class TrainConfig:
     `d_in`, `hook_name` and `model_name` of each SAE come from the activation store.
     `lr: null` uses Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) per SAE; `dead_tokens: null` means
     min(10M, n_tokens / 10): a latent is dead after that many tokens without firing.
+    `dtype: bfloat16` runs the encoder's dense product in bf16 (float32 accumulation; the kept values
+    are recomputed in float32). `encoder_tile: N` computes pre-activations N latents at a time, so
+    peak memory is O(batch · (k + N)) instead of O(batch · d_sae): for wide SAEs on small devices.
     """
 
     store: str = "runs/smollm2-135m/activations"
@@ -47,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 5
     dtype: Literal["float32", "bfloat16"] = "float32"
+    encoder_tile: int | None = None
     device: str = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -66,6 +70,8 @@ class TrainConfig:
         labels = [sae.label for sae in self.saes]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"saes: two SAEs share a label ({', '.join(labels)}); give them distinct `name`s")
+        if self.encoder_tile is not None and self.encoder_tile <= 0:
+            raise ConfigError(f"encoder_tile: must be positive or null (all latents at once), got {self.encoder_tile}")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction: must be in [0, 1], got {self.lr_decay_fraction}")
 

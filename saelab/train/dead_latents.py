@@ -33,6 +33,17 @@ class DeadLatentTracker:
         self.tokens_since_fired += tokens
         self.tokens_since_fired[fired] = 0
 
+    def update_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """`update` for sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
+        fired = torch.zeros(self.tokens_since_fired.shape, dtype=torch.bool, device=indices.device)
+        fired[indices[values > 0]] = True
+        tokens = indices.shape[0]
+        if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
+            fired = self.data_parallel.max_(fired.to(torch.int32)).bool()
+            tokens *= self.data_parallel.world_size  # equal slices
+        self.tokens_since_fired += tokens
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
+
     @property
     def dead(self) -> torch.Tensor:
         """[d_sae] bool."""

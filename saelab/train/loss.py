@@ -52,6 +52,8 @@ def auxk_loss(
 ) -> torch.Tensor:
     """Let the top-`k_aux` dead latents reconstruct the main reconstruction's residual.
 
+    The dense reference of the AuxK term that `train_step` computes through the sparse kernels.
+
     pre_activations: [batch, d_sae]; residual: x − x̂, detached, [batch, d_in]; dead: [d_sae] bool.
     Zero when nothing is dead, so it only acts while latents need reviving.
     """

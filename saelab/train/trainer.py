@@ -48,7 +48,7 @@ from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.metrics_log import MetricsLog
 from saelab.train.sources import Batch, BatchSource, StoreSource
-from saelab.train.step import train_step
+from saelab.train.step import KernelOptions, train_step
 
 _INIT_SEED_OFFSET = 1_000_003  # the initialisation sample is drawn apart from the training epochs
 _NOT_IDENTITY = ("out", "device", "wandb", "keep_checkpoints", "log_every_steps")
@@ -214,8 +214,11 @@ def _build_states(
         sae = build_sae(sae_cfg, generator=generator).to(device)
         lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.d_sae)
         trainable = [p for p in sae.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
+        optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel)
+        if parallel is not None and isinstance(sae, GBASAE):
+            sae.data_parallel = parallel  # its window statistics are summed over ranks
         states.append(SAEState(sae, optimizer, tracker, lr))
     return states
 
@@ -294,7 +297,7 @@ def _run_steps(
     parallel: DataParallel | None = None,
 ) -> None:
     needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
-    autocast = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+    kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
     k_aux = cfg.k_aux if cfg.k_aux is not None else source.d_in // 2
     batches = _batches(source, cfg, position["epoch"], position["batch_in_epoch"], needs_gradients, parallel)
     bar = tqdm(
@@ -319,7 +322,7 @@ def _run_steps(
                 for group in state.optimizer.param_groups:
                     group["lr"] = _learning_rate(state.lr, position["step"], cfg)
                 step_metrics = train_step(
-                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, autocast, parallel
+                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels, parallel
                 )
                 if parallel is not None:
                     step_metrics = _global_metrics(step_metrics, parallel, device)

@@ -1,0 +1,135 @@
+"""Sparse encode: u = (x − b_dec) W_enc + b_enc, a selection rule, and a backward that touches only the kept pairs.
+
+Forward (no autograd graph over the dense product):
+    for each tile of latents [start, start + T):   u_tile = (x − b_dec) W_enc[:, tile] + b_enc[tile]
+        every rule's update(u_tile, start)            (the main selection and, for AuxK, a second one)
+    values = u at the kept (token, latent) pairs
+
+Backward, with g = ∂L/∂values ([batch, k], zero at padded slots) and S the sparse [batch, n] matrix of g:
+    ∂L/∂W_enc = (x − b_dec)ᵀ S          batch·k·d multiply-adds, never a dense [batch, n] gradient
+    ∂L/∂b_enc = column sums of S
+    ∂L/∂b_dec = −W_enc (column sums of S)
+    ∂L/∂x     = S W_encᵀ                 (only when x itself requires a gradient)
+
+`tile=None` computes all n latents at once (fastest when memory allows); a tile bounds the peak
+memory at O(batch · (k + tile)) instead of O(batch · n), for wide SAEs. Selection is exact in both:
+the running top-k keeps the same pairs as one top-k over the whole row (ties aside).
+
+`matmul_dtype=torch.bfloat16` runs the dense product in bf16 (float32 accumulation); only the
+choice of latents sees bf16 rounding, as the kept values are recomputed in float32 (`sampled_dot`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from saelab.kernels.selection import Selected
+from saelab.kernels.sparse_ops import rows_matmul, rows_transpose_matmul, sampled_dot
+
+# observe(u_tile: [batch, T], start): sees every tile of pre-activations (GBA's firing statistics).
+TileObserver = Callable[[torch.Tensor, int], None]
+
+
+class SelectionRule(Protocol):
+    def update(self, pre: torch.Tensor, start: int) -> None: ...
+
+    def result(self) -> Selected: ...
+
+
+@dataclass
+class Encoded:
+    """Kept pairs per rule, in the order the rules were given: indices and u at them ([batch, k_rule])."""
+
+    indices: list[torch.Tensor]
+    values: list[torch.Tensor]  # differentiable w.r.t. x, W_enc, b_enc, b_dec; 0 at padded slots
+
+
+def sparse_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    rules: Sequence[SelectionRule],
+    tile: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    observe: TileObserver | None = None,
+) -> Encoded:
+    """x: [batch, d], W_enc: [d, n], b_enc: [n], b_dec: [d]; every rule sees every tile of u."""
+    with torch.no_grad():
+        centered = x - b_dec
+        _scan(centered, W_enc, b_enc, rules, tile, matmul_dtype, observe)
+        selected = [rule.result() for rule in rules]
+        indices = torch.cat([s.indices for s in selected], dim=-1)
+        pre = torch.cat([s.pre_activations for s in selected], dim=-1).to(W_enc.dtype)
+        if matmul_dtype is not None and matmul_dtype != W_enc.dtype:
+            pre = sampled_dot(indices, centered, W_enc.T) + b_enc[indices]
+        valid = _valid_mask(selected)
+        if valid is not None:
+            pre = pre * valid
+    values = _GatheredPreactivations.apply(x, W_enc, b_enc, b_dec, indices, pre, valid)
+    widths = [s.indices.shape[-1] for s in selected]
+    return Encoded([s.indices for s in selected], list(values.split(widths, dim=-1)))
+
+
+def _scan(
+    centered: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    rules: Sequence[SelectionRule],
+    tile: int | None,
+    matmul_dtype: torch.dtype | None,
+    observe: TileObserver | None,
+) -> None:
+    """Compute u tile by tile and feed each tile to every rule; no tile outlives its loop iteration."""
+    n = W_enc.shape[1]
+    dtype = matmul_dtype or W_enc.dtype
+    left = centered.to(dtype)
+    for start in range(0, n, tile or n):
+        end = min(n, start + (tile or n))
+        # In bf16 the tile stays bf16: rules only rank it, and the kept values are recomputed in float32.
+        pre = torch.addmm(b_enc[start:end].to(dtype), left, W_enc[:, start:end].to(dtype))
+        for rule in rules:
+            rule.update(pre, start)
+        if observe is not None:
+            observe(pre, start)
+        del pre
+
+
+def _valid_mask(selected: list[Selected]) -> torch.Tensor | None:
+    if all(s.valid is None for s in selected):
+        return None
+    return torch.cat(
+        [torch.ones_like(s.indices, dtype=torch.bool) if s.valid is None else s.valid for s in selected], -1
+    )
+
+
+class _GatheredPreactivations(torch.autograd.Function):
+    """values = u at the kept pairs (computed by the scan); the backward is the sparse one above."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre, valid):
+        ctx.save_for_backward(x, W_enc, b_dec, indices, valid)
+        return pre.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_enc, b_dec, indices, valid = ctx.saved_tensors
+        if valid is not None:
+            grad = grad * valid
+        n = W_enc.shape[1]
+        grad = grad.to(W_enc.dtype)
+        per_latent = W_enc.new_zeros(n).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        grad_x = grad_W = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_x = rows_matmul(indices, grad, W_enc.T.contiguous())
+        if ctx.needs_input_grad[1]:
+            grad_W = rows_transpose_matmul(indices, grad, (x - b_dec).to(W_enc.dtype), n).T.contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_b_enc = per_latent
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = -(W_enc @ per_latent)
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None

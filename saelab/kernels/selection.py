@@ -1,0 +1,142 @@
+"""Selection rules: which (token, latent) pairs a sparse encode keeps, fed one tile of latents at a time.
+
+The encode pass (`encode.py`) computes pre-activations u for a tile of latents [start, start + T)
+and hands the tile to each rule's `update`; `result()` then gives the kept pairs as padded rows.
+A rule never needs more than the current tile and what it keeps, which is what bounds memory.
+
+- `RowTopK(k, score=…, allowed=…)`: the k best latents per token. `score` is the selection hook:
+  a variant may rank latents by something other than u (g-SAE: activation × gradient alignment)
+  while the value passed on stays u. `allowed` restricts the choice (AuxK: dead latents only).
+- `BatchTopK(k)`: the batch·k largest relu(u) over the whole batch (BatchTopK SAEs in training).
+- `AboveThreshold(θ)`: every u > θ (GBA's ReLU with θ = 0; BatchTopK's JumpReLU at inference).
+
+Rules whose number of pairs varies per token pad their rows: `valid` marks real slots; padded ones
+hold latent 0 and value 0 and get no gradient.
+
+On the CPU, `row_topk` finds each row's top-k through group maxima (exact; see its docstring),
+which is ~1.4× faster than `torch.topk` over 9216 latents; on a GPU it is `torch.topk`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# score(u_tile: [batch, T], start) -> [batch, T]: larger is kept first.
+ScoreHook = Callable[[torch.Tensor, int], torch.Tensor]
+GROUP = 16  # latents per group in row_topk's first pass
+
+
+def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest scores per row, unsorted: the same as `torch.topk` (ties aside).
+
+    On the CPU, in two cheap passes instead of one expensive one. Split a row's n entries into m = n/G
+    groups (group j = entries j, j + m, j + 2m, …, so the group maxima are one vectorised reduction).
+    Every top-k entry lies in one of the k groups with the largest maxima: an entry in any other group
+    is below k group maxima, i.e. below k entries. So the top-k of the row is the top-k of those k·G
+    candidates, and torch.topk runs over m + k·G entries per row instead of n.
+    """
+    batch, n = scores.shape
+    m = n // GROUP
+    if scores.is_cuda or n % GROUP or m <= k:
+        return scores.topk(k, dim=-1, sorted=False)
+    group_max = scores.view(batch, GROUP, m).amax(dim=1)  # [batch, m]
+    groups = group_max.topk(k, dim=-1, sorted=False).indices  # [batch, k]
+    candidates = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=scores.device)).view(batch, -1)
+    top = scores.gather(-1, candidates).topk(k, dim=-1, sorted=False)
+    return top.values, candidates.gather(-1, top.indices)
+
+
+@dataclass
+class Selected:
+    indices: torch.Tensor  # [batch, k'] long, latent indices
+    pre_activations: torch.Tensor  # [batch, k'] u at those latents (0 at padded slots)
+    valid: torch.Tensor | None = None  # [batch, k'] bool; None when every slot is real
+
+
+class RowTopK:
+    """The k latents with the largest score per token (score = u unless a hook is given), as a running top-k."""
+
+    def __init__(self, k: int, score: ScoreHook | None = None, allowed: torch.Tensor | None = None) -> None:
+        self.k, self.score, self.allowed = k, score, allowed
+        self._best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (score, index, u)
+
+    def update(self, pre: torch.Tensor, start: int) -> None:
+        score = pre if self.score is None else self.score(pre, start)
+        if self.allowed is not None:
+            score = score.masked_fill(~self.allowed[start : start + pre.shape[1]], -torch.inf)
+        values, indices = row_topk(score, min(self.k, pre.shape[1]))
+        candidate = (values, indices + start, pre.gather(-1, indices))
+        if self._best is not None:
+            merged = [torch.cat(pair, dim=-1) for pair in zip(self._best, candidate, strict=True)]
+            keep = merged[0].topk(min(self.k, merged[0].shape[1]), dim=-1, sorted=False).indices
+            candidate = tuple(part.gather(-1, keep) for part in merged)
+        self._best = candidate
+
+    def result(self) -> Selected:
+        score, indices, pre = self._best
+        if self.allowed is None:
+            return Selected(indices, pre)
+        valid = score > -torch.inf  # fewer allowed latents than k: the rest are padding
+        return Selected(torch.where(valid, indices, 0), torch.where(valid, pre, 0), valid)
+
+
+class BatchTopK:
+    """The batch·k largest relu(u) over the whole batch: k per token on average, any number for one token."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (u, row, latent), flat
+
+    def update(self, pre: torch.Tensor, start: int) -> None:
+        batch, width = pre.shape
+        top = pre.relu().flatten().topk(min(self.k * batch, pre.numel()), sorted=False)
+        candidate = (top.values, top.indices // width, top.indices % width + start)
+        if self._best is not None:
+            merged = [torch.cat(pair) for pair in zip(self._best, candidate, strict=True)]
+            keep = merged[0].topk(min(self.k * batch, merged[0].numel()), sorted=False).indices
+            candidate = tuple(part[keep] for part in merged)
+        self._best = candidate
+        self._batch = batch
+
+    def result(self) -> Selected:
+        values, rows, latents = self._best
+        positive = values > 0
+        return padded_rows(rows[positive], latents[positive], values[positive], self._batch)
+
+
+class AboveThreshold:
+    """Every (token, latent) with u > θ; θ is a number or a per-latent tensor [n]."""
+
+    def __init__(self, threshold: float | torch.Tensor = 0.0) -> None:
+        self.threshold = threshold
+        self._found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def update(self, pre: torch.Tensor, start: int) -> None:
+        threshold = self.threshold
+        if isinstance(threshold, torch.Tensor):
+            threshold = threshold[start : start + pre.shape[1]]
+        rows, latents = (pre > threshold).nonzero(as_tuple=True)
+        self._found.append((rows, latents + start, pre[rows, latents]))
+        self._batch = pre.shape[0]
+
+    def result(self) -> Selected:
+        rows, latents, values = (torch.cat(parts) for parts in zip(*self._found, strict=True))
+        return padded_rows(rows, latents, values, self._batch)
+
+
+def padded_rows(rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, batch: int) -> Selected:
+    """(row, latent, value) triples → padded [batch, max per row] rows with a `valid` mask."""
+    counts = torch.bincount(rows, minlength=batch)
+    width = max(int(counts.max()) if len(rows) else 0, 1)
+    order = rows.argsort(stable=True)
+    rows, latents, values = rows[order], latents[order], values[order]
+    row_start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows), device=rows.device) - row_start[rows]
+    indices = torch.zeros(batch, width, dtype=torch.long, device=rows.device)
+    pre = torch.zeros(batch, width, dtype=values.dtype, device=rows.device)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=rows.device)
+    indices[rows, slot], pre[rows, slot], valid[rows, slot] = latents, values, True
+    return Selected(indices, pre, valid)

@@ -1,0 +1,80 @@
+"""The three sparse products every sparse encode/decode backward is made of, on rows given as (indices, values).
+
+A batch of sparse rows is `indices, values: [batch, k]`: row b is Σ_j values[b, j] · e_{indices[b, j]}
+in a space of n latents (duplicate indices add up). With `dense` a matrix:
+
+    rows_matmul(indices, values, dense)            out[b] = Σ_j values[b, j] · dense[indices[b, j]]    [batch, d]
+    rows_transpose_matmul(indices, values, dense)  out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]  [n, d]
+    sampled_dot(indices, left, dense)              out[b, j] = left[b] · dense[indices[b, j]]        [batch, k]
+
+Each costs batch·k·d multiply-adds instead of the batch·n·d of the dense product. On CUDA with
+Triton they run as Triton kernels (`triton_ops.py`); elsewhere as torch's sparse CSR products (MKL
+on x86), which never materialise a [batch, k, d] tensor. `reference.py` holds the dense definitions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from saelab.kernels.backend import use_triton
+
+# torch flags every CSR tensor as beta; these products are covered by saelab's own tests.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """out[b] = Σ_j values[b, j] · dense[indices[b, j]]; dense: [n, d] → [batch, d]."""
+    if use_triton(dense):
+        from saelab.kernels import triton_ops
+
+        return triton_ops.rows_matmul(indices, values, dense)
+    return F.embedding_bag(indices, dense, per_sample_weights=values.to(dense.dtype), mode="sum")
+
+
+def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
+    """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]; dense: [batch, d] → [n, d]."""
+    if use_triton(dense):
+        from saelab.kernels import triton_ops
+
+        return triton_ops.rows_transpose_matmul(indices, values, dense, n)
+    # mm with out= skips the zero-fill and the copy that `@` adds around MKL's product (~40% of its time).
+    out = dense.new_empty(n, dense.shape[1])
+    return torch.mm(_csr_by_latent(indices, values.to(dense.dtype), n), dense, out=out)
+
+
+def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """out[b, j] = left[b] · dense[indices[b, j]]; left: [batch, d], dense: [n, d] → [batch, k]."""
+    if use_triton(dense):
+        from saelab.kernels import triton_ops
+
+        return triton_ops.sampled_dot(indices, left, dense)
+    pattern = _csr(indices, left.new_zeros(indices.shape), dense.shape[0])
+    # sampled_addmm keeps the pattern's (row-sorted) column order: undo the sort done in _csr.
+    sampled = torch.sparse.sampled_addmm(pattern, left, dense.T, beta=0.0).values().view(indices.shape)
+    order = indices.argsort(dim=-1, stable=True)
+    return torch.empty_like(sampled).scatter_(-1, order, sampled)
+
+
+def _csr(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows as a [batch, n] CSR matrix (columns sorted within each row, as CSR requires)."""
+    batch, k = indices.shape
+    columns, order = indices.sort(dim=-1, stable=True)
+    row_starts = torch.arange(0, batch * k + 1, k, device=indices.device)
+    return torch.sparse_csr_tensor(
+        row_starts, columns.reshape(-1), values.gather(-1, order).reshape(-1), (batch, n), check_invariants=False
+    )
+
+
+def _csr_by_latent(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The transpose of the rows, [n, batch] in CSR: faster to multiply than `_csr(...).t()`."""
+    batch, k = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    row_starts = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
+    row_starts[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    return torch.sparse_csr_tensor(
+        row_starts, order // k, values.reshape(-1)[order], (n, batch), check_invariants=False
+    )

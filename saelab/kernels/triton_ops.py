@@ -1,0 +1,105 @@
+"""Triton versions of the three sparse products in `sparse_ops.py` (same names, same contracts).
+
+One program per (row, block of d) for the two row products, per (row, block of k) for the sampled
+dot; they accumulate in float32 (float64 for float64 inputs). `rows_transpose_matmul` scatters with
+atomic adds, so on a GPU its float32 sums are not bit-reproducible run to run (the order of additions
+varies); the tests hold it to the reference within float tolerance. Imported only when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_D = 64
+BLOCK_K = 16
+
+
+@triton.jit
+def _rows_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for j in range(k):
+        latent = tl.load(idx_ptr + row * k + j)
+        weight = tl.load(val_ptr + row * k + j).to(ACC)
+        acc += weight * tl.load(dense_ptr + latent * d + cols, mask=inside, other=0.0).to(ACC)
+    tl.store(out_ptr + row * d + cols, acc, mask=inside)
+
+
+@triton.jit
+def _rows_transpose_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    source = tl.load(dense_ptr + row * d + cols, mask=inside, other=0.0).to(ACC)
+    for j in range(k):
+        latent = tl.load(idx_ptr + row * k + j)
+        weight = tl.load(val_ptr + row * k + j).to(ACC)
+        tl.atomic_add(out_ptr + latent * d + cols, weight * source, mask=inside)
+
+
+@triton.jit
+def _sampled_dot_kernel(
+    idx_ptr, left_ptr, dense_ptr, out_ptr, k, d, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr
+):
+    row = tl.program_id(0)
+    slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    slot_inside = slots < k
+    latents = tl.load(idx_ptr + row * k + slots, mask=slot_inside, other=0)
+    acc = tl.zeros([BLOCK_K], dtype=ACC)
+    for start in range(0, d, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        inside = cols < d
+        left = tl.load(left_ptr + row * d + cols, mask=inside, other=0.0).to(ACC)
+        rows = tl.load(
+            dense_ptr + latents[:, None] * d + cols[None, :],
+            mask=slot_inside[:, None] & inside[None, :],
+            other=0.0,
+        ).to(ACC)
+        acc += tl.sum(rows * left[None, :], axis=1)
+    tl.store(out_ptr + row * k + slots, acc, mask=slot_inside)
+
+
+def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(indices.shape[0], dense.shape[1], device=dense.device, dtype=_accumulator(dense))
+    return _launch(_rows_matmul_kernel, triton.cdiv(dense.shape[1], BLOCK_D), indices, values, dense, out, BLOCK_D)
+
+
+def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, dense.shape[1], device=dense.device, dtype=_accumulator(dense))
+    blocks = triton.cdiv(dense.shape[1], BLOCK_D)
+    return _launch(_rows_transpose_matmul_kernel, blocks, indices, values, dense, out, BLOCK_D)
+
+
+def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(indices.shape, device=dense.device, dtype=_accumulator(dense))
+    blocks = triton.cdiv(indices.shape[1], BLOCK_K)
+    return _launch(_sampled_dot_kernel, blocks, indices, left, dense, out, BLOCK_K, BLOCK_D)
+
+
+def _launch(
+    kernel: triton.runtime.JITFunction,
+    blocks: int,
+    indices: torch.Tensor,
+    operand: torch.Tensor,
+    dense: torch.Tensor,
+    out: torch.Tensor,
+    *block_sizes: int,
+) -> torch.Tensor:
+    """Run `kernel` on a (batch, blocks) grid into the zeroed `out`; returns it in `dense`'s dtype."""
+    batch, k = indices.shape
+    if batch and k:
+        args = (indices.contiguous(), operand.contiguous(), dense.contiguous(), out, k, dense.shape[1])
+        kernel[(batch, blocks)](*args, *block_sizes, _triton_dtype(dense))
+    return out.to(dense.dtype)
+
+
+def _accumulator(dense: torch.Tensor) -> torch.dtype:
+    return torch.float64 if dense.dtype == torch.float64 else torch.float32
+
+
+def _triton_dtype(dense: torch.Tensor) -> tl.dtype:
+    return tl.float64 if dense.dtype == torch.float64 else tl.float32

@@ -1,0 +1,268 @@
+"""saelab.kernels against their dense references (saelab/kernels/reference.py) on random inputs.
+
+Tolerances are relative to the largest reference entry: float64 < 1e-6, float32 < 1e-4.
+The Triton kernels run under TRITON_INTERPRET=1 on the CPU (small sizes), and natively on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.kernels import AboveThreshold, BatchTopK, RowTopK, sparse_decode, sparse_encode, sparse_ops
+from saelab.kernels import reference as ref
+from saelab.kernels.backend import triton_available
+from saelab.kernels.selection import GROUP, row_topk
+
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+# (batch, d, n, k, tile): k = 1, k = n, a batch of 1, tiles that do not divide n.
+SHAPES = [(37, 24, 300, 5, None), (37, 24, 300, 5, 64), (1, 16, 50, 1, 7), (9, 8, 40, 40, 16), (64, 33, 129, 8, 128)]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def random_sae(batch: int, d: int, n: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        "x": torch.randn(batch, d, generator=gen, dtype=dtype),
+        "W_enc": torch.randn(d, n, generator=gen, dtype=dtype) / d**0.5,
+        "b_enc": torch.randn(n, generator=gen, dtype=dtype) * 0.1,
+        "b_dec": torch.randn(d, generator=gen, dtype=dtype) * 0.1,
+        "W_dec": torch.randn(n, d, generator=gen, dtype=dtype) / d**0.5,
+    }
+    return {name: t.requires_grad_() for name, t in tensors.items()}
+
+
+def kernel_loss(p: dict[str, torch.Tensor], rule: object, tile: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss through sparse_encode → relu → sparse_decode with a random linear read-out."""
+    encoded = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [rule], tile)
+    out = sparse_decode(encoded.indices[0], encoded.values[0].relu(), p["W_dec"])
+    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return encoded.indices[0], (out * readout).sum() + (out**2).sum()
+
+
+def reference_loss(p: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    indices, values = ref.dense_topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k)
+    out = ref.dense_decode(indices, values.relu(), p["W_dec"])
+    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return indices, (out * readout).sum() + (out**2).sum()
+
+
+def assert_grads_match(p: dict[str, torch.Tensor], loss: torch.Tensor, want_loss: torch.Tensor, dtype) -> None:
+    names = list(p)
+    got = torch.autograd.grad(loss, [p[n] for n in names])
+    want = torch.autograd.grad(want_loss, [p[n] for n in names])
+    assert relative_error(loss.detach(), want_loss.detach()) < TOLERANCE[dtype]
+    for name, g, w in zip(names, got, want, strict=True):
+        assert w.abs().max() > 0, f"∂/∂{name} is zero in the reference: the test would be vacuous"
+        assert relative_error(g, w) < TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-n{}-k{}-tile{}".format(*s))
+def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype):
+    batch, d, n, k, tile = shape
+    p = random_sae(batch, d, n, dtype)
+    indices, loss = kernel_loss(p, RowTopK(k), tile)
+    want_indices, want_loss = reference_loss(p, k)
+    assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values), "same latents as torch.topk"
+    assert_grads_match(p, loss, want_loss, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dtype):
+    gen = torch.Generator().manual_seed(3)
+    batch, d, n, k = 17, 11, 23, 9
+    indices = torch.randint(0, n, (batch, k), generator=gen)
+    indices[:, 1] = indices[:, 0]  # a latent listed twice in a row adds up
+    values, left = torch.randn(batch, k, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    dense_n, dense_b = torch.randn(n, d, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    checks = [
+        (sparse_ops.rows_matmul(indices, values, dense_n), ref.rows_matmul(indices, values, dense_n)),
+        (
+            sparse_ops.rows_transpose_matmul(indices, values, dense_b, n),
+            ref.rows_transpose_matmul(indices, values, dense_b, n),
+        ),
+        (sparse_ops.sampled_dot(indices, left, dense_n), ref.sampled_dot(indices, left, dense_n)),
+    ]
+    for got, want in checks:
+        assert got.dtype == dtype and got.shape == want.shape
+        assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+def test_gradient_score_hook_selects_by_score_and_passes_u_on():
+    """The selection hook: rank by a score that differs from u; the values stay u at the chosen latents."""
+    p = random_sae(21, 12, 90, torch.float64)
+    weight = torch.rand(21, 90, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
+
+    def score(pre: torch.Tensor, start: int) -> torch.Tensor:
+        return pre.relu() * weight[:, start : start + pre.shape[1]]
+
+    encoded = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(6, score=score)], tile=32)
+    u = (p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    want = (u.relu() * weight).topk(6, dim=-1).indices
+    assert torch.equal(encoded.indices[0].sort(-1).values, want.sort(-1).values)
+    assert not torch.equal(want.sort(-1).values, u.topk(6, dim=-1).indices.sort(-1).values), "the score mattered"
+    torch.testing.assert_close(encoded.values[0], u.gather(-1, encoded.indices[0]))
+
+
+def test_auxk_rule_picks_only_allowed_latents_and_pads_when_too_few():
+    p = random_sae(13, 10, 60, torch.float64)
+    u = ((p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).detach()
+    for n_allowed in (30, 3):
+        allowed = torch.zeros(60, dtype=torch.bool)
+        allowed[torch.randperm(60, generator=torch.Generator().manual_seed(n_allowed))[:n_allowed]] = True
+        rule = RowTopK(5, allowed=allowed)
+        for start in range(0, 60, 16):
+            rule.update(u[:, start : start + 16], start)
+        got = rule.result()
+        want = u.masked_fill(~allowed, -torch.inf).topk(min(5, n_allowed), dim=-1)
+        real = got.indices[got.valid].view(13, -1) if got.valid is not None else got.indices
+        assert torch.equal(real.sort(-1).values, want.indices.sort(-1).values)
+        assert (got.pre_activations[~got.valid] == 0).all() if got.valid is not None else n_allowed >= 5
+
+
+@pytest.mark.parametrize("tile", [None, 17])
+def test_batch_topk_and_threshold_rules_equal_dense_selection(tile):
+    p = random_sae(19, 10, 70, torch.float64)
+    u = ((p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).detach()
+    threshold = torch.rand(70, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.3
+    flat = u.relu().flatten()
+    batch_dense = torch.zeros_like(flat).scatter(0, flat.topk(19 * 4).indices, flat.topk(19 * 4).values).view_as(u)
+    for rule, want in ((BatchTopK(4), batch_dense), (AboveThreshold(threshold), u * (u > threshold))):
+        for start in range(0, 70, tile or 70):
+            rule.update(u[:, start : start + (tile or 70)], start)
+        got = rule.result()
+        dense = ref.dense_rows(got.indices, got.pre_activations, 70)
+        torch.testing.assert_close(dense, want)
+
+
+def test_padded_rules_give_no_gradient_to_padded_slots():
+    """GBA's ReLU through the kernels: gradients equal the dense ReLU SAE's."""
+    p = random_sae(15, 12, 80, torch.float64)
+    encoded = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [AboveThreshold(0.0)], tile=30)
+    loss = (sparse_decode(encoded.indices[0], encoded.values[0].relu(), p["W_dec"]) ** 2).sum()
+    u = (p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    want_loss = ((u.relu() @ p["W_dec"]) ** 2).sum()
+    assert_grads_match(p, loss, want_loss, torch.float64)
+
+
+def test_bf16_product_changes_only_the_choice_and_keeps_float32_values():
+    p = random_sae(256, 64, 512, torch.float32, seed=4)
+    exact = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(16)])
+    bf16 = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(16)], matmul_dtype=torch.bfloat16)
+    u = ((p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).detach()
+    torch.testing.assert_close(bf16.values[0].detach(), u.gather(-1, bf16.indices[0]))
+    same = (exact.indices[0].sort(-1).values == bf16.indices[0].sort(-1).values).float().mean()
+    assert 0.9 < same < 1.0, f"bf16 rounding should move a few boundary choices, not most ({same:.3f} agree)"
+
+
+# ---- Triton: interpreted on the CPU, native on a GPU ------------------------------------------------
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_ops(monkeypatch):
+    if not triton_available():
+        pytest.skip("triton is not installed (it is in the test extra on Linux x86-64)")
+    assert TRITON_DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets it on CPU"
+    monkeypatch.setenv("SAELAB_TRITON", "1")
+    return importlib.import_module("saelab.kernels.triton_ops")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_products_equal_their_dense_definitions(triton_ops, dtype):
+    gen = torch.Generator().manual_seed(7)
+    batch, d, n, k = 5, 70, 19, 6  # d not a multiple of the block; a duplicate latent per row
+    indices = torch.randint(0, n, (batch, k), generator=gen)
+    indices[:, 1] = indices[:, 0]
+    values, left = torch.randn(batch, k, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    dense_n, dense_b = torch.randn(n, d, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    on = [t.to(TRITON_DEVICE) for t in (indices, values, left, dense_n, dense_b)]
+    pairs = [
+        (triton_ops.rows_matmul(on[0], on[1], on[3]), ref.rows_matmul(indices, values, dense_n)),
+        (
+            triton_ops.rows_transpose_matmul(on[0], on[1], on[4], n),
+            ref.rows_transpose_matmul(indices, values, dense_b, n),
+        ),
+        (triton_ops.sampled_dot(on[0], on[2], on[3]), ref.sampled_dot(indices, left, dense_n)),
+    ]
+    for got, want in pairs:
+        assert relative_error(got.cpu(), want) < TOLERANCE[dtype]
+
+
+def test_triton_path_trains_like_the_reference(triton_ops):
+    """sparse_encode/sparse_decode dispatch to Triton when it is on; gradients still equal the reference."""
+    p = {
+        name: t.detach().to(TRITON_DEVICE).requires_grad_() for name, t in random_sae(6, 20, 40, torch.float64).items()
+    }
+    _, loss = kernel_loss(p, RowTopK(3), tile=16)
+    cpu = {name: t.detach().cpu().requires_grad_() for name, t in p.items()}
+    _, want_loss = reference_loss(cpu, 3)
+    got = torch.autograd.grad(loss, list(p.values()))
+    want = torch.autograd.grad(want_loss, list(cpu.values()))
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g.cpu(), w) < 1e-6
+
+
+# ---- memory: the tiled mode's peak allocation ------------------------------------------------------
+
+PEAK_SCRIPT = """
+import sys, torch
+from saelab.kernels import RowTopK, sparse_encode
+batch, d, n, k, tile = 1024, 64, 65536, 32, {tile}
+x = torch.randn(batch, d); W = torch.randn(d, n); b = torch.zeros(n); c = torch.zeros(d)
+sparse_encode(x[:2], W, b, c, [RowTopK(k)], tile or n)                # warm the allocator and the code paths
+def resident_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")                         # reset the peak (VmHWM) to now
+before = resident_kib()
+sparse_encode(x, W, b, c, [RowTopK(k)], tile)
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print((peak - before) * 1024)
+"""
+
+
+def peak_bytes(tile: int | None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT.format(tile=tile))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
+def test_tiled_encode_stays_under_its_memory_bound():
+    """batch 1024 × 65,536 latents: dense u alone is 256 MiB; tiles of 1024 must stay within O(batch·(k+tile))."""
+    batch, k, tile = 1024, 32, 1024
+    # O(batch · (k·GROUP + tile)): four float32 buffers of [batch, tile + k·GROUP] + 4 MiB slack (~28 MiB)
+    bound = 4 * batch * (tile + k * GROUP) * 4 + (4 << 20)
+    tiled, dense = peak_bytes(tile), peak_bytes(None)
+    assert dense > 256 << 20, f"the dense mode should hold u [1024, 65536] (256 MiB); measured {dense >> 20} MiB"
+    assert tiled < bound, f"tiled peak {tiled >> 20} MiB exceeds the bound {bound >> 20} MiB"
+
+
+@pytest.mark.parametrize("n,k", [(9216, 32), (4608, 1), (160, 9), (100, 7), (64, 4), (48, 40)])
+def test_row_topk_equals_torch_topk(n, k):
+    """The grouped two-pass top-k keeps exactly torch.topk's entries (random floats: no ties)."""
+    scores = torch.randn(53, n, generator=torch.Generator().manual_seed(n + k))
+    scores[:5] = scores[:5].abs() * -1  # rows where every score is negative
+    values, indices = row_topk(scores, k)
+    want = scores.topk(k, dim=-1)
+    assert torch.equal(indices.sort(-1).values, want.indices.sort(-1).values)
+    torch.testing.assert_close(values.sort(-1).values, want.values.sort(-1).values)

@@ -1,0 +1,104 @@
+"""Every SAE variant's `sparse_forward` (the kernels; what training runs) equals its dense `forward`.
+
+float64 on random inputs, with non-trivial biases and input scale; tiled and untiled. Gradients of
+every trainable parameter are compared too, as training is where the sparse path is used.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab.sae import SAEConfig, build_sae
+from saelab.sae.base import SparseAutoencoder
+from saelab.train.loss import auxk_loss, normalized_mse
+
+D_IN, D_SAE, K, BATCH = 12, 96, 5, 40
+
+
+def float64_sae(architecture: str, **fields) -> SparseAutoencoder:
+    cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **{"beta": 3.0, **fields})
+    sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.input_scale.fill_(0.6)
+        sae.b_dec.copy_(torch.randn(D_IN, generator=gen, dtype=torch.float64) * 0.3)
+        sae.b_enc.copy_(
+            torch.randn(D_SAE, generator=gen, dtype=torch.float64) * 0.2 - (0.3 if architecture == "gba" else 0)
+        )
+        if architecture == "batchtopk":
+            sae.threshold.fill_(0.4)
+    return sae
+
+
+def inputs(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, D_IN, generator=gen, dtype=torch.float64), torch.randn(
+        BATCH, D_IN, generator=gen, dtype=torch.float64
+    )
+
+
+def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {name: p for name, p in sae.named_parameters() if p.requires_grad}
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+
+
+@pytest.mark.parametrize("tile", [None, 40])
+@pytest.mark.parametrize(
+    "architecture,training",
+    [
+        ("topk", True),
+        ("batchtopk", True),
+        ("batchtopk", False),
+        ("gsae", True),
+        ("gba", True),
+    ],
+)
+def test_sparse_forward_equals_dense_forward_and_its_gradients(architecture, training, tile):
+    x, gradient = inputs()
+    dense_sae, sparse_sae = float64_sae(architecture), float64_sae(architecture)
+    dense_sae.train(training), sparse_sae.train(training)
+    dense = dense_sae(x, gradient)
+    sparse = sparse_sae.sparse_forward(x, gradient, tile=tile)
+    torch.testing.assert_close(sparse.reconstruction, dense.reconstruction, rtol=1e-9, atol=1e-9)
+    l0 = (dense.latents != 0).sum(-1).double().mean()
+    assert (sparse.values > 0).sum(-1).double().mean() == l0 and 0 < l0 < D_SAE
+    want = gradients(dense_sae, normalized_mse(dense.reconstruction, x))
+    got = gradients(sparse_sae, normalized_mse(sparse.reconstruction, x))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-10, msg=name)
+    if architecture == "gba":  # the sparse path observes u as it goes; the dense one is told to
+        dense_sae.observe(dense.pre_activations.detach())
+        assert sparse_sae.fires.sum() > 0
+    for name, buffer in dense_sae.named_buffers():  # BatchTopK's θ, GBA's firing statistics
+        torch.testing.assert_close(sparse_sae.get_buffer(name), buffer, msg=name)
+
+
+def test_the_gradient_hook_changes_the_selection_in_the_sparse_path_too():
+    x, gradient = inputs()
+    sae = float64_sae("gsae", beta=50.0)
+    with_gradient = sae.sparse_forward(x, gradient).indices.sort(-1).values
+    without = sae.sparse_forward(x, None).indices.sort(-1).values
+    assert not torch.equal(with_gradient, without)
+
+
+@pytest.mark.parametrize("tile", [None, 24])
+def test_sparse_auxk_equals_the_dense_auxk_loss_and_its_gradients(tile):
+    x, _ = inputs()
+    dead = torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)) < 0.3
+    dense_sae, sparse_sae = float64_sae("topk"), float64_sae("topk")
+    dense = dense_sae(x)
+    dense_aux = auxk_loss(dense_sae, dense.pre_activations, (x - dense.reconstruction).detach(), dead, k_aux=7)
+    sparse = sparse_sae.sparse_forward(x, dead=dead, k_aux=7, tile=tile)
+    sparse_aux = normalized_mse(sparse.aux_reconstruction, (x - sparse.reconstruction).detach())
+    torch.testing.assert_close(sparse_aux, dense_aux)
+    want, got = gradients(dense_sae, dense_aux), gradients(sparse_sae, sparse_aux)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        assert want[name].abs().max() > 0
+        torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-10, msg=name)
+    assert (
+        float64_sae("topk").sparse_forward(x, dead=torch.zeros(D_SAE, dtype=torch.bool), k_aux=7).aux_reconstruction
+        is None
+    )
