@@ -32,10 +32,16 @@ def folder_lock(folder: str | Path, what: str = "job") -> Iterator[None]:
             raise SaelabError(
                 f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or choose another output"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:  # the pid is only for the message above: a full disk must not stop the job here
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError:
+            pass
         yield
     finally:
-        handle.close()
+        try:
+            handle.close()
+        except OSError:  # the pid that a full disk kept from being written
+            pass

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import saelab.atomic
 import saelab.config
 from saelab.config import config_from_dict, config_to_dict, load_config, save_config
 from saelab.errors import ConfigError
@@ -143,7 +144,7 @@ def test_save_config_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypat
     def fail(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(saelab.config.os, "replace", fail)
+    monkeypatch.setattr(saelab.atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_config(HarvestConfig(model="new"), path)
     assert path.read_text() == "model: old\n"
