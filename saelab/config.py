@@ -140,6 +140,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _convert_scalar(value: Any, tp: type, key: str) -> Any:
     """int, float, bool, str; a bool is never a number, an integral float is an int."""
+    if tp is str and isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{key}: {_show(value)} contains a NUL character, which no path or name can hold")
     if tp in (bool, str) and isinstance(value, tp):
         return value
     is_int = isinstance(value, int) and not isinstance(value, bool)

@@ -21,8 +21,12 @@ LOCK_FILE = ".lock"
 def folder_lock(folder: str | Path, what: str = "job") -> Iterator[None]:
     """Hold `folder/.lock` for the duration; a second holder gets a clear error, not a wait."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")
+    except OSError as error:  # a path that cannot be a folder here: permissions, a file in the way, read-only
+        reason = error.strerror or error
+        raise SaelabError(f"cannot write to {folder} ({reason}); choose another output folder") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
