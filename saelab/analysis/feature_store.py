@@ -275,6 +275,8 @@ class FeatureStore:
 
     def feature(self, index: int) -> FeaturePage:
         """The page of latent `index`."""
+        if not 0 <= index < self.n_latents:  # also keeps an index SQLite cannot hold (> 2^63) from the query
+            raise FeatureIndexError(f"latent {index} is not in {self.path}; it holds latents [0, {self.n_latents})")
         row = self._query("SELECT n_firing, frequency, mean, max, page FROM features WHERE latent = ?", (index,))
         if not row:
             raise FeatureIndexError(f"latent {index} is not in {self.path}; it holds latents [0, {self.n_latents})")
