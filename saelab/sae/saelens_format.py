@@ -124,6 +124,8 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         files[BUFFERS_FILE] = safetensors.torch.save(buffers)
     metadata["saelab_sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
