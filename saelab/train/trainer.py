@@ -74,6 +74,12 @@ def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSou
     if source is not None:
         return source, {"hook_name": cfg.hook or "", "model_name": ""}
     store = ActivationStore(cfg.store)
+    if not store.complete:  # its shuffle would change as shards arrive: no run could resume or be repeated
+        raise SaelabError(
+            f"the activation store {cfg.store} is incomplete ({store.n_contexts:,} of "
+            f"{store.manifest.n_contexts_planned:,} contexts): its harvest is running or was stopped; "
+            "finish it (rerun the same saelab harvest), then train"
+        )
     store_source = StoreSource(store, cfg.hook)
     return store_source, {"hook_name": store_source.hook, "model_name": store.manifest.model}
 
