@@ -314,3 +314,30 @@ def differences(got: object, want: object, path: str = "") -> list[str]:
     if isinstance(got, list | tuple) and isinstance(want, list | tuple) and len(got) == len(want):
         return [d for i, (g, w) in enumerate(zip(got, want, strict=True)) for d in differences(g, w, f"{path}[{i}]")]
     return [] if got == want else [f"{path}: {str(got)[:80]} != {str(want)[:80]}"]
+
+
+# A real SIGKILL at an exact point: the CLI with os.replace patched to kill the process just before or
+# just after it renames a file whose destination contains FRAGMENT into place.
+_KILL_AT = """
+import os, runpy, signal, sys
+fragment, when = sys.argv[1], sys.argv[2]
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    hit = fragment in str(dst)
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, *args, **kwargs)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["saelab", *sys.argv[3:]]
+runpy.run_module("saelab", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_cli_killed_at(fragment: str, when: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m saelab ARGS…`, SIGKILLed `when` ("before" / "after") it renames a file matching `fragment`."""
+    command = [sys.executable, "-c", _KILL_AT, fragment, when, *args]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    return result

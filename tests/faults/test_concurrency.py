@@ -1,7 +1,7 @@
 """Two jobs on one folder: a second harvest into a store a harvest is writing, or a second training run into
 a run being trained, is refused by the folder's lock with a message naming the holder; a reader (the
 ActivationStore, the dashboard) of a store being written sees only its completed shards, each exactly
-as it ends up.
+as it ends up; training on a store still being written is refused.
 
 The first job is the real CLI in a subprocess; the second runs in this process (another OS process, so
 the `flock` is contended for real).
@@ -39,7 +39,7 @@ def test_a_second_harvest_is_refused_and_readers_see_only_complete_shards(tiny_m
 
     monkeypatch.setenv("SAELAB_RUNS", str(runs))
     seen: dict[int, torch.Tensor] = {}  # shards listed at each read → the rows read then
-    dashboard_runs = 0
+    dashboard_runs, refused = 0, ""
     while writer.poll() is None:
         try:
             opened = ActivationStore(store)
@@ -49,6 +49,12 @@ def test_a_second_harvest_is_refused_and_readers_see_only_complete_shards(tiny_m
         n = len(opened.manifest.shards)
         if n and n not in seen:
             seen[n] = opened.rows(torch.arange(opened.n_rows))
+        if len(seen) == 2 and not opened.complete:  # training on it now would read a store still growing
+            small = ["n_tokens=512", "batch_size=256", "saes=[{architecture: topk, d_sae: 64, k: 4}]", "device=cpu"]
+            code, _, stderr = in_process_cli("train", "--quiet", f"store={store}", f"out={tmp_path / 'train'}", *small)
+            refused = one_line_error((code, stderr))
+            assert f"the activation store {store} is incomplete" in refused and "harvest is running" in refused
+            assert not (tmp_path / "train").exists()
         if dashboard_runs < 1:  # the dashboard's runs page on the runs folder the harvest writes into
             at = AppTest.from_file(str(APP), default_timeout=60).run()
             assert not at.exception, [e.value for e in at.exception]
@@ -58,7 +64,7 @@ def test_a_second_harvest_is_refused_and_readers_see_only_complete_shards(tiny_m
     final = ActivationStore(store)
     assert final.complete and len(final.manifest.shards) == 60
     everything = final.rows(torch.arange(final.n_rows))
-    assert len(seen) >= 3, f"too few reads during the harvest: {sorted(seen)}"
+    assert len(seen) >= 3 and refused, f"too few reads during the harvest: {sorted(seen)}"
     for rows in seen.values():  # every partial read was a prefix of the final store, bit for bit
         assert torch.equal(rows, everything[: len(rows)])
     print(f"reads while harvesting saw {sorted(seen)} of 60 shards; dashboard rendered {dashboard_runs} times")

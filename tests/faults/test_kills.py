@@ -24,8 +24,10 @@ import safetensors.torch
 from faultlib import (
     differences,
     feature_store_digest,
+    in_process_cli,
     kill_during,
     run_cli,
+    run_cli_killed_at,
     run_digest,
     start_cli,
     store_digest,
@@ -46,7 +48,7 @@ def listed_shards(store: Path) -> int:
 
 
 def temporaries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(".*.tmp")) if folder.exists() else []
+    return sorted(p.name for p in folder.rglob(".*.tmp")) if folder.exists() else []  # files and folders
 
 
 def assert_store_consistent(store: Path) -> None:
@@ -195,3 +197,53 @@ def test_analysis_killed_twice_rerun_gives_the_same_feature_stores(reference, tm
         assert differences(got, feature_store_digest(reference["analyzed"] / "saes" / label / "features.sqlite")) == []
     for seed, kill in zip((41, 42), kills, strict=True):
         print(f"analyze kill, seed {seed}: {kill.delay:.3f} s after {kill.what}: {kill.state}")
+
+
+@pytest.mark.parametrize(
+    ("stage", "fragment", "when"),
+    [
+        ("harvest", "shard-000003.safetensors", "after"),  # a whole shard in place, not yet in the manifest
+        ("train", "step-000000100.pt", "after"),  # a whole checkpoint in place, its .sha256 not yet written
+        ("train", "/cfg.json", "after"),  # the first SAE half saved: its temporary folder holds cfg.json only
+        ("analyze", "features.sqlite", "before"),  # a whole feature store, still under its temporary name
+    ],
+)
+def test_killed_between_a_write_and_its_record(reference, tiny_model_dir, tmp_path, stage, fragment, when):
+    """Kills at the exact points a random kill rarely hits: between a file's rename and what makes it count."""
+    run = tmp_path / "train"
+    if stage == "harvest":
+        target = tmp_path / "store"
+        args = ["harvest", "--quiet", *harvest_args(tiny_model_dir, target)]
+    elif stage == "train":
+        target = run
+        args = ["train", "--quiet", "--resume", *train_args(reference["store"], run)]
+    else:
+        target = Path(shutil.copytree(reference["run"], run))
+        args = ["analyze", "--quiet", *analyze_args(run)]
+    run_cli_killed_at(fragment, when, *args)
+    left = sorted(str(p.relative_to(target)) for p in target.rglob("*") if fragment.strip("/") in p.name)
+    if stage == "harvest":
+        assert listed_shards(target) == 3 and left == ["shards/shard-000003.safetensors"]  # whole, but unlisted
+        assert_store_consistent(target)
+    elif fragment == "/cfg.json":
+        assert [p.name for p in (run / "saes").iterdir()][0].endswith(".tmp")  # only the half-saved SAE
+        code, _, stderr = in_process_cli("analyze", "--quiet", *analyze_args(run))
+        assert "holds no SAE; has the training run finished?" in stderr and code == 2  # not the half-saved one
+    elif stage == "train":
+        assert checkpoint_steps(run)[-1] == 80 and (run / "checkpoints" / fragment).exists()
+        assert_run_consistent(run)
+    else:
+        assert temporaries(run / "saes") and not (run / "saes" / "batchtopk-128-k8" / "features.sqlite").exists()
+    code, _, stderr = in_process_cli(*args)  # the same command again
+    assert code == 0, stderr
+    assert temporaries(target) == []
+    if stage == "harvest":
+        assert differences(store_digest(target), store_digest(reference["store"])) == []
+    elif stage == "train":
+        assert differences(run_digest(run), run_digest(reference["run"])) == []
+    else:
+        for label in sorted(p.name for p in (run / "saes").iterdir()):
+            got = feature_store_digest(run / "saes" / label / "features.sqlite")
+            want = feature_store_digest(reference["analyzed"] / "saes" / label / "features.sqlite")
+            assert differences(got, want) == []
+    print(f"{stage} killed {when} renaming {fragment}: left {left or 'a temporary only'}; the rerun matches")
