@@ -221,7 +221,6 @@ def test_random_overrides_work_or_fail_in_one_line(overrides, tiny_model_dir, tm
     ("args", "named"),
     [
         (["harvest", "hooks=[blocks.99.hook_resid_post]"], "blocks.99"),  # found after the model loads
-        (["train", "lr=-1"], "lr"),
     ],
 )
 def test_bad_arguments_in_a_real_subprocess(args, named, tiny_model_dir, reference, tmp_path):

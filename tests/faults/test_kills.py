@@ -1,5 +1,7 @@
-"""SIGKILL a real `saelab harvest`, `saelab train --resume` and `saelab analyze` at seeded moments in the
-middle of their work; rerunning the same command ends with what an uninterrupted run makes.
+"""SIGKILL a real `saelab harvest`, `saelab train --resume` and `saelab analyze` (subprocesses) at seeded
+moments in the middle of their work, and at exact points between a file's rename and what makes it count;
+rerunning the same command (in this process: the kills are what is tested) ends with what an
+uninterrupted run makes.
 
 Each kill waits for the first sign of work (a shard listed, a checkpoint, the feature store's temporary
 file), then a seeded extra delay, so kills land at different places in the work; each test prints where
@@ -8,8 +10,9 @@ checkpoint, SAE folder and feature store that has its final name opens and verif
 
 Bit-identical: the store (every tensor and the manifest), the SAEs' weights and buffers, the last
 checkpoint's state (weights, Adam moments, dead-latent counters, GBA windows, data position), the
-summary, and the feature store's tables. Not: `tokens_per_s` in metrics.jsonl and the timings in the
-feature store's `meta` (they measure the clock, and are left out of the comparison).
+summary, the metrics, and the feature store's tables. Not: `tokens_per_s` in metrics.jsonl and
+`pass_seconds`, `tokens_per_second` and `created` in the feature store's `meta` (they measure the clock),
+nor the paths that name the run's own folder (`summary.json`'s `path`, `meta.run`): they are left out.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from faultlib import (
     feature_store_digest,
     in_process_cli,
     kill_during,
-    run_cli,
     run_cli_killed_at,
     run_digest,
     start_cli,
@@ -84,8 +86,8 @@ def test_harvest_killed_three_times_resumes_to_the_same_store(reference, tiny_mo
         kills.append(kill)
         assert not kill.finished_first, "the kill should land inside the harvest; make it longer"
         assert_store_consistent(store)
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = in_process_cli(*args)  # the same command again (in this process: the kills are the test)
+    assert code == 0, stderr
     assert differences(store_digest(store), store_digest(reference["store"])) == []
     assert temporaries(store) == []
     for seed, kill in zip((11, 12, 13), kills, strict=True):
@@ -113,8 +115,8 @@ def test_harvest_of_smollm2_killed_mid_shard_resumes_to_the_same_store(smollm2, 
     )
     assert not kill.finished_first
     assert_store_consistent(store)
-    result = run_cli("harvest", "--quiet", *args(store))
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = in_process_cli("harvest", "--quiet", *args(store))
+    assert code == 0, stderr
     assert store_digest(store) == store_digest(tmp_path / "reference")
     print(f"SmolLM2 harvest kill, seed 21: {kill.delay:.3f} s after {kill.what}: {kill.state}")
 
@@ -154,8 +156,8 @@ def test_training_killed_three_times_resumes_bit_for_bit(reference, tmp_path):
         kills.append(kill)
         assert not kill.finished_first, "the kill should land inside training; make it longer"
         assert_run_consistent(run)
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = in_process_cli(*args)  # the same command again (in this process: the kills are the test)
+    assert code == 0, stderr
     assert differences(run_digest(run), run_digest(reference["run"])) == []
     for seed, kill in zip((31, 32, 33), kills, strict=True):
         print(f"train kill, seed {seed}: {kill.delay:.3f} s after {kill.what}: {kill.state}")
@@ -189,8 +191,8 @@ def test_analysis_killed_twice_rerun_gives_the_same_feature_stores(reference, tm
             if path.exists():
                 with FeatureStore(path) as store:
                     store.feature(0)
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
+    code, _, stderr = in_process_cli(*args)  # the same command again (in this process: the kills are the test)
+    assert code == 0, stderr
     assert temporaries(run / "saes") == []
     for label in saes:
         got = feature_store_digest(run / "saes" / label / "features.sqlite")
