@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 import saelab
-from saelab.atomic import remove_stale_temporaries
+from saelab.atomic import remove_stale_temporaries, removed_on_failure
 from saelab.config import config_changes, config_identity
 from saelab.errors import SaelabError
 from saelab.harvest.config import HarvestConfig
@@ -35,6 +35,7 @@ from saelab.harvest.corpus import describe_corpus, iter_documents
 from saelab.harvest.manifest import MANIFEST_FILE, StoreManifest, gradient_name, read_manifest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.shards import SHARD_DIR, write_shard
+from saelab.harvest.store import check_layout
 from saelab.locking import LOCK_FILE, folder_lock
 from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
 
@@ -53,7 +54,8 @@ def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress
     """Harvest (or finish harvesting) the store `cfg.out`; returns its complete manifest."""
     cfg.validate()
     out = Path(cfg.out)
-    with folder_lock(out, what="harvest"):
+    created = not out.exists()
+    with folder_lock(out, what="harvest"), removed_on_failure(out, created, _has_shards):
         model = model if model is not None else load_model(cfg.model, cfg.device)
         hooks = [parse_hook(name, model.cfg.n_layers) for name in cfg.hooks]
         manifest = _open_or_create_manifest(out, cfg, model)
@@ -202,6 +204,7 @@ def _identity(cfg: HarvestConfig) -> dict[str, Any]:
 def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
     if (out / MANIFEST_FILE).exists():
         manifest = read_manifest(out)
+        check_layout(out, manifest)  # a record deleted from the manifest must not make a shard be overwritten
         # Keys added to HarvestConfig since the store was made read as their defaults.
         _check_same_config(out, {**_identity(HarvestConfig()), **manifest.config}, _identity(cfg))
         return manifest
@@ -252,6 +255,10 @@ def _new_manifest(cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest
             "platform": platform.platform(),
         },
     )
+
+
+def _has_shards(out: Path) -> bool:
+    return any((out / SHARD_DIR).glob("shard-*")) if (out / SHARD_DIR).is_dir() else False
 
 
 def _remove_unlisted_shards(out: Path, manifest: StoreManifest) -> None:
