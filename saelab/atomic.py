@@ -9,7 +9,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,32 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
+def disk_full_error(path: str | Path, needed: str) -> SaelabError:
+    """The one message for a full disk: the file, the space it needed, and what to do."""
+    return SaelabError(
+        f"no space left on the device writing {path} ({needed}); free some space and rerun the same command to continue"
+    )
+
+
+def size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 / 10 else f"{n_bytes:,} bytes"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data`; a full disk raises a SaelabError naming the path and the size."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -32,12 +55,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC:
-            raise SaelabError(
-                f"no space left on the device writing {path} ({len(data) / 2**20:.1f} MiB needed); "
-                "free some space and rerun the same command to continue"
-            ) from error
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(path, f"{size_text(len(data))} needed") from error
         raise
 
 
@@ -53,3 +74,18 @@ def remove_stale_temporaries(folder: str | Path) -> None:
     """Delete the `.name.*.tmp` files a killed writer left behind in `folder`."""
     for tmp in Path(folder).glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def removed_on_failure(folder: str | Path, created: bool, has_results: Callable[[Path], bool]) -> Iterator[None]:
+    """If the block fails and `folder` was `created` by this job (it did not exist before) but holds no
+    results yet (`has_results(folder)` is false), delete it: a bad model name, hook or batch size found
+    after the folder was made leaves no half-made output behind. Enter it inside the folder's lock, so it
+    never deletes a folder another job is writing."""
+    try:
+        yield
+    except BaseException:
+        folder = Path(folder)
+        if created and folder.is_dir() and not has_results(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

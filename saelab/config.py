@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import types
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from saelab.atomic import atomic_write_text
 from saelab.errors import ConfigError
 
 T = TypeVar("T")
@@ -94,20 +93,9 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Write the config as YAML atomically: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write the config as YAML atomically: a crash never leaves a half-written file, a full disk is a
+    SaelabError naming the file."""
+    atomic_write_text(path, yaml.dump(config_to_dict(config), Dumper=_Dumper, sort_keys=False))
 
 
 # --- building ------------------------------------------------------------------------
@@ -152,6 +140,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _convert_scalar(value: Any, tp: type, key: str) -> Any:
     """int, float, bool, str; a bool is never a number, an integral float is an int."""
+    if tp is str and isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{key}: {_show(value)} contains a NUL character, which no path or name can hold")
     if tp in (bool, str) and isinstance(value, tp):
         return value
     is_int = isinstance(value, int) and not isinstance(value, bool)

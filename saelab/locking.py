@@ -21,8 +21,12 @@ LOCK_FILE = ".lock"
 def folder_lock(folder: str | Path, what: str = "job") -> Iterator[None]:
     """Hold `folder/.lock` for the duration; a second holder gets a clear error, not a wait."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a+")
+    except OSError as error:  # a path that cannot be a folder here: permissions, a file in the way, read-only
+        reason = error.strerror or error
+        raise SaelabError(f"cannot write to {folder} ({reason}); choose another output folder") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -32,10 +36,16 @@ def folder_lock(folder: str | Path, what: str = "job") -> Iterator[None]:
             raise SaelabError(
                 f"{folder} is in use by another {what} (pid {holder}); wait for it to finish or choose another output"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:  # the pid is only for the message above: a full disk must not stop the job here
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError:
+            pass
         yield
     finally:
-        handle.close()
+        try:
+            handle.close()
+        except OSError:  # the pid that a full disk kept from being written
+            pass

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import saelab.atomic
 import saelab.config
 from saelab.config import config_from_dict, config_to_dict, load_config, save_config
 from saelab.errors import ConfigError
@@ -143,7 +144,7 @@ def test_save_config_keeps_old_file_when_replace_fails(tmp_path: Path, monkeypat
     def fail(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(saelab.config.os, "replace", fail)
+    monkeypatch.setattr(saelab.atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         save_config(HarvestConfig(model="new"), path)
     assert path.read_text() == "model: old\n"
@@ -446,19 +447,20 @@ def test_random_overrides_load_or_raise_one_line_config_error(args: list[str]) -
 
 
 # Valid by type and by HarvestConfig.validate (one hook or more, sizes positive).
+NO_NUL = st.characters(exclude_characters="\x00")  # a NUL is refused in any string (no path or name holds one)
 valid_harvest = st.fixed_dictionaries(
     {},
     optional={
-        "model": st.text(max_size=10),
-        "hooks": st.lists(st.text(max_size=10), min_size=1, max_size=3),
+        "model": st.text(NO_NUL, max_size=10),
+        "hooks": st.lists(st.text(NO_NUL, max_size=10), min_size=1, max_size=3),
         "n_tokens": st.integers(min_value=1),
         "prepend_bos": st.booleans(),
         "dtype": st.sampled_from(["float32", "bfloat16"]),
         "corpus": st.fixed_dictionaries(
-            {"path": st.text(min_size=1, max_size=10)},  # `datasets` needs a path
+            {"path": st.text(NO_NUL, min_size=1, max_size=10)},  # `datasets` needs a path
             optional={
                 "source": st.sampled_from(["default", "datasets"]),
-                "name": st.none() | st.text(max_size=10),
+                "name": st.none() | st.text(NO_NUL, max_size=10),
                 "seed": st.integers(),
             },
         ),

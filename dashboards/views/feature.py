@@ -25,9 +25,10 @@ wanted = st.session_state.get("latent", 0)
 try:
     latent = int(wanted)
 except (TypeError, ValueError):
+    latent = -1
+if latent < 0:  # not a number, or negative: say so, and show latent 0
     st.error(f"`{wanted}` is not a latent index; pick one in [0, {n_latents}).")
     latent = 0
-latent = max(latent, 0)
 st.session_state["latent"] = st.session_state["latent_box"] = latent
 
 

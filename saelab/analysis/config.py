@@ -36,6 +36,8 @@ class AnalyzeConfig:
     device: str = "auto"
 
     def validate(self) -> None:
+        if not self.run.strip():
+            raise ConfigError("run: must name a training run's folder, got ''")
         for key in ("n_tokens", "top_n", "n_bands", "per_band", "sample_size", "n_logits", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")

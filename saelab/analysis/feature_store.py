@@ -27,7 +27,6 @@ it by another rename), so readers open it read-only and immutable.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from saelab.atomic import disk_full_error, is_disk_full, size_text
 from saelab.errors import SaelabError
 
 FEATURE_STORE_FORMAT = "saelab-feature-store"
@@ -146,10 +146,13 @@ def write_feature_store(path: str | Path, meta: dict[str, Any], pages: Iterable[
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, sqlite3.Error) as error:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
         full = isinstance(error, sqlite3.OperationalError) and "full" in str(error)
-        if full or getattr(error, "errno", None) == errno.ENOSPC:
-            raise SaelabError(f"no space left on the device writing {path}; free some space and rerun") from error
+        if full or is_disk_full(error):
+            # SQLite does not know the final size in advance: what it had written is a lower bound.
+            needed = f"more than the {size_text(written)} written when the disk filled up"
+            raise disk_full_error(path, needed) from error
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -272,6 +275,8 @@ class FeatureStore:
 
     def feature(self, index: int) -> FeaturePage:
         """The page of latent `index`."""
+        if not 0 <= index < self.n_latents:  # also keeps an index SQLite cannot hold (> 2^63) from the query
+            raise FeatureIndexError(f"latent {index} is not in {self.path}; it holds latents [0, {self.n_latents})")
         row = self._query("SELECT n_firing, frequency, mean, max, page FROM features WHERE latent = ?", (index,))
         if not row:
             raise FeatureIndexError(f"latent {index} is not in {self.path}; it holds latents [0, {self.n_latents})")

@@ -86,11 +86,13 @@ def encode_text(
 ) -> TextActivations:
     """Tokenise `text` as the store's contexts were and encode it (`encode_tokens`).
 
-    An empty text is a SaelabError; text beyond `max_tokens` tokens is cut (`truncated` says so).
+    An empty text is a SaelabError; text beyond `max_tokens` tokens, or the model's context, is cut
+    (`truncated` says so).
     """
     if not text.strip():
         raise SaelabError("the text is empty: type a phrase to run through the model and the SAE")
-    ids, truncated = context_ids(model.tokenizer, text, prepend_bos, max_tokens)
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or max_tokens)  # never past the model's context
+    ids, truncated = context_ids(model.tokenizer, text, prepend_bos, min(max_tokens, n_ctx))
     result = encode_tokens(model, sae, hook, ids, first_position if prepend_bos else 0)
     result.truncated = truncated
     return result

@@ -65,6 +65,8 @@ def validate_harvest_config(cfg: HarvestConfig) -> None:
     """Checks that need more than a type: sizes positive, at least one hook, room for a kept position."""
     for name in ("n_tokens", "context_size", "batch_size", "shard_contexts"):
         _check_positive(name, getattr(cfg, name))
+    if not cfg.out.strip():
+        raise ConfigError("out: must name the store's folder, got ''")
     if not cfg.hooks:
         raise ConfigError("hooks: give at least one hook, e.g. [blocks.15.hook_resid_post]")
     if cfg.exclude_first_position and cfg.context_size < 2:

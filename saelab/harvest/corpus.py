@@ -17,7 +17,9 @@ rather than stopping a harvest). Documents that are empty or only whitespace are
 or a folder's files with a known extension, recursively; read in sorted order by the one
 builder their extension names, see `BUILDERS`) or, for anything else, a hub name with
 `name` as its config. A `.txt` file gives one document per line (the `text` builder's
-default). Rows whose text is None or empty are skipped.
+default). Rows whose text is None or empty are skipped. Undecodable bytes in `.txt` and `.csv` files
+become U+FFFD, as in the default corpus; JSON must be valid UTF-8 JSON (a file its reader rejects is
+an error naming it).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def _describe_default(seed: int) -> dict[str, Any]:
 
 
 def _dataset_documents(cfg: CorpusConfig) -> Iterator[str]:
-    for row in _load_stream(cfg):
+    for row in _readable_rows(cfg):
         if cfg.text_column not in row:
             raise SaelabError(
                 f"corpus.text_column {cfg.text_column!r} is not in the data; its columns are {sorted(row)}"
@@ -149,6 +151,27 @@ def _dataset_documents(cfg: CorpusConfig) -> Iterator[str]:
         yield text
 
 
+def _readable_rows(cfg: CorpusConfig) -> Iterator[dict[str, Any]]:
+    """The rows of the stream; a file its reader rejects (JSON that is not UTF-8 or holds a lone surrogate
+    escape, a malformed CSV row…) is a SaelabError naming the corpus, not the reader's traceback."""
+    from datasets.utils import logging as datasets_logging
+
+    rows = iter(_load_stream(cfg))
+    while True:
+        verbosity = datasets_logging.get_verbosity()
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its log line would repeat ours
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as error:  # datasets, pyarrow and pandas each raise their own types for a bad file
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise SaelabError(f"corpus.path {cfg.path!r} cannot be read: {reason}") from error
+        finally:
+            datasets_logging.set_verbosity(verbosity)
+        yield row
+
+
 def _load_stream(cfg: CorpusConfig) -> Any:
     """A streaming `datasets` split: local files by extension, else a hub dataset."""
     from datasets import load_dataset
@@ -158,7 +181,10 @@ def _load_stream(cfg: CorpusConfig) -> Any:
     if files is None:
         return load_dataset(path, cfg.name, split=cfg.split, streaming=True)
     # Keying the files by `cfg.split` makes any split name valid for local files.
-    return load_dataset(_builder(files), data_files={cfg.split: files}, split=cfg.split, streaming=True)
+    builder = _builder(files)
+    # Undecodable bytes become U+FFFD (as in the default corpus) instead of stopping the harvest.
+    options = {"encoding_errors": "replace"} if builder in ("text", "json", "csv") else {}
+    return load_dataset(builder, data_files={cfg.split: files}, split=cfg.split, streaming=True, **options)
 
 
 def _require_path(cfg: CorpusConfig) -> str:

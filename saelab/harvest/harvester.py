@@ -35,7 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import saelab
 from saelab import distributed
-from saelab.atomic import remove_stale_temporaries
+from saelab.atomic import remove_stale_temporaries, removed_on_failure
 from saelab.config import config_changes, config_identity
 from saelab.errors import SaelabError
 from saelab.harvest.config import HarvestConfig
@@ -50,6 +50,7 @@ from saelab.harvest.rank_manifests import (
     save_rank_shards,
 )
 from saelab.harvest.shards import SHARD_DIR, verify_shard, write_shard
+from saelab.harvest.store import check_layout
 from saelab.locking import LOCK_FILE, folder_lock
 from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
 
@@ -74,7 +75,8 @@ def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress
     distributed.init_from_environment()
     if distributed.is_distributed() or (out / RANK_DIR).is_dir():
         return _harvest_by_ranks(cfg, model, progress)
-    with folder_lock(out, what="harvest"):
+    created = not out.exists()
+    with folder_lock(out, what="harvest"), removed_on_failure(out, created, _has_shards):
         model = model if model is not None else load_model(cfg.model, cfg.device)
         hooks = [parse_hook(name, model.cfg.n_layers) for name in cfg.hooks]
         manifest = _open_or_create_manifest(out, cfg, model)
@@ -223,6 +225,7 @@ def _identity(cfg: HarvestConfig) -> dict[str, Any]:
 def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
     if (out / MANIFEST_FILE).exists():
         manifest = read_manifest(out)
+        check_layout(out, manifest)  # a record deleted from the manifest must not make a shard be overwritten
         # Keys added to HarvestConfig since the store was made read as their defaults.
         _check_same_config(out, {**_identity(HarvestConfig()), **manifest.config}, _identity(cfg))
         return manifest
@@ -273,6 +276,10 @@ def _new_manifest(cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest
             "platform": platform.platform(),
         },
     )
+
+
+def _has_shards(out: Path) -> bool:
+    return any((out / SHARD_DIR).glob("shard-*")) if (out / SHARD_DIR).is_dir() else False
 
 
 def _remove_unlisted_shards(out: Path, manifest: StoreManifest) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
-from saelab.harvest.manifest import ShardRecord, StoreManifest, gradient_name, read_manifest
-from saelab.harvest.shards import map_shard, verify_shard
+from saelab.harvest.manifest import MANIFEST_FILE, ShardRecord, StoreManifest, gradient_name, read_manifest
+from saelab.harvest.shards import SHARD_DIR, map_shard, shard_file, verify_shard
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,9 +45,10 @@ class ActivationStore:
         self._manifest = read_manifest(self.path)
         if self._manifest.dtype not in _DTYPES:
             raise SaelabError(f"{self.path}: activation dtype {self._manifest.dtype!r} is not one of {list(_DTYPES)}")
-        _check_layout(self._manifest)
+        check_layout(self.path, self._manifest)
         for record in self._manifest.shards:
             verify_shard(self.path, record, checksum=verify)
+        _check_no_unlisted_shards(self.path, self._manifest)
         shards = self._manifest.shards
         # starts[s] = global index of shard s's first row; searchsorted over it finds a row's shard.
         self._row_starts = torch.tensor([0, *itertools.accumulate(r.n_rows for r in shards)][:-1], dtype=torch.int64)
@@ -303,18 +304,41 @@ def _mix(
         yield from buffer[torch.randperm(len(buffer), generator=generator)].split(batch_size)
 
 
-def _check_layout(manifest: StoreManifest) -> None:
-    """Shards must hold whole contexts in ascending, non-overlapping order (`context_of` relies on it)."""
-    end = None
-    for record in manifest.shards:
+def check_layout(store: Path, manifest: StoreManifest) -> None:
+    """Shard i is `shard_file(i)` and holds whole contexts right after shard i − 1's (`context_of` and a
+    resumed harvest rely on it): a record deleted or edited is an error, not a store with a silent gap."""
+    end = 0
+    for index, record in enumerate(manifest.shards):
+        where = f"{store / MANIFEST_FILE} lists shard {record.file}"
+        if record.file != shard_file(index):
+            raise SaelabError(
+                f"{where} as shard {index}, which should be {shard_file(index)}: a shard record is missing or "
+                "out of order; the manifest is damaged (re-harvest into a new folder)"
+            )
         if record.n_rows != record.n_contexts * manifest.rows_per_context:
             raise SaelabError(
-                f"manifest lists shard {record.file} with {record.n_rows} rows for {record.n_contexts} contexts of "
-                f"{manifest.rows_per_context} rows each; the manifest is damaged"
+                f"{where} with {record.n_rows} rows for {record.n_contexts} contexts of "
+                f"{manifest.rows_per_context} rows each; the manifest is damaged (re-harvest into a new folder)"
             )
-        if end is not None and record.first_context < end:
-            raise SaelabError(f"manifest lists shard {record.file} out of context order; the manifest is damaged")
+        if record.first_context != end:
+            raise SaelabError(
+                f"{where} from context {record.first_context}, but the shards before it end at context {end}: "
+                "a shard record is missing or edited; the manifest is damaged (re-harvest into a new folder)"
+            )
         end = record.first_context + record.n_contexts
+
+
+def _check_no_unlisted_shards(store: Path, manifest: StoreManifest) -> None:
+    """A complete store's shards are all listed (while a harvest runs, the next shard may be there first)."""
+    if not manifest.complete or not (store / SHARD_DIR).is_dir():
+        return
+    listed = {Path(record.file).name for record in manifest.shards}
+    unlisted = sorted(p.name for p in (store / SHARD_DIR).glob("shard-*") if p.name not in listed)
+    if unlisted:
+        raise SaelabError(
+            f"{store / MANIFEST_FILE} says the store is complete but does not list {store / SHARD_DIR / unlisted[0]}: "
+            "a shard record is missing; the manifest is damaged (rerun the same harvest to rebuild it)"
+        )
 
 
 def _check_shard(store: Path, manifest: StoreManifest, record: ShardRecord, tensors: dict[str, torch.Tensor]) -> None:

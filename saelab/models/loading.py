@@ -21,6 +21,12 @@ def resolve_device(device: str) -> str:
     """`auto` means the GPU when there is one, else the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise SaelabError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:1, mps, …)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SaelabError(f"device: {device!r}, but no CUDA GPU is available here; use cpu or auto")
     return device
 
 

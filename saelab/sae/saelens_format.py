@@ -25,6 +25,7 @@ ReLU forward), jumprelu → BatchTopKSAE with its per-latent thresholds (exact i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -118,13 +119,19 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     sae_lens_cfg["rescale_acts_by_decoder_norm"] = False
     sae_lens_cfg["architecture"] = architecture
 
+    files = {WEIGHTS_FILE: safetensors.torch.save(weights)}
+    if buffers:
+        files[BUFFERS_FILE] = safetensors.torch.save(buffers)
+    metadata["saelab_sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
         atomic_write_json(tmp / CFG_FILE, sae_lens_cfg)
-        atomic_write_bytes(tmp / WEIGHTS_FILE, safetensors.torch.save(weights))
-        if buffers:
-            atomic_write_bytes(tmp / BUFFERS_FILE, safetensors.torch.save(buffers))
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
         _move_into_place(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,6 +155,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     else:
         cfg, scale = _saelens_config(raw, metadata, cfg_path), 1.0
 
+    _verify_checksums(folder, metadata.get("saelab_sha256"), cfg_path)
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0))  # weights are overwritten below
     tensors = _read_tensors(weights_path)
     expected = {
@@ -192,10 +200,22 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
     scale = metadata.get("saelab_input_scale")
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
         raise SaelabError(f"{cfg_path}: metadata.saelab_input_scale must be a positive number, got {scale!r}")
-    for key in ("d_in", "d_sae"):
-        if raw.get(key) != getattr(cfg, key):
+    # saelab wrote every one of these; a value that disagrees is an edit that would be silently ignored.
+    written = {key: getattr(cfg, key) for key in ("d_in", "d_sae")}
+    if SAELENS_ARCHITECTURE[cfg.architecture] == "topk":
+        written["k"] = cfg.k
+    written |= {"apply_b_dec_to_input": True, "normalize_activations": "none", "rescale_acts_by_decoder_norm": False}
+    for key, value in written.items():
+        if raw.get(key) != value or type(raw.get(key)) is not type(value):
             raise SaelabError(
-                f"{cfg_path}: {key} is {raw.get(key)!r} but metadata.saelab_config says {getattr(cfg, key)}"
+                f"{cfg_path}: {key} is {raw.get(key)!r} but the SAE saelab saved there has {value!r} "
+                "(metadata.saelab_config): the file was edited; restore it or save the SAE again"
+            )
+    for key in ("hook_name", "model_name"):
+        if metadata.get(key) != getattr(cfg, key):
+            raise SaelabError(
+                f"{cfg_path}: metadata.{key} is {metadata.get(key)!r} but metadata.saelab_config says "
+                f"{getattr(cfg, key)!r}: the file was edited; restore it or save the SAE again"
             )
     if raw.get("architecture") != SAELENS_ARCHITECTURE[cfg.architecture]:
         raise SaelabError(
@@ -231,6 +251,26 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error
     return cfg
+
+
+def _verify_checksums(folder: Path, checksums: Any, cfg_path: Path) -> None:
+    """The sha256 that `save_sae` recorded for each tensor file (SAEs saved before it did, or by SAELens,
+    have none): a flipped byte in the weights is an error naming the file, not a silently different SAE."""
+    if checksums is None:
+        return
+    if not isinstance(checksums, dict):
+        raise SaelabError(f"{cfg_path}: metadata.saelab_sha256 must be a JSON object")
+    for name, expected in checksums.items():
+        path = folder / str(name)
+        try:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as error:
+            raise SaelabError(f"{path}: cannot be read ({error.strerror or error})") from error
+        if actual != expected:
+            raise SaelabError(
+                f"{path}: fails its sha256 check (metadata.saelab_sha256 in {CFG_FILE}): it is corrupted or was "
+                "changed after saving; restore it or save the SAE again"
+            )
 
 
 def _positive_int(raw: dict[str, Any], key: str, cfg_path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +59,16 @@ class TrainConfig:
         for key in ("n_tokens", "batch_size", "checkpoint_every_tokens", "keep_checkpoints", "log_every_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("store", "out"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"{key}: must name a folder, got ''")
+        for key in ("lr", "aux_alpha"):  # a negative or infinite rate would train without complaint, on nonsense
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value >= 0 and (key != "lr" or value > 0)):
+                raise ConfigError(f"{key}: must be a finite number {'> 0' if key == 'lr' else '≥ 0'}, got {value}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
         if self.n_tokens < self.batch_size:
             raise ConfigError(f"n_tokens: {self.n_tokens} is less than one batch of {self.batch_size}")
         if not self.saes:

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from saelab.atomic import atomic_write_text
+from saelab.atomic import atomic_write_text, disk_full_error, is_disk_full, size_text
 from saelab.run_layout import METRICS_FILE
 from saelab.train.config import WandbConfig
 
@@ -25,14 +25,19 @@ class MetricsLog:
         if step is None or not self.path.exists():
             atomic_write_text(self.path, "")
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, records: list[dict[str, Any]]) -> None:
         """records: one dict per SAE with at least `step` and `sae`."""
-        for record in records:
-            self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        text = "".join(json.dumps(record) + "\n" for record in records)
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as error:
+            if is_disk_full(error):
+                raise disk_full_error(self.path, f"{size_text(len(text.encode()))} needed to append") from error
+            raise
         if self.wandb is not None and records:
             flat = {
                 f"{r['sae']}/{key}": value for r in records for key, value in r.items() if key not in ("sae", "step")
@@ -43,6 +48,14 @@ class MetricsLog:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _step(line: str) -> float:
+    """The step a metrics line logs; a line torn by a kill or a full disk (it is dropped) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _start_wandb(run: Path, cfg: WandbConfig, config: dict[str, Any]) -> Any:

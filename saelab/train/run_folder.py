@@ -28,7 +28,9 @@ def read_run_config(run: Path) -> TrainConfig:
 def sae_labels(run: Path, wanted: list[str]) -> list[str]:
     """The labels `wanted` (all the run's SAEs when empty, sorted), each checked to exist under `run/saes/`."""
     folder = run / SAE_DIR
-    found = sorted(p.name for p in folder.iterdir() if (p / CFG_FILE).is_file()) if folder.is_dir() else []
+    # A dot-folder is an SAE being written (or left by a kill mid-write): never one to read.
+    saved = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    found = sorted(p.name for p in saved if (p / CFG_FILE).is_file())
     if not found:
         raise SaelabError(f"{folder} holds no SAE; has the training run finished? (`saelab train --resume` ends it)")
     missing = [label for label in wanted if label not in found]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saelab import distributed
-from saelab.atomic import atomic_write_json
+from saelab.atomic import atomic_write_json, removed_on_failure
 from saelab.config import config_changes, config_identity, load_config, save_config
 from saelab.distributed import DataParallel
 from saelab.errors import SaelabError
@@ -85,7 +85,8 @@ def train(
         return _train_on_ranks(cfg, source, resume, progress, distribute_saes)
     out = Path(cfg.out)
     source, provenance = _open_source(cfg, source)  # bad input fails before the run folder exists
-    with folder_lock(out, what="training run"):
+    created = not out.exists()  # …and what fails later (the batch size for this store…) removes it again
+    with folder_lock(out, what="training run"), removed_on_failure(out, created, _has_results):
         _prepare_run_folder(out, cfg, resume)
         device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device)
@@ -175,8 +176,19 @@ def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSou
     if source is not None:
         return source, {"hook_name": cfg.hook or "", "model_name": ""}
     store = ActivationStore(cfg.store)
+    if not store.complete:  # its shuffle would change as shards arrive: no run could resume or be repeated
+        raise SaelabError(
+            f"the activation store {cfg.store} is incomplete ({store.n_contexts:,} of "
+            f"{store.manifest.n_contexts_planned:,} contexts): its harvest is running or was stopped; "
+            "finish it (rerun the same saelab harvest), then train"
+        )
     store_source = StoreSource(store, cfg.hook)
     return store_source, {"hook_name": store_source.hook, "model_name": store.manifest.model}
+
+
+def _has_results(out: Path) -> bool:
+    """A checkpoint or a saved SAE: something a rerun continues from or a later stage reads."""
+    return bool(complete_checkpoints(out)) or (out / SAE_DIR).exists()
 
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
