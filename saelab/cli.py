@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from saelab import distributed
 from saelab.errors import SaelabError
 
 
@@ -22,6 +24,8 @@ def _harvest(args: argparse.Namespace) -> None:
 
     cfg = load_config(HarvestConfig, args.config, args.overrides)
     manifest = harvest(cfg, progress=not args.quiet)
+    if not distributed.is_main():
+        return
     size = sum(shard.bytes for shard in manifest.shards) / 2**20
     print(
         f"activation store: {cfg.out}\n"
@@ -37,7 +41,9 @@ def _train(args: argparse.Namespace) -> None:
     from saelab.train.trainer import train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    train(cfg, resume=args.resume, progress=not args.quiet)
+    train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
+    if not distributed.is_main():
+        return
     summary = json.loads((Path(cfg.out) / SUMMARY_FILE).read_text())
     print(f"training run: {cfg.out} (metrics.jsonl, checkpoints/, saes/<name>/ in the SAELens format)")
     print("  on the last training batches:")
@@ -179,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_command(commands, "harvest", "cache residual-stream activations to a sharded store", _harvest)
     train = _add_command(commands, "train", "train TopK / BatchTopK / g-SAE / GBA SAEs on an activation store", _train)
     train.add_argument("--resume", action="store_true", help="continue the run in `out` from its last checkpoint")
+    train.add_argument(
+        "--distribute-saes",
+        action="store_true",
+        help="under torchrun: deal the sweep's SAEs to the ranks (each trains its own on every batch) "
+        "instead of training every SAE data-parallel",
+    )
     _add_command(commands, "eval", "FVU, L0, dead / dense latents and CE loss recovered on held-out text", _eval)
     _add_command(commands, "analyze", "per-latent statistics, contexts and logit effects to a feature store", _analyze)
     dashboard = commands.add_parser("dashboard", help="browse runs, features and live text in a Streamlit app")
@@ -191,8 +203,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISTRIBUTED_COMMANDS = ("harvest", "train")  # the commands that split their work over torchrun's ranks
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if distributed.launched():
+        if args.command not in _DISTRIBUTED_COMMANDS:  # N copies would only race for the same files
+            print(f"saelab {args.command}: error: runs in one process; start it without torchrun", file=sys.stderr)
+            return 2
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)  # torchrun stops the other ranks when one fails
     try:
         args.run(args)
     except SaelabError as error:
@@ -201,4 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"saelab {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _stopped_by_launcher(signum: int, frame: object) -> None:
+    raise SaelabError(
+        f"rank {distributed.rank()}: stopped by the launcher (SIGTERM), usually because another rank failed "
+        "(the launcher's output names it); nothing unfinished is marked complete: rerun the same command to resume"
+    )

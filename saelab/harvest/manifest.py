@@ -1,7 +1,9 @@
 """The activation store's manifest: what a store holds, how it was made, and each shard's checksum.
 
 A shard counts as part of the store only once its record is in `manifest.json`; the manifest is
-rewritten atomically after every shard, so readers and resumed harvests trust nothing else.
+rewritten atomically after every shard, so readers and resumed harvests trust nothing else. (A
+harvest on several ranks lists shards in per-rank partial manifests first and merges them here at
+the end: `rank_manifests.py`.)
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class StoreManifest:
     # Added after version 1 shipped; a manifest without them reads as a store without gradients.
     gradients: bool = False
     gradient_loss: str | None = None
+    # Only in a store harvested by several ranks (`torchrun`): how the shards were split among them.
+    # Left out of the file when None, so a single-process manifest is byte for byte what it was.
+    ranks: dict[str, Any] | None = None
     format: str = STORE_FORMAT
     version: int = STORE_VERSION
 
@@ -79,7 +84,10 @@ class StoreManifest:
         return sum(shard.n_contexts for shard in self.shards)
 
     def save(self, store: str | Path) -> None:
-        atomic_write_json(Path(store) / MANIFEST_FILE, asdict(self))
+        fields = asdict(self)
+        if fields["ranks"] is None:
+            del fields["ranks"]
+        atomic_write_json(Path(store) / MANIFEST_FILE, fields)
 
 
 def read_manifest(store: str | Path) -> StoreManifest:

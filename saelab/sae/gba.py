@@ -20,11 +20,14 @@ r̄_g is the mean r over the latents of group g that fired in the window. When n
 we use the mean |r| of the group, the typical distance of its latents below 0, so that dead latents
 still move up. A latent dead at b = bias_max stays dead: the biases never go above it.
 
-All state lives in buffers, so `state_dict()` checkpoints it exactly and a distributed trainer can
-all-reduce `fires` and `tokens_observed` (sum) and `max_pre_activation` (max) before `adapt_biases`.
+All state lives in buffers, so `state_dict()` checkpoints it exactly. In data-parallel training
+`observe` adds each batch's window statistics summed (fires, tokens) or maxed (reach) over ranks, so
+every rank holds the global window and adapts its biases identically.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +35,9 @@ from saelab.kernels import AboveThreshold
 from saelab.kernels.encode import SelectionRule, TileObserver
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
+
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
 
 class GBASAE(SparseAutoencoder):
@@ -42,6 +48,7 @@ class GBASAE(SparseAutoencoder):
     fires: torch.Tensor  # [d_sae] long, tokens on which each latent had u > 0 in this window
     max_pre_activation: torch.Tensor  # [d_sae], r_i over this window (-inf before any token)
     tokens_observed: torch.Tensor  # [] long, tokens in this window
+    data_parallel: DataParallel | None = None  # set by the data-parallel trainer: `observe` all-reduces
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
@@ -90,13 +97,19 @@ class GBASAE(SparseAutoencoder):
         """Count firings and track the largest pre-activation of latents [start, start + width).
 
         pre_activations: [batch, width]; the window's token count moves once per batch (at start 0).
+        Data-parallel (`data_parallel` set by the trainer): the counts are summed and the maxima taken
+        over ranks, whose slices are equal, so every rank holds the global window.
         """
         u = pre_activations.reshape(-1, pre_activations.shape[-1])
         latents = slice(start, start + u.shape[-1])
-        self.fires[latents] += (u > 0).sum(0)
-        self.max_pre_activation[latents] = torch.maximum(self.max_pre_activation[latents], u.amax(0))
+        fires, reach, tokens = (u > 0).sum(0), u.amax(0), u.shape[0]
+        if self.data_parallel is not None:
+            fires, reach = self.data_parallel.sum_(fires), self.data_parallel.max_(reach)
+            tokens *= self.data_parallel.world_size
+        self.fires[latents] += fires
+        self.max_pre_activation[latents] = torch.maximum(self.max_pre_activation[latents], reach)
         if start == 0:
-            self.tokens_observed += u.shape[0]
+            self.tokens_observed += tokens
 
     def adaptation_due(self) -> bool:
         return int(self.tokens_observed) >= self.cfg.update_tokens

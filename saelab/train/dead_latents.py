@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
 
 class DeadLatentTracker:
-    """Counts, per latent, the tokens since it last fired; its state is one tensor, so it checkpoints exactly."""
+    """Counts, per latent, the tokens since it last fired; its state is one tensor, so it checkpoints exactly.
 
-    def __init__(self, d_sae: int, dead_tokens: int) -> None:
+    With `data_parallel` a latent fired if it fired on any rank, and the tokens are the global batch's,
+    so every rank holds the same counters and AuxK revives the same latents everywhere.
+    """
+
+    def __init__(self, d_sae: int, dead_tokens: int, data_parallel: DataParallel | None = None) -> None:
         self.dead_tokens = dead_tokens
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
+        self.data_parallel = data_parallel
 
     def update(self, latents: torch.Tensor) -> None:
         """latents: [batch, d_sae]; a latent fired if any token gave it a non-zero value."""
-        fired = (latents != 0).any(0).to(self.tokens_since_fired.device)
-        self.tokens_since_fired += latents.shape[0]
+        fired = (latents != 0).any(0)
+        tokens = latents.shape[0]
+        if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
+            fired = self.data_parallel.max_(fired.to(torch.int32)).bool()
+            tokens *= self.data_parallel.world_size  # equal slices
+        fired = fired.to(self.tokens_since_fired.device)
+        self.tokens_since_fired += tokens
         self.tokens_since_fired[fired] = 0
 
     def update_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """`update` for sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
-        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[indices[values > 0].to(fired.device)] = True
-        self.tokens_since_fired += indices.shape[0]
-        self.tokens_since_fired[fired] = 0
+        fired = torch.zeros(self.tokens_since_fired.shape, dtype=torch.bool, device=indices.device)
+        fired[indices[values > 0]] = True
+        tokens = indices.shape[0]
+        if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
+            fired = self.data_parallel.max_(fired.to(torch.int32)).bool()
+            tokens *= self.data_parallel.world_size  # equal slices
+        self.tokens_since_fired += tokens
+        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
 
     @property
     def dead(self) -> torch.Tensor:

@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from saelab.sae.base import SparseAutoencoder
 
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
-def normalized_mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """‖x̂ − x‖² / ‖x − mean(x)‖², averaged over the batch: 1.0 is no better than predicting the mean."""
+
+def normalized_mse(
+    reconstruction: torch.Tensor, target: torch.Tensor, data_parallel: DataParallel | None = None
+) -> torch.Tensor:
+    """‖x̂ − x‖² / ‖x − mean(x)‖², averaged over the batch: 1.0 is no better than predicting the mean.
+
+    With `data_parallel` the batch is the global one (every rank's rows): see `_global_normalized_mse`.
+    """
+    if data_parallel is not None:
+        return _global_normalized_mse(reconstruction, target, data_parallel)
     error = (reconstruction - target).pow(2).sum(-1).mean()
     baseline = (target - target.mean(0)).pow(2).sum(-1).mean()
     return error / baseline.clamp_min(1e-12)
 
 
+def _global_normalized_mse(
+    reconstruction: torch.Tensor, target: torch.Tensor, data_parallel: DataParallel
+) -> torch.Tensor:
+    """This rank's share of the global batch's normalised MSE: Σ_rank ‖x̂ − x‖² / (N · baseline).
+
+    N, mean(x) and the baseline are the global batch's (ranks hold equal slices; the target carries
+    no gradient), so the shares add up to the loss of the concatenated batch and the gradients,
+    summed over ranks, are its gradient.
+    """
+    target = target.detach()
+    n = len(target) * data_parallel.world_size
+    mean = data_parallel.sum(target.sum(0)) / n
+    baseline = data_parallel.sum((target - mean).pow(2).sum()) / n
+    return (reconstruction - target).pow(2).sum() / n / baseline.clamp_min(1e-12)
+
+
 def auxk_loss(
-    sae: SparseAutoencoder, pre_activations: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int
+    sae: SparseAutoencoder,
+    pre_activations: torch.Tensor,
+    residual: torch.Tensor,
+    dead: torch.Tensor,
+    k_aux: int,
+    data_parallel: DataParallel | None = None,
 ) -> torch.Tensor:
     """Let the top-`k_aux` dead latents reconstruct the main reconstruction's residual.
 
@@ -31,4 +64,4 @@ def auxk_loss(
     values, indices = dead_pre.topk(min(k_aux, n_dead), dim=-1)
     aux_latents = torch.zeros_like(pre_activations).scatter(-1, indices, values.relu())
     aux_reconstruction = aux_latents @ sae.W_dec / sae.input_scale  # directions only: no decoder bias
-    return normalized_mse(aux_reconstruction, residual)
+    return normalized_mse(aux_reconstruction, residual, data_parallel)

@@ -6,6 +6,7 @@ must be a deterministic function of (seed, batch index) so that a resumed run se
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -44,6 +45,16 @@ class StoreSource:
             return
         for activations in self.store.batches(batch_size, hook=self.hook, seed=seed, start_batch=start_batch):
             yield activations, None
+
+    def batch_slices(
+        self, batch_size: int, seed: int, rows: slice, start_batch: int = 0, with_gradients: bool = False
+    ) -> Iterator[Batch]:
+        """`rows` of each batch `batches` yields, reading only those rows (a data-parallel rank's share)."""
+        epoch = itertools.islice(self.store.batch_indices(batch_size, seed), start_batch, None)
+        for index in epoch:
+            part = index[rows]
+            gradients = self.store.gradient_rows(part, self.hook).float() if with_gradients else None
+            yield self.store.rows(part, self.hook).float(), gradients
 
     def n_batches(self, batch_size: int) -> int:
         return self.store.n_batches(batch_size)

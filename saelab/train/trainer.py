@@ -3,34 +3,51 @@
 Resumable bit for bit: a checkpoint holds each SAE's weights and buffers, its Adam state and its
 dead-latent counters, and the position in the data (epoch, batch); epoch `e` is the source shuffled
 with seed `seed + e`, so the resumed run reads exactly the batches the uninterrupted one would.
+
+Under `torchrun` (several ranks), one of two ways:
+- data-parallel (the default): each global batch of `batch_size` rows is cut into one contiguous
+  slice per rank, every rank holds every SAE, and `train_step` makes each step the one 1-rank
+  training takes on the whole batch (losses normalised by the global batch, gradients summed, dead
+  counters and GBA windows all-reduced; BatchTopK: see `_synchronize_batchtopk`);
+- `distribute_saes`: the sweep's SAEs are dealt round-robin to the ranks (SAE i to rank i mod
+  world_size) and each rank trains its own on every whole batch, as one process would.
+Either way rank 0 alone writes the run folder (config, metrics, checkpoints, SAEs, summary), in the
+same format as one process; the other ranks only read. A checkpoint does not depend on the world
+size or the way, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.atomic import atomic_write_json, removed_on_failure
 from saelab.config import config_changes, config_identity, load_config, save_config
+from saelab.distributed import DataParallel
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
-from saelab.models import resolve_device
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
-from saelab.sae import GBASAE, SparseAutoencoder, build_sae, save_sae
+from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, save_sae
 from saelab.sae.config import default_lr
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from saelab.train.config import TrainConfig
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.metrics_log import MetricsLog
-from saelab.train.sources import BatchSource, StoreSource
+from saelab.train.sources import Batch, BatchSource, StoreSource
 from saelab.train.step import KernelOptions, train_step
 
 _INIT_SEED_OFFSET = 1_000_003  # the initialisation sample is drawn apart from the training epochs
@@ -50,16 +67,28 @@ class SAEState:
 
 
 def train(
-    cfg: TrainConfig, source: BatchSource | None = None, resume: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    source: BatchSource | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    distribute_saes: bool = False,
 ) -> dict[str, SparseAutoencoder]:
-    """Train every SAE of `cfg.saes` into `cfg.out`; returns them by label (also saved under `saes/`)."""
+    """Train every SAE of `cfg.saes` into `cfg.out`; returns them by label (also saved under `saes/`).
+
+    Under torchrun every rank calls this. `distribute_saes` (torchrun only; it does not change the
+    result, so it is no config key) gives each rank whole SAEs instead of a slice of every batch;
+    rank 0 then returns every SAE, the other ranks their own.
+    """
     cfg.validate()
+    distributed.init_from_environment()
+    if distributed.is_distributed():
+        return _train_on_ranks(cfg, source, resume, progress, distribute_saes)
     out = Path(cfg.out)
     source, provenance = _open_source(cfg, source)  # bad input fails before the run folder exists
     created = not out.exists()  # …and what fails later (the batch size for this store…) removes it again
     with folder_lock(out, what="training run"), removed_on_failure(out, created, _has_results):
         _prepare_run_folder(out, cfg, resume)
-        device = torch.device(resolve_device(cfg.device))
+        device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device)
         position = _restore_or_initialize(out, cfg, source, states, resume)
         log = MetricsLog(out, cfg.wandb, _identity(cfg), resume_step=position["step"] if resume else None)
@@ -68,6 +97,79 @@ def train(
         finally:
             log.close()
         return _finish(out, cfg, states)
+
+
+def _train_on_ranks(
+    cfg: TrainConfig, source: BatchSource | None, resume: bool, progress: bool, distribute_saes: bool
+) -> dict[str, SparseAutoencoder]:
+    """`train` as one rank of a job, data-parallel or with the SAEs distributed (module docstring)."""
+    out, rank, world_size = Path(cfg.out), distributed.rank(), distributed.world_size()
+    parallel = None if distribute_saes else DataParallel()
+    if parallel is not None and cfg.batch_size % world_size:
+        raise SaelabError(
+            f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks; "
+            "each rank trains on an equal slice of every batch"
+        )
+    if distribute_saes and len(cfg.saes) < world_size:
+        raise SaelabError(
+            f"distribute_saes: {len(cfg.saes)} SAE(s) for {world_size} ranks would leave ranks idle; "
+            "start at most as many ranks as SAEs, or train data-parallel"
+        )
+    mine = [i for i in range(len(cfg.saes)) if parallel is not None or i % world_size == rank]
+    source, provenance = _open_source(cfg, source)
+    with ExitStack() as lock:
+
+        def prepare() -> Path | None:
+            lock.enter_context(folder_lock(out, what="training run"))
+            _prepare_run_folder(out, cfg, resume)
+            checkpoints = complete_checkpoints(out) if resume else []
+            return checkpoints[-1] if checkpoints else None
+
+        checkpoint = distributed.run_on_main(prepare, "preparing the run folder")
+        device = torch.device(distributed.device_for(cfg.device))
+        states = _build_states(cfg, source.d_in, provenance, device, parallel, mine)
+        position = _restore_or_initialize(out, cfg, source, states, resume, checkpoint)
+        if parallel is not None:
+            _broadcast_from_main(states)  # ranks start from rank 0's bits, whatever their devices computed
+        log = None
+        if rank == 0:
+            log = MetricsLog(out, cfg.wandb, _identity(cfg), resume_step=position["step"] if resume else None)
+        try:
+            _run_steps(out, cfg, source, states, position, log, device, progress and rank == 0, parallel)
+        finally:
+            if log is not None:
+                log.close()
+        if distribute_saes:  # rank 0 saves every SAE: gather them (on the CPU), in the sweep's order
+            gathered = distributed.gather_to_main([_portable(state) for state in states], "gathering the SAEs")
+            states = _in_sweep_order(cfg, gathered) if gathered is not None else states
+
+        def finish() -> None:
+            _finish(out, cfg, states)
+
+        distributed.run_on_main(finish, "saving the SAEs")
+        return {state.sae.cfg.label: state.sae for state in states}
+
+
+def _portable(state: SAEState) -> SAEState:
+    """What rank 0 needs of another rank's SAE to save it: a CPU copy, its counters, its recent metrics."""
+    return SAEState(copy.deepcopy(state.sae).cpu(), None, state.tracker, state.lr, state.recent)  # type: ignore[arg-type]
+
+
+def _in_sweep_order(cfg: TrainConfig, gathered: list[list[Any]]) -> list[Any]:
+    """Items gathered from every rank (each a list, labelled by `.sae.cfg.label` or `[0]`) in `cfg.saes` order."""
+    by_label = {}
+    for items in gathered:
+        for item in items:
+            by_label[item[0] if isinstance(item, tuple) else item.sae.cfg.label] = item
+    return [by_label[sae_cfg.label] for sae_cfg in cfg.saes]
+
+
+def _broadcast_from_main(states: list[SAEState]) -> None:
+    """Every rank's weights and buffers := rank 0's."""
+    for state in states:
+        for tensor in state.sae.state_dict().values():
+            with distributed.collective("broadcasting the initial weights"):
+                dist.broadcast(tensor, src=0)
 
 
 def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSource, dict[str, str]]:
@@ -104,9 +206,19 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     save_config(cfg, saved)
 
 
-def _build_states(cfg: TrainConfig, d_in: int, provenance: dict[str, str], device: torch.device) -> list[SAEState]:
+def _build_states(
+    cfg: TrainConfig,
+    d_in: int,
+    provenance: dict[str, str],
+    device: torch.device,
+    parallel: DataParallel | None = None,
+    indices: list[int] | None = None,
+) -> list[SAEState]:
+    """The states of the SAEs `indices` of the sweep (all by default); SAE i's weights are seeded by i."""
     states = []
     for index, sae_cfg in enumerate(cfg.saes):
+        if indices is not None and index not in indices:
+            continue
         sae_cfg.d_in = d_in
         sae_cfg.hook_name = sae_cfg.hook_name or provenance["hook_name"]
         sae_cfg.model_name = sae_cfg.model_name or provenance["model_name"]
@@ -116,7 +228,9 @@ def _build_states(cfg: TrainConfig, d_in: int, provenance: dict[str, str], devic
         trainable = [p for p in sae.parameters() if p.requires_grad]
         # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
         optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
-        tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens())
+        tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel)
+        if parallel is not None and isinstance(sae, GBASAE):
+            sae.data_parallel = parallel  # its window statistics are summed over ranks
         states.append(SAEState(sae, optimizer, tracker, lr))
     return states
 
@@ -132,13 +246,21 @@ def _init_seed(seed: int, index: int) -> int:
 
 
 def _restore_or_initialize(
-    out: Path, cfg: TrainConfig, source: BatchSource, states: list[SAEState], resume: bool
+    out: Path,
+    cfg: TrainConfig,
+    source: BatchSource,
+    states: list[SAEState],
+    resume: bool,
+    latest: Path | None = None,
 ) -> dict[str, int]:
-    checkpoints = complete_checkpoints(out) if resume else []
-    if not checkpoints:
+    """From the latest checkpoint (`latest`, when rank 0 found it for every rank), else a fresh start."""
+    if latest is None:
+        checkpoints = complete_checkpoints(out) if resume and not distributed.is_distributed() else []
+        latest = checkpoints[-1] if checkpoints else None
+    if latest is None:
         _initialize(cfg, source, states)
         return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    checkpoint = load_checkpoint(checkpoints[-1])
+    checkpoint = load_checkpoint(latest)
     for state in states:
         saved = checkpoint["saes"][state.sae.cfg.label]
         state.sae.load_state_dict(saved["model"])
@@ -181,14 +303,15 @@ def _run_steps(
     source: BatchSource,
     states: list[SAEState],
     position: dict[str, int],
-    log: MetricsLog,
+    log: MetricsLog | None,
     device: torch.device,
     progress: bool,
+    parallel: DataParallel | None = None,
 ) -> None:
     needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
     kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
     k_aux = cfg.k_aux if cfg.k_aux is not None else source.d_in // 2
-    batches = source.batches(cfg.batch_size, cfg.seed + position["epoch"], position["batch_in_epoch"], needs_gradients)
+    batches = _batches(source, cfg, position["epoch"], position["batch_in_epoch"], needs_gradients, parallel)
     bar = tqdm(
         total=cfg.n_steps * cfg.batch_size,
         initial=position["step"] * cfg.batch_size,
@@ -203,7 +326,7 @@ def _run_steps(
             batch = next(batches, None)
             if batch is None:  # end of an epoch: reshuffle with the next epoch's seed
                 position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
-                batches = source.batches(cfg.batch_size, cfg.seed + position["epoch"], 0, needs_gradients)
+                batches = _batches(source, cfg, position["epoch"], 0, needs_gradients, parallel)
                 continue
             x, gradient = batch[0].to(device), None if batch[1] is None else batch[1].to(device)
             metrics = []
@@ -211,8 +334,11 @@ def _run_steps(
                 for group in state.optimizer.param_groups:
                     group["lr"] = _learning_rate(state.lr, position["step"], cfg)
                 step_metrics = train_step(
-                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels
+                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels, parallel
                 )
+                if parallel is not None:
+                    step_metrics = _global_metrics(step_metrics, parallel, device)
+                    _synchronize_batchtopk(state.sae, parallel)
                 step_metrics.update(
                     dead_fraction=state.tracker.dead_fraction(), lr=state.optimizer.param_groups[0]["lr"]
                 )
@@ -223,7 +349,46 @@ def _run_steps(
             bar.set_postfix(
                 fvu=f"{metrics[0]['fvu']:.3f}", l0=f"{metrics[0]['l0']:.1f}", dead=f"{metrics[0]['dead_fraction']:.1%}"
             )
-            _log_and_checkpoint(out, cfg, states, position, metrics, log, started, start_step)
+            _log_and_checkpoint(out, cfg, states, position, metrics, log, started, start_step, parallel)
+
+
+def _batches(
+    source: BatchSource,
+    cfg: TrainConfig,
+    epoch: int,
+    start_batch: int,
+    with_gradients: bool,
+    parallel: DataParallel | None,
+) -> Iterator[Batch]:
+    """Epoch `epoch`'s batches from `start_batch`; data-parallel: this rank's slice of each."""
+    seed = cfg.seed + epoch
+    if parallel is None:
+        return source.batches(cfg.batch_size, seed, start_batch, with_gradients)
+    rows = parallel.slice_of(cfg.batch_size)
+    if isinstance(source, StoreSource):  # reads only this rank's rows
+        return source.batch_slices(cfg.batch_size, seed, rows, start_batch, with_gradients)
+    return (
+        (x[rows], None if g is None else g[rows])
+        for x, g in source.batches(cfg.batch_size, seed, start_batch, with_gradients)
+    )
+
+
+def _global_metrics(metrics: dict[str, float], parallel: DataParallel, device: torch.device) -> dict[str, float]:
+    """A step's metrics for the global batch: the loss terms are per-rank shares (summed), L0 a per-rank mean."""
+    keys = ("loss", "fvu", "aux_loss", "l0")
+    values = parallel.sum_(torch.tensor([metrics[key] for key in keys], dtype=torch.float64, device=device))
+    values[3] /= parallel.world_size  # equal slices: the mean of the ranks' means
+    return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
+
+
+@torch.no_grad()
+def _synchronize_batchtopk(sae: SparseAutoencoder, parallel: DataParallel) -> None:
+    """BatchTopK under data parallelism: each rank keeps the top k·(its rows) of its own slice, and θ
+    moves toward the mean over ranks of each rank's smallest kept value (θ's update is linear in
+    the observation, so averaging the updated θs is exactly that). The rule, stated and tested:
+    the same as 1-rank BatchTopK whose batch-level top-k runs per slice. Not the global top-k."""
+    if isinstance(sae, BatchTopKSAE):
+        parallel.sum_(sae.threshold).div_(parallel.world_size)
 
 
 def _log_and_checkpoint(
@@ -232,43 +397,61 @@ def _log_and_checkpoint(
     states: list[SAEState],
     position: dict[str, int],
     metrics: list[dict[str, float]],
-    log: MetricsLog,
+    log: MetricsLog | None,
     started: float,
     start_step: int,
+    parallel: DataParallel | None = None,
 ) -> None:
+    """Log every `log_every_steps`, checkpoint every `checkpoint_every_tokens`; only where `log` is (rank 0).
+
+    With the SAEs distributed over ranks (`log` on rank 0, `parallel` None), rank 0 first gathers
+    every rank's metrics and checkpoint entries, so it writes what one process would.
+    """
     step, last = position["step"], position["step"] == cfg.n_steps
-    if step % cfg.log_every_steps == 0 or last:
+    log_due = step % cfg.log_every_steps == 0 or last
+    checkpoint_due = step % max(1, cfg.checkpoint_every_tokens // cfg.batch_size) == 0 or last
+    if not (log_due or checkpoint_due) or (parallel is not None and log is None):
+        return
+    labelled = [(state.sae.cfg.label, m) for state, m in zip(states, metrics, strict=True)]
+    entries = {state.sae.cfg.label: _sae_checkpoint(state) for state in states} if checkpoint_due else {}
+    if distributed.is_distributed() and parallel is None:
+        payload = [(label, m, _to_bytes(entries[label]) if checkpoint_due else None) for label, m in labelled]
+        gathered = distributed.gather_to_main(payload, f"gathering step {step}'s metrics and checkpoint")
+        if gathered is None:
+            return
+        ordered = _in_sweep_order(cfg, gathered)
+        labelled = [(label, m) for label, m, _ in ordered]
+        entries = {label: _from_bytes(data) for label, _, data in ordered} if checkpoint_due else {}
+    assert log is not None
+    if log_due:
         tokens_per_s = (step - start_step) * cfg.batch_size / max(time.perf_counter() - started, 1e-9)
         log.log(
             [
-                {
-                    "step": step,
-                    "tokens": step * cfg.batch_size,
-                    "sae": state.sae.cfg.label,
-                    **m,
-                    "tokens_per_s": tokens_per_s,
-                }
-                for state, m in zip(states, metrics, strict=True)
+                {"step": step, "tokens": step * cfg.batch_size, "sae": label, **m, "tokens_per_s": tokens_per_s}
+                for label, m in labelled
             ]
         )
-    every = max(1, cfg.checkpoint_every_tokens // cfg.batch_size)
-    if step % every == 0 or last:
-        save_checkpoint(out, step, _checkpoint_state(states, position), keep=cfg.keep_checkpoints)
+    if checkpoint_due:
+        save_checkpoint(out, step, {"position": dict(position), "saes": entries}, keep=cfg.keep_checkpoints)
 
 
-def _checkpoint_state(states: list[SAEState], position: dict[str, int]) -> dict[str, Any]:
+def _sae_checkpoint(state: SAEState) -> dict[str, Any]:
     return {
-        "position": dict(position),
-        "saes": {
-            state.sae.cfg.label: {
-                "model": state.sae.state_dict(),
-                "optimizer": state.optimizer.state_dict(),
-                "tokens_since_fired": state.tracker.tokens_since_fired,
-                "recent": state.recent,
-            }
-            for state in states
-        },
+        "model": state.sae.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "tokens_since_fired": state.tracker.tokens_since_fired,
+        "recent": state.recent,
     }
+
+
+def _to_bytes(entry: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(entry, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def _finish(out: Path, cfg: TrainConfig, states: list[SAEState]) -> dict[str, SparseAutoencoder]:
