@@ -13,6 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from streamlit.testing.v1 import AppTest
+
 HOOK = "blocks.15.hook_resid_post"
 TOPK, BATCHTOPK = "topk-128-k8", "batchtopk-96-k8"
 
@@ -59,3 +61,26 @@ def make_dashboard_runs(root: Path, model) -> Path:
     (broken / "saes" / BATCHTOPK / "features.sqlite").unlink()
     (broken / "saes" / TOPK / "eval.json").write_text('{"fvu": 0.5,')
     return root
+
+
+APP = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+
+
+def open_page(page: str | None = None, **query: object) -> AppTest:
+    """The dashboard at `views/<page>.py` (or its first page) with URL query `query`, after one run;
+    fails the test on any Streamlit exception. `SAELAB_RUNS` must already point at the runs folder."""
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.query_params.update({key: str(value) for key, value in query.items()})
+    at.run()
+    if page is not None:
+        at.switch_page(f"views/{page}.py").run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def texts(elements) -> str:  # noqa: ANN001 (Streamlit element sequences have no public type)
+    return "\n".join(str(e.value) for e in elements)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dashboard_runs import BATCHTOPK, HOOK, TOPK, make_dashboard_runs
+from dashboard_runs import APP, BATCHTOPK, HOOK, TOPK, assert_clean, make_dashboard_runs, open_page, texts
 from streamlit.testing.v1 import AppTest
 
 import saelab.models
@@ -26,7 +26,6 @@ from saelab.harvest.store import ActivationStore
 from saelab.sae import load_sae
 
 REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "dashboards" / "app.py"
 sys.path.insert(0, str(APP.parent))  # dashboards/screenshots.py: the headless-Chromium driver
 SPAN = re.compile(r'<span title="([^"]*)" style="([^"]*)">([^<]*)</span>')
 
@@ -57,24 +56,7 @@ def app(runs_root, smollm2, monkeypatch):
     monkeypatch.setenv("SAELAB_RUNS", str(runs_root))
     monkeypatch.setattr(saelab.models, "load_model", lambda spec, device="auto": smollm2)  # the session's model
 
-    def open_page(page: str | None = None, **query: object) -> AppTest:
-        at = AppTest.from_file(str(APP), default_timeout=120)
-        at.query_params.update({key: str(value) for key, value in query.items()})
-        at.run()
-        if page is not None:
-            at.switch_page(f"views/{page}.py").run()
-        assert_clean(at)
-        return at
-
     return open_page
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def charts(at: AppTest) -> list[dict]:

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from dashboard_runs import assert_clean, open_page, texts
 from streamlit.testing.v1 import AppTest
 
-APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
 TOPK = "topk-128-k8"
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 120  # ~1,200 tokens: over 256 positions and 512
 
@@ -29,23 +29,7 @@ def runs_root(reference, tmp_path_factory) -> Path:
 def page(runs_root, monkeypatch):
     monkeypatch.setenv("SAELAB_RUNS", str(runs_root))
 
-    def open_page(name: str, **query: object) -> AppTest:
-        at = AppTest.from_file(str(APP), default_timeout=120)
-        at.query_params.update({key: str(value) for key, value in query.items()})
-        at.run()
-        at.switch_page(f"views/{name}.py").run()
-        assert_clean(at)
-        return at
-
     return open_page
-
-
-def assert_clean(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 @pytest.mark.parametrize("feature", ["-5", "128", str(10**30), "1e3", "12.5", "", "nan", "0x1F", "😀"])
