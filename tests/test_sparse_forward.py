@@ -102,3 +102,12 @@ def test_sparse_auxk_equals_the_dense_auxk_loss_and_its_gradients(tile):
         float64_sae("topk").sparse_forward(x, dead=torch.zeros(D_SAE, dtype=torch.bool), k_aux=7).aux_reconstruction
         is None
     )
+
+
+def test_the_reused_workspace_never_leaks_one_call_into_the_next():
+    """sparse_forward reuses one buffer for u across calls (and tiles): other batch sizes, same answers."""
+    sae = float64_sae("topk")
+    x, _ = inputs()
+    for rows, tile in ((40, None), (7, 24), (40, 24), (13, None)):
+        got = sae.sparse_forward(x[:rows], tile=tile).reconstruction
+        torch.testing.assert_close(got, sae(x[:rows]).reconstruction, rtol=1e-9, atol=1e-9)

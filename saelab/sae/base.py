@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from saelab.kernels import RowTopK, sparse_decode, sparse_encode
-from saelab.kernels.encode import SelectionRule, TileObserver
+from saelab.kernels.encode import SelectionRule, TileObserver, Workspace
 from saelab.sae.config import SAEConfig
 
 
@@ -59,6 +59,7 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.register_buffer("input_scale", torch.ones(()))
+        self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """u = (x·s − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]."""
@@ -110,7 +111,15 @@ class SparseAutoencoder(nn.Module):
         if dead is not None and k_aux > 0 and bool(dead.any()):
             rules.append(RowTopK(min(k_aux, self.cfg.d_sae), allowed=dead))
         encoded = sparse_encode(
-            x * self.input_scale, self.W_enc, self.b_enc, self.b_dec, rules, tile, matmul_dtype, self.tile_observer()
+            x * self.input_scale,
+            self.W_enc,
+            self.b_enc,
+            self.b_dec,
+            rules,
+            tile,
+            matmul_dtype,
+            self.tile_observer(),
+            self.workspace,
         )
         values = encoded.values[0].relu()
         self.selected_(values.detach())
