@@ -40,10 +40,6 @@ class SparseOutput:
     values: torch.Tensor  # [batch, k'] their activations (≥ 0; 0 at padded slots)
     aux_reconstruction: torch.Tensor | None  # [batch, d_in] the AuxK latents' decoding (no b_dec), model units
 
-    @property
-    def n_tokens(self) -> int:
-        return self.indices.shape[0]
-
 
 class SparseAutoencoder(nn.Module):
     """Encoder/decoder weights in SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in]."""
