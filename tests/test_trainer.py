@@ -133,6 +133,21 @@ def test_resume_from_a_middle_checkpoint_is_bit_for_bit(tmp_path):
     assert without_speed(read_metrics(resumed_run)) == without_speed(read_metrics(tmp_path / "full"))
 
 
+def test_resuming_a_finished_run_keeps_its_saes_and_the_files_later_stages_wrote(tmp_path):
+    """`make demo` run twice: training --resume after eval and analyze wrote into the SAE folders."""
+    cfg = run_config(tmp_path / "run")
+    first = train(cfg, source=sparse_data(), progress=False)
+    sae_folder = tmp_path / "run" / "saes" / "topk-64-k4"
+    (sae_folder / "eval.json").write_text('{"fvu": 0.1}')
+    weights_before = (sae_folder / "sae_weights.safetensors").read_bytes()
+    again = train(run_config(tmp_path / "run"), source=sparse_data(), resume=True, progress=False)
+    assert (sae_folder / "eval.json").read_text() == '{"fvu": 0.1}'
+    assert (sae_folder / "sae_weights.safetensors").read_bytes() == weights_before
+    for label, sae in first.items():
+        for name, tensor in sae.state_dict().items():
+            assert torch.equal(again[label].state_dict()[name], tensor), (label, name)
+
+
 def test_refuses_to_overwrite_or_resume_a_changed_run(tmp_path):
     cfg = run_config(tmp_path / "run", n_tokens=256 * 4, saes=[SAEConfig(architecture="topk", d_sae=32, k=2)])
     train(cfg, source=sparse_data(), progress=False)

@@ -40,7 +40,7 @@ from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
-from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, save_sae
+from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, load_sae, save_sae
 from saelab.sae.config import default_lr
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from saelab.train.config import TrainConfig
@@ -91,12 +91,13 @@ def train(
         device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device)
         position = _restore_or_initialize(out, cfg, source, states, resume)
+        finished_before = position["step"] >= cfg.n_steps
         log = MetricsLog(out, cfg.wandb, _identity(cfg), resume_step=position["step"] if resume else None)
         try:
             _run_steps(out, cfg, source, states, position, log, device, progress)
         finally:
             log.close()
-        return _finish(out, cfg, states)
+        return _finish(out, cfg, states, finished_before)
 
 
 def _train_on_ranks(
@@ -129,6 +130,7 @@ def _train_on_ranks(
         device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device, parallel, mine)
         position = _restore_or_initialize(out, cfg, source, states, resume, checkpoint)
+        finished_before = position["step"] >= cfg.n_steps
         if parallel is not None:
             _broadcast_from_main(states)  # ranks start from rank 0's bits, whatever their devices computed
         log = None
@@ -144,7 +146,7 @@ def _train_on_ranks(
             states = _in_sweep_order(cfg, gathered) if gathered is not None else states
 
         def finish() -> None:
-            _finish(out, cfg, states)
+            _finish(out, cfg, states, finished_before)
 
         distributed.run_on_main(finish, "saving the SAEs")
         return {state.sae.cfg.label: state.sae for state in states}
@@ -454,12 +456,20 @@ def _from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _finish(out: Path, cfg: TrainConfig, states: list[SAEState]) -> dict[str, SparseAutoencoder]:
-    """Save each SAE in the SAELens format and a summary of the last steps' metrics."""
+def _finish(
+    out: Path, cfg: TrainConfig, states: list[SAEState], finished_before: bool = False
+) -> dict[str, SparseAutoencoder]:
+    """Save each SAE in the SAELens format and a summary of the last steps' metrics.
+
+    A run resumed after it had finished (`make demo` run again) keeps the SAE folders it already
+    saved: they hold these very weights, and later stages' files (eval.json, features.sqlite) beside
+    them, which a new save would refuse to replace. A folder a kill left half-saved is saved again.
+    """
     summary = {}
     for state in states:
         label = state.sae.cfg.label
-        save_sae(state.sae, out / SAE_DIR / label)
+        if not (finished_before and _holds_saved_sae(out / SAE_DIR / label)):
+            save_sae(state.sae, out / SAE_DIR / label)
         recent = state.recent
         summary[label] = {
             "architecture": state.sae.cfg.architecture,
@@ -473,3 +483,12 @@ def _finish(out: Path, cfg: TrainConfig, states: list[SAEState]) -> dict[str, Sp
         }
     atomic_write_json(out / SUMMARY_FILE, summary)
     return {state.sae.cfg.label: state.sae for state in states}
+
+
+def _holds_saved_sae(folder: Path) -> bool:
+    """Whether `folder` holds a complete SAE that passes its checksums."""
+    try:
+        load_sae(folder)
+    except (SaelabError, OSError):
+        return False
+    return True
