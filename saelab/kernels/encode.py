@@ -93,7 +93,7 @@ def sparse_encode(
         valid = _valid_mask(selected)
         if valid is not None:
             pre = pre * valid
-    values = _GatheredPreactivations.apply(x, W_enc, b_enc, b_dec, indices, pre, valid)
+    values = _GatheredPreactivations.apply(x, W_enc, b_enc, b_dec, indices, pre, valid, centered)
     widths = [s.indices.shape[-1] for s in selected]
     return Encoded([s.indices for s in selected], list(values.split(widths, dim=-1)))
 
@@ -136,13 +136,13 @@ class _GatheredPreactivations(torch.autograd.Function):
     """values = u at the kept pairs (computed by the scan); the backward is the sparse one above."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre, valid):
-        ctx.save_for_backward(x, W_enc, b_dec, indices, valid)
+    def forward(ctx, x, W_enc, b_enc, b_dec, indices, pre, valid, centered):
+        ctx.save_for_backward(centered, W_enc, indices, valid)  # centered = x − b_dec, from the scan
         return pre.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        x, W_enc, b_dec, indices, valid = ctx.saved_tensors
+        centered, W_enc, indices, valid = ctx.saved_tensors
         if valid is not None:
             grad = grad * valid
         n = W_enc.shape[1]
@@ -152,9 +152,9 @@ class _GatheredPreactivations(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = rows_matmul(indices, grad, W_enc.T.contiguous())
         if ctx.needs_input_grad[1]:
-            grad_W = rows_transpose_matmul(indices, grad, (x - b_dec).to(W_enc.dtype), n).T.contiguous()
+            grad_W = rows_transpose_matmul(indices, grad, centered.to(W_enc.dtype), n).T.contiguous()
         if ctx.needs_input_grad[2]:
             grad_b_enc = per_latent
         if ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ per_latent)
-        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None

@@ -51,25 +51,22 @@ def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) 
         from saelab.kernels import triton_ops
 
         return triton_ops.sampled_dot(indices, left, dense)
-    pattern = _csr(indices, left.new_zeros(indices.shape), dense.shape[0])
-    # sampled_addmm keeps the pattern's (row-sorted) column order: undo the sort done in _csr.
+    columns, order = indices.sort(dim=-1, stable=True)  # CSR wants each row's columns sorted
+    pattern = _row_pattern(columns, dense.shape[0], left.dtype)
     sampled = torch.sparse.sampled_addmm(pattern, left, dense.T, beta=0.0).values().view(indices.shape)
-    order = indices.argsort(dim=-1, stable=True)
-    return torch.empty_like(sampled).scatter_(-1, order, sampled)
+    return torch.empty_like(sampled).scatter_(-1, order, sampled)  # back to the callers' slot order
 
 
-def _csr(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """The rows as a [batch, n] CSR matrix (columns sorted within each row, as CSR requires)."""
-    batch, k = indices.shape
-    columns, order = indices.sort(dim=-1, stable=True)
-    row_starts = torch.arange(0, batch * k + 1, k, device=indices.device)
-    return torch.sparse_csr_tensor(
-        row_starts, columns.reshape(-1), values.gather(-1, order).reshape(-1), (batch, n), check_invariants=False
-    )
+def _row_pattern(columns: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [batch, n] CSR matrix of zeros at `columns` ([batch, k], sorted within each row)."""
+    batch, k = columns.shape
+    row_starts = torch.arange(0, batch * k + 1, k, device=columns.device)
+    zeros = torch.zeros(batch * k, dtype=dtype, device=columns.device)
+    return torch.sparse_csr_tensor(row_starts, columns.reshape(-1), zeros, (batch, n), check_invariants=False)
 
 
 def _csr_by_latent(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """The transpose of the rows, [n, batch] in CSR: faster to multiply than `_csr(...).t()`."""
+    """The transpose of the rows, [n, batch] in CSR: faster to multiply than the rows' CSR transposed."""
     batch, k = indices.shape
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
