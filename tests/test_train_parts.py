@@ -44,12 +44,13 @@ def test_geometric_median_minimises_summed_distance():
 
 def test_dead_tracker_counts_tokens_since_firing():
     tracker = DeadLatentTracker(d_sae=4, dead_tokens=10)
-    latents = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    # sparse rows: token 0 fires latent 1 (latent 2 kept at 0: not a firing), token 1 fires latent 3
+    indices, values = torch.tensor([[1, 2], [3, 0]]), torch.tensor([[1.0, 0.0], [2.0, 0.0]])
     for _ in range(5):
-        tracker.update(latents)
+        tracker.update(indices, values)
     assert tracker.tokens_since_fired.tolist() == [10, 0, 10, 0]
     assert tracker.dead.tolist() == [True, False, True, False] and tracker.dead_fraction() == 0.5
-    tracker.update(torch.tensor([[3.0, 0.0, 0.0, 0.0]]))
+    tracker.update(torch.tensor([[0]]), torch.tensor([[3.0]]))
     assert tracker.tokens_since_fired.tolist() == [0, 1, 11, 1]
 
 

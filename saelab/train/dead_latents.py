@@ -22,19 +22,8 @@ class DeadLatentTracker:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
         self.data_parallel = data_parallel
 
-    def update(self, latents: torch.Tensor) -> None:
-        """latents: [batch, d_sae]; a latent fired if any token gave it a non-zero value."""
-        fired = (latents != 0).any(0)
-        tokens = latents.shape[0]
-        if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
-            fired = self.data_parallel.max_(fired.to(torch.int32)).bool()
-            tokens *= self.data_parallel.world_size  # equal slices
-        fired = fired.to(self.tokens_since_fired.device)
-        self.tokens_since_fired += tokens
-        self.tokens_since_fired[fired] = 0
-
-    def update_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """`update` for sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
+    def update(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """A batch of sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
         fired = torch.zeros(self.tokens_since_fired.shape, dtype=torch.bool, device=indices.device)
         fired[indices[values > 0]] = True
         tokens = indices.shape[0]

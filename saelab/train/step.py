@@ -68,7 +68,7 @@ def train_step(
     optimizer.step()
     sae.normalize_decoder_()
 
-    tracker.update_sparse(out.indices, out.values)
+    tracker.update(out.indices, out.values)
     l0 = float((out.values > 0).sum(-1).float().mean())
     metrics = {"loss": loss.item(), "fvu": fvu.item(), "aux_loss": aux.item(), "l0": l0}
     if sae.cfg.architecture == "gba" and sae.adaptation_due():
