@@ -84,3 +84,25 @@ def assert_clean(at: AppTest) -> None:
 
 def texts(elements) -> str:  # noqa: ANN001 (Streamlit element sequences have no public type)
     return "\n".join(str(e.value) for e in elements)
+
+
+def fill_steering_form(at: AppTest, prompt: str, rows: list[tuple[int, str, float]], **fields: object) -> AppTest:
+    """Fill the steering playground's form and press Run; `rows` are (latent, mode, value).
+
+    `fields`: scale (default False), max_new (default 3), hook and positions (default: the page's).
+    """
+    at.number_input(key="steer_rows").set_value(len(rows)).run()
+    at.text_area(key="steer_prompt").set_value(prompt)
+    for i, (latent, mode, value) in enumerate(rows):
+        at.number_input(key=f"steer_latent_{i}").set_value(latent)
+        at.selectbox(key=f"steer_mode_{i}").set_value(mode)
+        at.number_input(key=f"steer_value_{i}").set_value(value)
+    at.checkbox(key="steer_scale").set_value(fields.get("scale", False))
+    if "hook" in fields:
+        at.text_input(key="steer_hook").set_value(fields["hook"])
+    if "positions" in fields:
+        at.selectbox(key="steer_positions").set_value(fields["positions"])
+    at.number_input(key="steer_max_new").set_value(fields.get("max_new", 3))
+    next(b for b in at.button if b.label == "Run").click().run()
+    assert_clean(at)
+    return at

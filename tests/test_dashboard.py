@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from dashboard_runs import APP, BATCHTOPK, HOOK, TOPK, assert_clean, make_dashboard_runs, open_page, texts
+from dashboard_runs import (
+    APP,
+    BATCHTOPK,
+    HOOK,
+    TOPK,
+    assert_clean,
+    fill_steering_form,
+    make_dashboard_runs,
+    open_page,
+    texts,
+)
 from streamlit.testing.v1 import AppTest
 
 import saelab.models
@@ -402,19 +412,7 @@ STEER_PROMPT = "The os module provides functions for"
 
 def steer_on_page(at: AppTest, prompt: str, rows: list[tuple[int, str, float]], **fields: object) -> AppTest:
     """Fill the playground's form (`fields`: scale, hook, positions, max_new) and press Run."""
-    at.number_input(key="steer_rows").set_value(len(rows)).run()
-    at.text_area(key="steer_prompt").set_value(prompt)
-    for i, (latent, mode, value) in enumerate(rows):
-        at.number_input(key=f"steer_latent_{i}").set_value(latent)
-        at.selectbox(key=f"steer_mode_{i}").set_value(mode)
-        at.number_input(key=f"steer_value_{i}").set_value(value)
-    at.checkbox(key="steer_scale").set_value(fields.get("scale", False))
-    at.text_input(key="steer_hook").set_value(fields.get("hook", HOOK))
-    at.selectbox(key="steer_positions").set_value(fields.get("positions", "all"))
-    at.number_input(key="steer_max_new").set_value(fields.get("max_new", 3))
-    next(b for b in at.button if b.label == "Run").click().run()
-    assert_clean(at)
-    return at
+    return fill_steering_form(at, prompt, rows, **{"hook": HOOK, "positions": "all", **fields})
 
 
 def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dashboard_runs import assert_clean, open_page, texts
+from dashboard_runs import assert_clean, fill_steering_form, open_page, texts
 from streamlit.testing.v1 import AppTest
 
 TOPK = "topk-128-k8"
@@ -69,17 +69,7 @@ def test_feature_browser_odd_searches_and_a_huge_index(page):
 
 
 def steer(at: AppTest, prompt: str, rows: list[tuple[int, str, float]], max_new: int = 2) -> AppTest:
-    at.number_input(key="steer_rows").set_value(len(rows)).run()
-    at.text_area(key="steer_prompt").set_value(prompt)
-    for i, (latent, mode, value) in enumerate(rows):
-        at.number_input(key=f"steer_latent_{i}").set_value(latent)
-        at.selectbox(key=f"steer_mode_{i}").set_value(mode)
-        at.number_input(key=f"steer_value_{i}").set_value(value)
-    at.checkbox(key="steer_scale").set_value(False)
-    at.number_input(key="steer_max_new").set_value(max_new)
-    next(b for b in at.button if b.label == "Run").click().run()
-    assert_clean(at)
-    return at
+    return fill_steering_form(at, prompt, rows, max_new=max_new)
 
 
 @pytest.mark.parametrize("coefficient", [1e30, -1e30, 1e300, -1e300])
