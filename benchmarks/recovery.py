@@ -30,7 +30,7 @@ def variants(d_sae: int, k: int) -> list[SAEConfig]:
         SAEConfig(architecture="topk", d_sae=d_sae, k=k),
         SAEConfig(architecture="batchtopk", d_sae=d_sae, k=k),
         *[SAEConfig(architecture="gsae", d_sae=d_sae, k=k, beta=beta, name=f"gsae-beta{beta:g}") for beta in BETAS],
-        SAEConfig(architecture="gba", d_sae=d_sae, target_l0=k, n_groups=8, update_tokens=16_384),
+        SAEConfig(architecture="gba", d_sae=d_sae, target_l0=k, n_groups=8, update_tokens=1024),
     ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from saelab import distributed
 from saelab.errors import SaelabError
+from saelab.sae.config import SAEConfig
 
 
 def _harvest(args: argparse.Namespace) -> None:
@@ -41,6 +42,10 @@ def _train(args: argparse.Namespace) -> None:
     from saelab.train.trainer import train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    if distributed.is_main():
+        for sae in cfg.saes:
+            if sae.architecture == "gba":
+                print(f"{sae.label}: GBA target frequencies by group (highest first): {_ladder(sae)}")
     train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
     if not distributed.is_main():
         return
@@ -54,6 +59,16 @@ def _train(args: argparse.Namespace) -> None:
             for label, r in summary.items()
         ],
     )
+
+
+def _ladder(sae: SAEConfig) -> str:
+    """GBA's targets, and what `target_l0` did to the configured ladder."""
+    targets = ", ".join(f"{t:.2g}" for t in sae.group_targets())
+    if sae.target_l0 is None:
+        return targets
+    scale = sae.group_targets()[0] / sae.target_high
+    configured = f"{sae.target_high:g}…{sae.target_low:g}"
+    return f"{targets} (target_l0 {sae.target_l0:g} scaled the ladder {configured} by {scale:.3g})"
 
 
 def _eval(args: argparse.Namespace) -> None:

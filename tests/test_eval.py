@@ -15,7 +15,7 @@ from saelab.cli import main
 from saelab.config import load_config, save_config
 from saelab.errors import SaelabError
 from saelab.eval import metrics as M
-from saelab.eval.ce_loss import ce_loss_recovered
+from saelab.eval.ce_loss import CELossAccumulator, ce_loss_recovered
 from saelab.eval.config import EvalConfig
 from saelab.eval.evaluate import evaluate, held_out_contexts
 from saelab.harvest.config import CorpusConfig, HarvestConfig
@@ -140,6 +140,65 @@ def test_identity_recovers_everything_and_zeros_recover_nothing(smollm2, context
     assert ce.recovered("zeros") == pytest.approx(0.0, abs=1e-4)
     assert ce.delta("zeros") == pytest.approx(ce.zero - ce.clean)
     assert 1 < ce.clean < ce.zero - 1  # ablating the middle of the residual stream hurts a lot
+
+
+@pytest.mark.slow
+def test_kl_is_zero_for_the_identity_and_matches_a_direct_computation(smollm2, contexts):
+    def shrink(x: torch.Tensor) -> torch.Tensor:
+        return 0.8 * x
+
+    ce = ce_loss_recovered(smollm2, contexts, HOOK, {"identity": lambda x: x.clone(), "shrink": shrink}, batch_size=2)
+    assert ce.kl["identity"] == pytest.approx(0.0, abs=1e-6)
+
+    def patch(x: torch.Tensor, hook) -> torch.Tensor:
+        x = x.clone()
+        x[:, 1:] = 0.8 * x[:, 1:]
+        return x
+
+    with torch.inference_mode():
+        p = torch.softmax(smollm2(contexts)[:, :-1].double(), -1)
+        with smollm2.hooks(fwd_hooks=[(HOOK, patch)]):
+            q = torch.softmax(smollm2(contexts)[:, :-1].double(), -1)
+    direct = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert ce.kl["shrink"] == pytest.approx(direct, rel=1e-3) and direct > 0.01
+    assert ce.kl["zero"] > ce.kl["shrink"]
+
+
+@pytest.mark.slow
+def test_the_gradient_aware_pass_gets_each_rows_own_loss_gradient(smollm2, contexts):
+    """The g-SAE eval path: g from the clean pass, row for row, against a direct autograd computation."""
+    step = 0.05
+
+    def along_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x + step * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    accumulator = CELossAccumulator(smollm2, HOOK, {}, gradient_reconstructions={"g": along_gradient})
+    accumulator.update(contexts)
+    result = accumulator.result()
+
+    kept = {}
+
+    def keep(x: torch.Tensor, hook) -> torch.Tensor:
+        kept["x"] = x.detach().requires_grad_()
+        return kept["x"]
+
+    with torch.enable_grad(), smollm2.hooks(fwd_hooks=[(HOOK, keep)]):
+        logits = smollm2(contexts)
+        predicted, following = logits[:, :-1].flatten(0, 1), contexts[:, 1:].flatten()
+        loss = torch.nn.functional.cross_entropy(predicted, following, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, [kept["x"]])
+
+    def moved(x: torch.Tensor, hook) -> torch.Tensor:
+        x = x.clone()
+        x[:, 1:] = along_gradient(x[:, 1:], gradient[:, 1:])
+        return x
+
+    with torch.inference_mode(), smollm2.hooks(fwd_hooks=[(HOOK, moved)]):
+        direct = torch.nn.functional.cross_entropy(
+            smollm2(contexts)[:, :-1].flatten(0, 1), contexts[:, 1:].flatten(), reduction="mean"
+        ).item()
+    assert result.sae["g"] == pytest.approx(direct, rel=1e-4)
+    assert result.sae["g"] > result.clean + 1e-3, "stepping up the loss gradient raises the loss"
 
 
 @pytest.mark.slow

@@ -313,3 +313,24 @@ def test_recovery_is_signed_and_checks_dimensions() -> None:
     assert feature_recovery(true, -true)["recovered"] == 0.0  # an anti-parallel row is not the feature
     with pytest.raises(SaelabError):
         feature_recovery(true, torch.randn(8, 32))
+
+
+# ---- the mixed-sparsity toy of GBA's recovery table ----------------------------------------------
+
+
+def test_mixed_sparsity_rows_have_one_of_the_sparsities_and_equal_feature_frequencies():
+    from saelab.eval.mixed_sparsity import MixedSparsityConfig, MixedSparsityFeatures
+
+    data = MixedSparsityFeatures(MixedSparsityConfig(n_rows=4096))
+    x, codes = data.sample(20_000, torch.Generator().manual_seed(1))
+    active = (codes > 0).sum(1)
+    assert set(active.unique().tolist()) == {3, 20}
+    assert abs((active == 3).float().mean().item() - 0.5) < 0.02
+    assert torch.allclose(x, codes @ data.directions, atol=1e-5)
+    frequency = (codes > 0).float().mean(0)
+    assert data.frequency == pytest.approx(11.5 / 128)
+    assert (frequency - data.frequency).abs().max() < 0.015, "every feature fires equally often"
+    assert codes[codes > 0].min() >= 0.5 and codes.max() <= 1.5
+    first = [b for b, _ in data.batches(512, seed=3)]
+    again = [b for b, _ in data.batches(512, seed=3, start_batch=2)]
+    assert len(first) == 8 and torch.equal(first[2], again[0]) and not torch.equal(first[0], first[1])

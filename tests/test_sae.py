@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from saelab.sae import (
 from saelab.sae.topk import THRESHOLD_DECAY
 
 D_IN, D_SAE, K = 16, 64, 4
-ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba"]
+ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu"]
 
 
 def rng(seed: int) -> torch.Generator:
@@ -32,6 +33,9 @@ def rng(seed: int) -> torch.Generator:
 
 
 def make(architecture: str = "topk", seed: int = 0, **fields) -> SparseAutoencoder:
+    """`gba-relu` is GBA with `activation: relu`."""
+    if architecture == "gba-relu":
+        architecture, fields = "gba", {"activation": "relu", **fields}
     cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **fields)
     return build_sae(cfg, generator=rng(seed))
 
@@ -126,20 +130,31 @@ def test_batchtopk_keeps_the_batch_k_largest_values_of_the_whole_batch_in_traini
     assert torch.equal(z, u * (u >= cutoff))
 
 
-def test_batchtopk_threshold_is_an_ema_of_the_smallest_kept_value():
+def test_batchtopk_threshold_is_the_bias_corrected_weighted_mean_of_the_smallest_kept_values():
     sae = make("batchtopk").train()
     assert torch.equal(sae.threshold, torch.zeros(D_SAE))
-    expected = None
-    for seed in range(3):
+    observed = []
+    for seed in range(5):
         u = randn(8, D_SAE, seed=seed)
         z = sae.select(u)
-        smallest = z[z > 0].min().item()
-        # the first observation starts θ; later ones move it by an EMA
-        expected = smallest if expected is None else THRESHOLD_DECAY * expected + (1 - THRESHOLD_DECAY) * smallest
+        observed.append(z[z > 0].min().item())
+        # by hand: weights λ^(T−t) over the T observations so far, normalised to sum to 1
+        weights = [THRESHOLD_DECAY ** (len(observed) - 1 - t) for t in range(len(observed))]
+        expected = sum(w * m for w, m in zip(weights, observed, strict=True)) / sum(weights)
         assert torch.allclose(sae.threshold, torch.full((D_SAE,), expected), rtol=1e-5)
+        assert sae.threshold_weight.item() == pytest.approx(1 - THRESHOLD_DECAY ** len(observed), rel=1e-5)
     before = sae.threshold.clone()
     sae.select(-positive(8, D_SAE, seed=9))  # nothing positive kept: θ stays
     assert torch.equal(sae.threshold, before)
+
+
+def test_batchtopk_state_saved_before_the_threshold_weight_existed_still_loads():
+    old = make("batchtopk").state_dict()
+    old["threshold"] = torch.full((D_SAE,), 0.7)
+    del old["threshold_weight"]
+    sae = make("batchtopk")
+    sae.load_state_dict(old)
+    assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.7)) and sae.threshold_weight.item() == 1.0
 
 
 def test_batchtopk_eval_mode_uses_the_threshold_and_leaves_it_alone():
@@ -183,6 +198,17 @@ def test_gsae_with_large_beta_selects_by_activation_times_gradient_alignment():
     assert not torch.equal(z, TopKSAE.select(gsae, u))
 
 
+def test_gsae_score_at_beta_one_weighs_each_latent_by_one_plus_root_d_times_its_gradient_cosine():
+    gsae = make("gsae", beta=1.0)
+    u, g = positive(16, D_SAE, seed=1), 7.0 * randn(16, D_IN, seed=2)  # ‖g‖ is irrelevant: only its direction
+    cosine = (g @ gsae.W_dec.T) / (g.norm(dim=1, keepdim=True) * gsae.W_dec.norm(dim=1))
+    score = u * (1 + D_IN**0.5 * cosine.abs())
+    chosen = score.topk(K, dim=-1).indices
+    assert torch.equal(gsae.select(u, g), torch.zeros_like(u).scatter(-1, chosen, u.gather(-1, chosen)))
+    changed = (gsae.select(u, g) != 0) & (TopKSAE.select(gsae, u) == 0)
+    assert changed.sum(-1).float().mean() >= 1, "β = 1 reorders latents (a unit ĝ barely did)"
+
+
 def test_gsae_values_are_the_activations_at_the_chosen_latents():
     gsae = make("gsae", beta=3.0)
     u, g = positive(32, D_SAE, seed=1), randn(32, D_IN, seed=2)
@@ -205,8 +231,8 @@ def test_gba_groups_are_equal_random_and_carry_their_targets():
     assert sae.b_enc.grad is None and sae.W_enc.grad is not None
 
 
-def test_gba_lowers_an_overactive_latent_and_raises_a_dead_one():
-    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=100)
+def test_gba_paper_rule_lowers_an_overactive_latent_and_raises_a_dead_one():
+    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=100, bias_rule="paper")
     sae.b_enc.fill_(-0.5)
     u = randn(100, D_SAE, seed=1)
     busy, dead = int((sae.group == 0).nonzero()[0]), int((sae.group == 1).nonzero()[0])
@@ -231,6 +257,29 @@ def test_gba_lowers_an_overactive_latent_and_raises_a_dead_one():
     assert metrics["group2/freq"] == 0.0 and metrics["group0/target"] == sae.cfg.group_targets()[0]
     assert set(metrics) == {f"group{g}/{key}" for g in range(4) for key in ("freq", "target")}
     assert int(sae.tokens_observed) == 0 and int(sae.fires.sum()) == 0 and sae.max_pre_activation.isneginf().all()
+
+
+def test_gba_balanced_rule_moves_each_bias_by_the_groups_reach_times_its_capped_octave_miss():
+    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=400, target_high=0.2, target_low=0.02)
+    sae.b_enc.fill_(-0.5)
+    u = randn(400, D_SAE, seed=1) - 1.0  # every latent fires now and then; a few never
+    u[:, sae.group == 3] -= 10.0  # group 3 never fires
+    sae.observe(u)
+    before = sae.b_enc.clone()
+    sae.adapt_biases()
+    # by hand, latent by latent, in float64
+    u64 = u.double()
+    freq, reach = (u64 > 0).double().mean(0), u64.max(0).values
+    for i in range(D_SAE):
+        g = int(sae.group[i])
+        members = sae.group == g
+        fired = members & (freq > 0)
+        r_bar = reach[fired].mean() if fired.any() else reach[members].abs().mean()
+        target = sae.cfg.group_targets()[g]
+        miss = 1.0 if freq[i] == 0 else max(-1.0, min(1.0, math.log2(target / freq[i].item())))
+        expected = min(max(before[i].item() + 0.1 * r_bar.item() * miss, -1.0 * D_IN**0.5), 0.0)
+        assert sae.b_enc[i].item() == pytest.approx(expected, abs=1e-5), i
+    assert (sae.b_enc[sae.group == 3] > before[sae.group == 3]).all(), "a dead group is raised"
 
 
 def test_gba_biases_stay_within_bounds_through_many_random_updates():
@@ -260,9 +309,11 @@ def test_gba_calibration_starts_each_group_at_its_target():
         assert torch.allclose(measured, torch.full_like(measured, target), atol=2 / 4000), (group, measured)
 
 
-def test_gba_with_frozen_weights_settles_every_group_at_or_below_its_target():
+@pytest.mark.parametrize("rule", ["paper", "balanced"])
+def test_gba_with_frozen_weights_settles_every_group_near_its_target(rule):
+    """The paper's rule: at or below each target (it only pushes down); balanced: within 1.5× either way."""
     cfg = dict(gamma=0.1, bias_min=-10.0, bias_max=0.0, target_high=0.2, target_low=0.02, update_tokens=2048)
-    sae = make("gba", **cfg)
+    sae = make("gba", bias_rule=rule, **cfg)
     generator = rng(1)
     centres = torch.randn(8, D_IN, generator=generator) * 1.5
     metrics = {}
@@ -274,6 +325,8 @@ def test_gba_with_frozen_weights_settles_every_group_at_or_below_its_target():
         metrics = sae.adapt_biases()
     for g, target in enumerate(sae.cfg.group_targets()):
         assert 0 < metrics[f"group{g}/freq"] <= 1.5 * target, (g, metrics)
+        if rule == "balanced":
+            assert metrics[f"group{g}/freq"] >= target / 1.5, (g, metrics)
 
 
 def test_gba_state_dict_round_trip_keeps_its_buffers():
@@ -287,6 +340,31 @@ def test_gba_state_dict_round_trip_keeps_its_buffers():
     for name in ("group", "target", "fires", "max_pre_activation", "tokens_observed", "b_enc"):
         assert torch.equal(getattr(other, name), getattr(sae, name)), name
     assert int(other.tokens_observed) == 20
+
+
+def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection():
+    sae = perturb(make("gba"), seed=1)
+    x = randn(32, D_IN, seed=2)
+    projection = (x * 0.37 - sae.b_dec) @ sae.W_enc  # w_i · (x·s − b_dec), no bias
+    expected = projection * (projection + sae.b_enc > 0)
+    z = sae(x).latents
+    assert torch.allclose(z, expected, atol=1e-6) and (z > 0).any()
+    assert (z[z != 0] > -sae.b_enc.expand_as(z)[z != 0] - 1e-6).all(), "every output is at least its threshold −b"
+    relu = perturb(make("gba-relu"), seed=1)
+    assert torch.allclose(relu(x).latents, (projection + relu.b_enc).relu(), atol=1e-6)
+
+
+def test_a_gba_folder_saved_before_the_jumprelu_form_loads_as_the_relu_sae_it_was(tmp_path):
+    sae = trained_looking("gba-relu").eval()
+    save_sae(sae, tmp_path / "sae")
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["metadata"]["saelab_config"]["activation"], cfg["metadata"]["saelab_config"]["bias_rule"]
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.activation == "relu" and cfg["architecture"] == "standard"
+    x = randn(16, D_IN, seed=3)
+    assert torch.allclose(loaded(x).reconstruction, sae(x).reconstruction, atol=1e-5)
 
 
 # --- the SAELens format --------------------------------------------------------------------------
@@ -332,7 +410,8 @@ def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
 
 
 @pytest.mark.parametrize(
-    "architecture, saved_as", [("topk", "topk"), ("gsae", "topk"), ("gba", "standard"), ("batchtopk", "jumprelu")]
+    "architecture, saved_as",
+    [("topk", "topk"), ("gsae", "topk"), ("gba", "jumprelu"), ("gba-relu", "standard"), ("batchtopk", "jumprelu")],
 )
 def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, architecture, saved_as):
     sae = trained_looking(architecture).eval()
@@ -345,7 +424,8 @@ def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, arch
     assert cfg.get("k") == (K if saved_as == "topk" else None)
     meta = cfg["metadata"]
     assert (meta["hook_name"], meta["model_name"]) == ("blocks.3.hook_resid_post", "tiny")
-    assert meta["saelab_architecture"] == architecture and meta["saelab_input_scale"] == pytest.approx(0.37)
+    assert meta["saelab_architecture"] == architecture.removesuffix("-relu")
+    assert meta["saelab_input_scale"] == pytest.approx(0.37)
 
     weights = safetensors.torch.load_file(tmp_path / "sae" / "sae_weights.safetensors")
     names = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if saved_as == "jumprelu" else set())

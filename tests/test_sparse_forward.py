@@ -17,15 +17,17 @@ D_IN, D_SAE, K, BATCH = 12, 96, 5, 40
 
 
 def float64_sae(architecture: str, **fields) -> SparseAutoencoder:
+    """`gba-relu` is GBA with `activation: relu` (plain `gba` is its default JumpReLU)."""
+    if architecture == "gba-relu":
+        architecture, fields = "gba", {"activation": "relu", **fields}
     cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **{"beta": 3.0, **fields})
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).double()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         sae.input_scale.fill_(0.6)
         sae.b_dec.copy_(torch.randn(D_IN, generator=gen, dtype=torch.float64) * 0.3)
-        sae.b_enc.copy_(
-            torch.randn(D_SAE, generator=gen, dtype=torch.float64) * 0.2 - (0.3 if architecture == "gba" else 0)
-        )
+        b_enc = torch.randn(D_SAE, generator=gen, dtype=torch.float64) * 0.2
+        sae.b_enc.copy_(-b_enc.abs() - 0.1 if architecture == "gba" else b_enc)  # GBA's biases are ≤ 0
         if architecture == "batchtopk":
             sae.threshold.fill_(0.4)
     return sae
@@ -52,6 +54,7 @@ def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Ten
         ("batchtopk", False),
         ("gsae", True),
         ("gba", True),
+        ("gba-relu", True),
     ],
 )
 def test_sparse_forward_equals_dense_forward_and_its_gradients(architecture, training, tile):
@@ -69,7 +72,7 @@ def test_sparse_forward_equals_dense_forward_and_its_gradients(architecture, tra
     for name in want:
         assert want[name].abs().max() > 0, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-7, atol=1e-10, msg=name)
-    if architecture == "gba":  # the sparse path observes u as it goes; the dense one is told to
+    if architecture.startswith("gba"):  # the sparse path observes u as it goes; the dense one is told to
         dense_sae.observe(dense.pre_activations.detach())
         assert sparse_sae.fires.sum() > 0
     for name, buffer in dense_sae.named_buffers():  # BatchTopK's θ, GBA's firing statistics

@@ -12,6 +12,11 @@ is measured three ways:
 
     CE loss recovered = (L_zero − L_sae) / (L_zero − L_clean)     1: as good as the model; 0: as bad as ablating
     Δ LM loss         = L_sae − L_clean                           nats per predicted token
+    KL                = mean_{b, t} D_KL(p_clean(·|b, t) ‖ p_sae(·|b, t))   nats, over the same predictions
+
+Gradient-aware SAEs (g-SAE) select latents with g = ∂L/∂x, which the clean pass then computes
+(`saelab.models.gradients`, one backward per batch, the harvest's definition of L): each such SAE
+gets a second spliced pass whose reconstruction of row r is made with g_r (`gradient_reconstructions`).
 
 Position 0 is left as the model computed it in all three passes: it is the BOS token, an attention
 sink whose residual norm is ~100× the others', and the activation store never holds it, so the SAE
@@ -26,22 +31,31 @@ are added with the bridge's `hooks` context manager, so they are gone when a pas
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformer_lens.model_bridge import TransformerBridge
 
+from saelab.models.gradients import forward_with_gradients
 from saelab.sae.base import SparseAutoencoder
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # x: [n, d_model] → x̂: [n, d_model]
+# (x: [n, d_model], g = ∂L/∂x: [n, d_model]) → x̂: [n, d_model]
+GradientReconstruct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FIRST_POSITION = 1  # positions before this (the BOS / attention sink) are never replaced
 
 
 def next_token_loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Σ_{b, t ≤ T−2} −log softmax(logits[b, t])[tokens[b, t + 1]]; logits: [batch, T, vocab], tokens: [batch, T]."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+
+
+def next_token_kl_sum(clean_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Σ_{b, t ≤ T−2} D_KL(p_clean ‖ p) with p = softmax(logits); clean_log_probs: [batch, T−1, vocab] (float32)."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="sum")
 
 
 def zero_ablation(x: torch.Tensor) -> torch.Tensor:
@@ -56,18 +70,18 @@ def as_reconstruct(sae: SparseAutoencoder | Reconstruct) -> Reconstruct:
     return sae
 
 
-def spliced_loss_sum(
+def spliced_logits(
     model: TransformerBridge,
     tokens: torch.Tensor,
     hook: str,
     reconstruct: SparseAutoencoder | Reconstruct | None,
     first_position: int = FIRST_POSITION,
 ) -> torch.Tensor:
-    """The summed next-token loss of `tokens: [batch, T]` with x[:, first_position:] at `hook` replaced by
+    """The logits `[batch, T, vocab]` of `tokens: [batch, T]` with x[:, first_position:] at `hook` replaced by
     reconstruct(x) (row by row: [n, d_model] → [n, d_model]; an SAE: its reconstruction); `reconstruct=None`
     runs the model unchanged."""
     if reconstruct is None:
-        return next_token_loss_sum(model(tokens), tokens)
+        return model(tokens)
     reconstruct = as_reconstruct(reconstruct)
 
     def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -77,17 +91,29 @@ def spliced_loss_sum(
         return patched
 
     with model.hooks(fwd_hooks=[(hook, replace)]):
-        return next_token_loss_sum(model(tokens), tokens)
+        return model(tokens)
+
+
+def spliced_loss_sum(
+    model: TransformerBridge,
+    tokens: torch.Tensor,
+    hook: str,
+    reconstruct: SparseAutoencoder | Reconstruct | None,
+    first_position: int = FIRST_POSITION,
+) -> torch.Tensor:
+    """The summed next-token loss of `spliced_logits` (see there)."""
+    return next_token_loss_sum(spliced_logits(model, tokens, hook, reconstruct, first_position), tokens)
 
 
 @dataclass
 class CELossResult:
-    """Mean next-token losses (nats) over `n_predictions` predicted tokens, clean, zero-ablated and per SAE."""
+    """Mean next-token losses and KLs (nats) over `n_predictions` predicted tokens, clean, zero-ablated, per SAE."""
 
     clean: float
     zero: float
     sae: dict[str, float]
     n_predictions: int
+    kl: dict[str, float] = field(default_factory=dict)  # per SAE label, and "zero"
 
     def recovered(self, label: str) -> float | None:
         """(L_zero − L_sae) / (L_zero − L_clean); None when ablating the hook does not change the loss."""
@@ -98,18 +124,25 @@ class CELossResult:
         """L_sae − L_clean, nats per predicted token."""
         return self.sae[label] - self.clean
 
-    def summary(self, label: str) -> dict[str, float | None]:
+    def summary(self, label: str, suffix: str = "") -> dict[str, float | None]:
+        """The losses of SAE `label` (a gradient-aware pass is labelled `<label>` + `suffix` too)."""
+        key = label + suffix
         return {
             "ce_loss_clean": self.clean,
-            "ce_loss_sae": self.sae[label],
+            f"ce_loss_sae{suffix}": self.sae[key],
             "ce_loss_zero": self.zero,
-            "ce_loss_recovered": self.recovered(label),
-            "delta_lm_loss": self.delta(label),
+            f"ce_loss_recovered{suffix}": self.recovered(key),
+            f"delta_lm_loss{suffix}": self.delta(key),
+            f"kl{suffix}": self.kl[key],
         }
 
 
 class CELossAccumulator:
-    """L_clean, L_zero and each SAE's L_sae at one hook, accumulated batch by batch on the same contexts."""
+    """L_clean, L_zero and each SAE's L_sae and KL at one hook, accumulated batch by batch on the same contexts.
+
+    `gradient_reconstructions` (label → (x, g) → x̂) are run with the gradient g = ∂L/∂x of the clean
+    pass, which is then a forward and backward instead of a forward.
+    """
 
     def __init__(
         self,
@@ -117,30 +150,53 @@ class CELossAccumulator:
         hook: str,
         reconstructions: Mapping[str, SparseAutoencoder | Reconstruct],
         first_position: int = FIRST_POSITION,
+        gradient_reconstructions: Mapping[str, GradientReconstruct] | None = None,
     ) -> None:
         self.model, self.hook, self.first_position = model, hook, first_position
         self.reconstructions = {label: as_reconstruct(r) for label, r in reconstructions.items()}
-        self.clean_sum, self.zero_sum = 0.0, 0.0
-        self.sae_sums = {label: 0.0 for label in self.reconstructions}
+        self.gradient_reconstructions = dict(gradient_reconstructions or {})
+        labels = [*self.reconstructions, *self.gradient_reconstructions, "zero"]
+        self.clean_sum = 0.0
+        self.loss_sums = {label: 0.0 for label in labels}
+        self.kl_sums = {label: 0.0 for label in labels}
         self.n_predictions = 0
 
-    @torch.inference_mode()
     def update(self, tokens: torch.Tensor) -> None:
         """Run `tokens: [batch, T]` (on the model's device) clean, zero-ablated, and through every SAE."""
-        self.clean_sum += float(spliced_loss_sum(self.model, tokens, self.hook, None))
-        self.zero_sum += float(spliced_loss_sum(self.model, tokens, self.hook, zero_ablation, self.first_position))
-        for label, reconstruct in self.reconstructions.items():
-            self.sae_sums[label] += float(
-                spliced_loss_sum(self.model, tokens, self.hook, reconstruct, self.first_position)
-            )
+        gradient = None
+        if self.gradient_reconstructions:
+            found = forward_with_gradients(self.model, tokens, [self.hook])
+            clean_logits, gradient = found.logits, found.gradients[self.hook]
+        with torch.inference_mode():
+            if gradient is None:
+                clean_logits = self.model(tokens)
+            self.clean_sum += float(next_token_loss_sum(clean_logits, tokens))
+            clean_log_probs = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+            del clean_logits
+            passes = {"zero": zero_ablation, **self.reconstructions}
+            if gradient is not None:
+                rows = gradient[:, self.first_position :].reshape(-1, gradient.shape[-1])
+                for label, reconstruct in self.gradient_reconstructions.items():
+                    passes[label] = _with_rows(reconstruct, rows)
+            for label, reconstruct in passes.items():
+                logits = spliced_logits(self.model, tokens, self.hook, reconstruct, self.first_position)
+                self.loss_sums[label] += float(next_token_loss_sum(logits, tokens))
+                self.kl_sums[label] += float(next_token_kl_sum(clean_log_probs, logits))
         self.n_predictions += tokens.shape[0] * (tokens.shape[1] - 1)
 
     def result(self) -> CELossResult:
         if self.n_predictions == 0:
             raise ValueError("no contexts were added to the CELossAccumulator")
         n = self.n_predictions
-        sae = {label: total / n for label, total in self.sae_sums.items()}
-        return CELossResult(self.clean_sum / n, self.zero_sum / n, sae, n)
+        losses = {label: total / n for label, total in self.loss_sums.items()}
+        zero = losses.pop("zero")
+        kl = {label: total / n for label, total in self.kl_sums.items()}
+        return CELossResult(self.clean_sum / n, zero, losses, n, kl)
+
+
+def _with_rows(reconstruct: GradientReconstruct, gradient_rows: torch.Tensor) -> Reconstruct:
+    """x → reconstruct(x, g) for the rows of one spliced pass (the same rows, in the same order)."""
+    return lambda x: reconstruct(x, gradient_rows.to(x.dtype))
 
 
 def ce_loss_recovered(

@@ -12,6 +12,12 @@ SAE with the hook's activation at positions ≥ 1 replaced by the SAE's reconstr
 last pass the SAE's input, reconstruction and latents also feed its `MetricsAccumulator`, so the
 activation metrics are computed on exactly the tokens the losses are.
 
+A g-SAE (β > 0) is also evaluated *with* its gradient-aware selection, as it trains: the clean pass
+then computes g = ∂L/∂x at the hook (one backward per batch), and a second spliced pass selects each
+token's latents with its g. Its eval.json then also holds `<metric>_with_gradient` (FVU, L0, CE
+loss, KL…) and `selections_changed`, the fraction of the latents it fired that plain TopK (its
+inference without a gradient) would not have.
+
 Results: `run/saes/<label>/eval.json` per SAE, and one line per SAE appended to the run's
 `metrics.jsonl`: `{"step": <last training step>, "sae": label, "eval/fvu": …}`.
 """
@@ -67,8 +73,13 @@ def evaluate(
         contexts = held_out_contexts(store, model.tokenizer, n_contexts)
 
         metrics = {label: MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device) for label, sae in saes.items()}
+        gradient_aware = {label: _GradientSelection(sae, device) for label, sae in saes.items() if _uses_gradient(sae)}
         losses = CELossAccumulator(
-            model, hook, {label: _measured(sae, metrics[label]) for label, sae in saes.items()}, FIRST_POSITION
+            model,
+            hook,
+            {label: _measured(sae, metrics[label]) for label, sae in saes.items()},
+            FIRST_POSITION,
+            {label + WITH_GRADIENT: selection.reconstruct for label, selection in gradient_aware.items()},
         )
         tokens_per_context = manifest.context_size - FIRST_POSITION
         bar = tqdm(
@@ -107,6 +118,8 @@ def evaluate(
                 **metrics[label].result(),
                 **ce.summary(label),
             }
+            if label in gradient_aware:
+                results[label] |= gradient_aware[label].result() | ce.summary(label, WITH_GRADIENT)
             atomic_write_json(run / SAE_DIR / label / EVAL_FILE, results[label])
         _append_metrics(run, step, results)
     return results
@@ -149,6 +162,37 @@ def _measured(sae: SparseAutoencoder, metrics: MetricsAccumulator) -> Callable[[
         return out.reconstruction
 
     return reconstruct
+
+
+WITH_GRADIENT = "_with_gradient"
+_GRADIENT_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "dense_fraction")
+
+
+def _uses_gradient(sae: SparseAutoencoder) -> bool:
+    return sae.cfg.architecture == "gsae" and sae.cfg.beta > 0
+
+
+class _GradientSelection:
+    """A g-SAE spliced in with its gradient-aware selection: its metrics, and how often it departs from TopK."""
+
+    def __init__(self, sae: SparseAutoencoder, device: torch.device) -> None:
+        self.sae = sae
+        self.metrics = MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device)
+        self.fired, self.changed = 0, 0
+
+    def reconstruct(self, x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """x, gradient: [n, d_in] → x̂ with latents chosen by activation and gradient."""
+        out = self.sae(x, gradient)
+        fired = out.latents != 0
+        self.fired += int(fired.sum())
+        self.changed += int((fired & (self.sae.encode(x) == 0)).sum())
+        self.metrics.update(x, out.reconstruction, out.latents)
+        return out.reconstruction
+
+    def result(self) -> dict[str, float]:
+        measured = self.metrics.result()
+        found = {f"{key}{WITH_GRADIENT}": measured[key] for key in _GRADIENT_METRICS}
+        return found | {"selections_changed": self.changed / max(self.fired, 1)}
 
 
 def _common_hook(saes: dict[str, SparseAutoencoder], train_cfg: TrainConfig, store: ActivationStore) -> str:

@@ -21,15 +21,13 @@ import math
 import platform
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from importlib.metadata import version
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -53,16 +51,11 @@ from saelab.harvest.shards import SHARD_DIR, verify_shard, write_shard
 from saelab.harvest.store import check_layout
 from saelab.locking import LOCK_FILE, folder_lock
 from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
+from saelab.models.gradients import GRADIENT_LOSS, forward_with_gradients, parameters_frozen
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that do not change what a store contains; everything else must match to resume.
 _NOT_IDENTITY = ("out", "device")
-# What `<hook>.grad` is the gradient of (recorded in the manifest of a store harvested with gradients).
-GRADIENT_LOSS = (
-    "sum over positions t = 0..context_size-2 of the next-token cross-entropy "
-    "-log softmax(logits[t])[token[t+1]] (nats, float32 logits of the full model), summed over "
-    "the contexts of a batch: each row's gradient is that of its own context's summed loss"
-)
 
 
 def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress: bool = True) -> StoreManifest:
@@ -109,7 +102,7 @@ def _write_remaining_shards(
         desc=f"harvest {', '.join(cfg.hooks)}{' + gradients' if cfg.gradients else ''}",
         disable=not progress,
     )
-    with bar, _parameters_frozen(model) if cfg.gradients else nullcontext():
+    with bar, parameters_frozen(model) if cfg.gradients else nullcontext():
         while chunk := list(islice(remaining, cfg.shard_contexts)):
             first_context = manifest.n_contexts
             tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
@@ -166,56 +159,9 @@ def _activations(model: TransformerBridge, batch: torch.Tensor, hooks: list[Hook
 def _activations_and_gradients(
     model: TransformerBridge, batch: torch.Tensor, names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """`{hook: x, <hook>.grad: ∂L/∂x}`, each `[batch, context_size, d_model]`, from one full forward and backward.
-
-    L = Σ_contexts Σ_{t=0}^{T-2} CE(logits[t], token[t+1]). A sum, not a mean: a row's gradient
-    is that of its own context's loss terms, with no 1/(batch · positions) factor, so it does not
-    depend on the batch size or the context length it was harvested with. Position t influences
-    only the losses at t and later, so the last position (it predicts nothing inside the context)
-    gets a gradient of exactly 0.
-
-    The hooks only keep references: the graph stays whole, so the gradient at an early hook
-    includes every path through the later ones, and the activations are the forward's own. The
-    caller freezes the parameters (`_parameters_frozen`), so the embedding output is made the one
-    root that requires grad, and `autograd.grad` differentiates with respect to the hooked tensors
-    only: no weight gradient is computed.
-    """
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(name: str) -> Callable[[torch.Tensor, Any], None]:
-        def hook(x: torch.Tensor, hook: Any) -> None:
-            kept[name] = x
-
-        return hook
-
-    def track(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        return x.detach().requires_grad_()
-
-    with torch.enable_grad():
-        with model.hooks(fwd_hooks=[("hook_embed", track), *((name, keep(name)) for name in names)]):
-            logits = model(batch)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        grads = torch.autograd.grad(loss, [kept[name] for name in names], allow_unused=True)
-    for name, grad in zip(names, grads, strict=True):
-        if grad is None:
-            raise SaelabError(f"hook {name!r} does not feed the model's logits here; it cannot be given a gradient")
-    return {
-        **{name: kept[name].detach() for name in names},
-        **{gradient_name(name): grad for name, grad in zip(names, grads, strict=True)},
-    }
-
-
-@contextmanager
-def _parameters_frozen(model: torch.nn.Module) -> Iterator[None]:
-    """No parameter requires grad inside (no weight gradient is computed or kept); restored on exit."""
-    parameters = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    for parameter, _ in parameters:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter, requires_grad in parameters:
-            parameter.requires_grad_(requires_grad)
+    """`{hook: x, <hook>.grad: ∂L/∂x}`, each `[batch, context_size, d_model]` (`saelab.models.gradients`)."""
+    found = forward_with_gradients(model, batch, names)
+    return {**found.activations, **{gradient_name(name): found.gradients[name] for name in names}}
 
 
 def _identity(cfg: HarvestConfig) -> dict[str, Any]:
@@ -355,7 +301,7 @@ def _write_rank_shards(
         disable=not progress or rank != 0,
     )
     position = 0  # contexts read from `contexts` so far
-    with bar, _parameters_frozen(model) if cfg.gradients else nullcontext():
+    with bar, parameters_frozen(model) if cfg.gradients else nullcontext():
         for i in mine:
             first = i * size
             deque(islice(contexts, first - position), maxlen=0)  # another rank's contexts: skip them

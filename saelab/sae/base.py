@@ -86,6 +86,10 @@ class SparseAutoencoder(nn.Module):
         """A callback that sees every tile of u during `sparse_forward` (GBA's statistics); None by default."""
         return None
 
+    def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
+        """The activations of the kept latents from their u ([batch, k'] each; padded slots hold 0): relu(u)."""
+        return pre_activations.relu()
+
     def selected_(self, values: torch.Tensor) -> None:
         """Called with the kept values after a training-mode selection (BatchTopK moves its threshold)."""
 
@@ -117,7 +121,7 @@ class SparseAutoencoder(nn.Module):
             self.tile_observer(),
             self.workspace,
         )
-        values = encoded.values[0].relu()
+        values = self.kept_values(encoded.indices[0], encoded.values[0])
         self.selected_(values.detach())
         reconstruction = (sparse_decode(encoded.indices[0], values, self.W_dec) + self.b_dec) / self.input_scale
         aux = None

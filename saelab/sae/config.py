@@ -9,6 +9,8 @@ from typing import Literal
 from saelab.errors import ConfigError
 
 Architecture = Literal["topk", "batchtopk", "gsae", "gba"]
+GBAActivation = Literal["jumprelu", "relu"]
+GBABiasRule = Literal["balanced", "paper"]
 
 
 @dataclass
@@ -17,9 +19,12 @@ class SAEConfig:
 
     - topk / batchtopk / gsae: `k` latents per token (batchtopk: `k` on average over a batch).
     - gsae: `beta` weighs the gradient term of the selection score (0 is exactly TopK).
-    - gba: a ReLU SAE whose encoder biases are adapted toward per-group firing targets spaced
-      geometrically from `target_high` to `target_low` over `n_groups` groups; `target_l0`, when
-      set, rescales that ladder so the expected L0 is `target_l0` (for comparisons at matched L0).
+    - gba: a JumpReLU (`activation`) SAE whose encoder biases are adapted (`bias_rule`, every
+      `update_tokens`) toward per-group firing targets spaced geometrically from `target_high` to
+      `target_low` over `n_groups` groups (`saelab/sae/gba.py`). `target_l0`, when set, multiplies the
+      whole ladder so that the L0 it implies, Σ_i p_g(i), is `target_l0` (for comparisons at matched
+      L0): the ratios between groups stay, but every target moves, possibly below the frequencies of
+      the features it should catch; the trainer prints the ladder it uses.
     """
 
     architecture: Architecture = "topk"
@@ -32,8 +37,10 @@ class SAEConfig:
     target_high: float = 0.1
     target_low: float = 1e-3
     target_l0: float | None = None
-    update_tokens: int = 40_960
+    update_tokens: int = 4096
     gamma: float = 0.01
+    activation: GBAActivation = "jumprelu"
+    bias_rule: GBABiasRule = "balanced"
     dead_eps: float = 1e-6
     bias_min: float = -1.0
     bias_max: float = 0.0

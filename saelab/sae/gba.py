@@ -1,24 +1,38 @@
-"""GBA SAE (Chen et al. 2025, "Taming Polysemanticity in LLMs"): a ReLU SAE whose encoder biases are
-adapted toward per-group firing targets instead of being trained with a sparsity penalty.
+"""GBA SAE (Chen et al. 2025, "Taming Polysemanticity in LLMs"): encoder biases adapted toward per-group
+firing targets instead of a sparsity penalty.
 
-The loss is reconstruction alone; sparsity comes from the biases. Latents are split at random into
-G equal groups; group g has a target frequency p_g (`SAEConfig.group_targets`, geometric from
-`target_high` to `target_low`). Over a window of `update_tokens` tokens each latent records how often
-it fired and its largest pre-activation; then
+The loss is reconstruction alone; sparsity comes from the biases, which get no gradient. Latents
+are split at random into G equal groups; group g has a target frequency p_g (`SAEConfig.group_targets`,
+geometric from `target_high` to `target_low`). With u = (x·s − b_dec) W_enc + b_enc:
 
-    p̂_i = fires_i / tokens                       measured firing frequency
-    r_i = max_t u_ti                              how far above 0 the latent reached
-    p̂_i > p_g(i):    b_i ← max(b_i − γ·r_i, bias_min)          fires too often: lower its bias
-    p̂_i < dead_eps:  b_i ← min(b_i + γ·r̄_g(i), bias_max)       dead: raise it
+    activation jumprelu (the paper's LLM form, the default):  z_i = (u_i − b_i)·1[u_i > 0]
+    activation relu:                                          z_i = relu(u_i)
+
+In the JumpReLU form the bias only decides *whether* latent i fires (threshold −b_i on w_i·(x·s − b_dec));
+its output is the whole projection, so the encoder has no reason to grow to undo the bias, which the
+ReLU form's shrinkage invites (there L0 drifted far above target while the encoder grew).
+
+Over a window of `update_tokens` tokens each latent records how often it fired and its largest
+pre-activation; then, with p̂_i = fires_i / tokens, r_i = max_t u_ti and r̄_g the mean r of the
+latents of group g that fired (the mean |r| of the group when none did):
+
+    bias_rule balanced (the default):  b_i ← b_i + γ · r̄_g · clamp(log2(p_g / p̂_i), −1, 1)
+    bias_rule paper:                   p̂_i > p_g:    b_i ← b_i − γ·r_i        (fires too often: lower)
+                                       p̂_i < ε:      b_i ← b_i + γ·r̄_g       (dead: raise)
+
+both clipped to [bias_min, bias_max]. The paper's rule is one-sided: a latent firing below its
+target but above ε is left alone, so a group settles anywhere under its target; measured on the
+default SmolLM2 run its groups ended at 0.3–0.6× their targets while the rare groups sat at 1.5–3×
+(the window of one batch sees them fire once or twice). `balanced` moves every latent toward its
+target by a step that grows with the miss (in octaves, capped at the paper's step for a miss of 2× or
+more): a dead latent gets exactly the paper's raise, one twice as frequent as its target the
+paper's cut with the group's reach instead of its own, and the frequencies converge from either side.
+Adapting every batch (`update_tokens` = the batch size) gives a short run enough updates.
 
 The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's trainer
 normalises inputs to ‖x‖ ≈ √d_in, so the bounds used are the configured ones times √d_in
 (`bias_bounds`). Before training, `calibrate_biases` starts each b_i at the bias that gives its group's
 target frequency on a sample, so the adaptation steers from the targets rather than from L0 ≈ d_sae/2.
-
-r̄_g is the mean r over the latents of group g that fired in the window. When none of the group fired
-we use the mean |r| of the group, the typical distance of its latents below 0, so that dead latents
-still move up. A latent dead at b = bias_max stays dead: the biases never go above it.
 
 All state lives in buffers, so `state_dict()` checkpoints it exactly. In data-parallel training
 `observe` adds each batch's window statistics summed (fires, tokens) or maxed (reach) over ranks, so
@@ -39,9 +53,11 @@ from saelab.sae.config import SAEConfig
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
+_NEVER = 1e-12  # a frequency below any target: log2(target / 0) is clamped to +1 anyway
+
 
 class GBASAE(SparseAutoencoder):
-    """z = relu(u); `b_enc` is moved by `adapt_biases`, never by the optimiser."""
+    """JumpReLU (or ReLU) latents; `b_enc` is moved by `adapt_biases`, never by the optimiser."""
 
     group: torch.Tensor  # [d_sae] long, the group of each latent
     target: torch.Tensor  # [d_sae], the target frequency of each latent's group
@@ -82,8 +98,16 @@ class GBASAE(SparseAutoencoder):
         self.b_enc.clamp_(*self.bias_bounds)
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
-        """z = relu(u); [..., d_sae] → same shape."""
-        return pre_activations.relu()
+        """JumpReLU: z = (u − b_enc)·1[u > 0]; ReLU: z = relu(u). [..., d_sae] → same shape."""
+        if self.cfg.activation == "relu":
+            return pre_activations.relu()
+        return torch.where(pre_activations > 0, pre_activations - self.b_enc, 0)
+
+    def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
+        if self.cfg.activation == "relu":
+            return pre_activations.relu()
+        # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
+        return torch.where(pre_activations > 0, pre_activations - self.b_enc[indices], 0)
 
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
         return AboveThreshold(0.0)
@@ -132,8 +156,12 @@ class GBASAE(SparseAutoencoder):
 
         b = self.b_enc
         low, high = self.bias_bounds
-        b.copy_(torch.where(freq > self.target, (b - cfg.gamma * reach).clamp(min=low), b))
-        b.copy_(torch.where(freq < cfg.dead_eps, (b + cfg.gamma * r_bar).clamp(max=high), b))
+        if cfg.bias_rule == "balanced":
+            miss = torch.log2(self.target / freq.clamp_min(_NEVER)).clamp(-1, 1)
+            b.copy_((b + cfg.gamma * r_bar * miss).clamp(low, high))
+        else:
+            b.copy_(torch.where(freq > self.target, (b - cfg.gamma * reach).clamp(min=low), b))
+            b.copy_(torch.where(freq < cfg.dead_eps, (b + cfg.gamma * r_bar).clamp(max=high), b))
 
         group_freq = (self._group_sum(freq) / group_size).tolist()
         self.fires.zero_()

@@ -1,12 +1,19 @@
 """g-SAE (Olmo et al. 2024, "Features that Make a Difference"): TopK that prefers latents the loss cares about.
 
 With g = ∂L/∂x for the token (the downstream loss's gradient at the SAE's input) and unit-norm
-decoder rows d_i:
+decoder rows d_i, the paper's score is z + β·z·|d_i · g|. saelab normalises g per token:
 
     z      = relu(u)
-    ĝ      = g / ‖g‖                          (0 for a token whose gradient is 0)
-    score  = z + β · z · |ĝ · d_i|            |cos(d_i, g)|, as ‖d_i‖ = 1
+    ĝ      = √d_in · g / ‖g‖                  (0 for a token whose gradient is 0)
+    score  = z + β · z · |ĝ · d_i|            = z·(1 + β·√d_in·|cos(d_i, g)|), as ‖d_i‖ = 1
     z'     = z at the top-k of score, 0 elsewhere
+
+Why √d_in: for a direction unrelated to g, |cos(d_i, g)| averages √(2/(π·d_in)) (0.033 at d_in 576),
+so with a unit ĝ the term moved a latent's score by ~3 % at β = 1 and reordered almost nothing
+(g-SAE was TopK in all but name). Scaled by √d_in the unrelated latents' term averages √(2/π) ≈ 0.8·β
+and an aligned one's is several times that, so β = 1 is a real trade-off between activation and
+effect on the loss, the same on any model. Normalising per token (rather than keeping ‖g‖) makes β
+independent of the model's loss scale and of how sure the model is at each token.
 
 The gradient changes only which latents fire, never their values. β = 0 or no gradient is exactly
 TopK; a large β ranks latents by z·|cos(d_i, g)|, the first-order effect of the latent on the loss.
@@ -42,7 +49,7 @@ class GradientTopKSAE(TopKSAE):
 
     def _score(self, gradient: torch.Tensor) -> ScoreHook:
         """The selection hook: score(u_tile, start) = z + β·z·|ĝ · d_i| for the tile's latents."""
-        norm = gradient.norm(dim=-1, keepdim=True)
+        norm = gradient.norm(dim=-1, keepdim=True) / self.cfg.d_in**0.5
         g_hat = (gradient / norm.clamp_min(torch.finfo(norm.dtype).tiny)).to(self.W_dec.dtype)  # zero rows stay 0
         decoder = self.W_dec.detach()
 

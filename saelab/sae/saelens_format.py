@@ -14,7 +14,9 @@ i.e. W_enc' = s·W_enc, W_dec' = W_dec/s, b_dec' = b_dec/s, b_enc' = b_enc; `loa
 What SAELens sees (the closest architecture it runs at inference):
     topk      → "topk"
     gsae      → "topk"      its gradient-aware selection exists only in training; inference is TopK
-    gba       → "standard"  a ReLU SAE; its adapted biases are just b_enc
+    gba       → "jumprelu"  (activation jumprelu, the default) exactly: b_enc 0 and threshold −b_enc, since
+                z = (u − b)·1[u > 0] = h·1[h > −b] with h = u − b, the bias-free pre-activation
+    gba       → "standard"  (activation relu) a ReLU SAE; its adapted biases are just b_enc
     batchtopk → "jumprelu"  with threshold θ for every latent. SAELens does the same: its
                 BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
                 `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
@@ -57,14 +59,30 @@ SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
     "gsae": GradientTopKSAE,
     "gba": GBASAE,
 }
-SAELENS_ARCHITECTURE = {"topk": "topk", "gsae": "topk", "gba": "standard", "batchtopk": "jumprelu"}
+SAELENS_ARCHITECTURE = {"topk": "topk", "gsae": "topk", "gba": "jumprelu", "batchtopk": "jumprelu"}
 NOTES = {
     "gsae": "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK.",
-    "gba": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
+    "gba": "GBA: a JumpReLU SAE whose thresholds (−b_enc) were adapted to per-group firing targets.",
+    "gba-relu": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
     "batchtopk": "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens.",
 }
 # A SAELens folder without saelab metadata becomes this saelab architecture.
 FROM_SAELENS = {"topk": "topk", "standard": "gba", "jumprelu": "batchtopk"}
+
+
+def saelens_architecture(cfg: SAEConfig) -> str:
+    """The SAELens architecture a saelab SAE is saved as (see the module docstring)."""
+    if cfg.architecture == "gba" and cfg.activation == "relu":
+        return "standard"
+    return SAELENS_ARCHITECTURE[cfg.architecture]
+
+
+def _note_key(cfg: SAEConfig) -> str:
+    return "gba-relu" if cfg.architecture == "gba" and cfg.activation == "relu" else cfg.architecture
+
+
+def _has_threshold(cfg: SAEConfig) -> bool:
+    return saelens_architecture(cfg) == "jumprelu"
 
 
 def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SparseAutoencoder:
@@ -79,7 +97,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     _check_replaceable(folder)
     cfg = sae.cfg
     scale = float(sae.input_scale)
-    architecture = SAELENS_ARCHITECTURE[cfg.architecture]
+    architecture = saelens_architecture(cfg)
     dtype = sae.W_enc.dtype
     with torch.no_grad():
         weights = {
@@ -90,6 +108,8 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         }
         if isinstance(sae, BatchTopKSAE):
             weights["threshold"] = sae.threshold
+        elif architecture == "jumprelu":  # GBA's JumpReLU: the bias is the gate alone
+            weights["threshold"], weights["b_enc"] = -sae.b_enc, torch.zeros_like(sae.b_enc)
         weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in weights.items()}
         buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name != "input_scale"}
 
@@ -100,9 +120,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         "saelab_architecture": cfg.architecture,
         "saelab_input_scale": scale,
         "saelab_config": config_to_dict(cfg),
-        "saelab_note": " ".join(
-            [NOTES.get(cfg.architecture, ""), "The input scale is folded into the weights."]
-        ).strip(),
+        "saelab_note": " ".join([NOTES.get(_note_key(cfg), ""), "The input scale is folded into the weights."]).strip(),
     }
     sae_lens_cfg: dict[str, Any] = {
         "d_in": cfg.d_in,
@@ -164,7 +182,7 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
         "b_enc": (cfg.d_sae,),
         "b_dec": (cfg.d_in,),
     }
-    if cfg.architecture == "batchtopk":
+    if _has_threshold(cfg):
         expected["threshold"] = (cfg.d_sae,)
     for name, shape in expected.items():
         if name not in tensors:
@@ -183,8 +201,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
         sae.b_enc.copy_(b_enc)
         sae.b_dec.copy_(b_dec * scale)
         sae.input_scale.fill_(scale)
-        if "threshold" in expected:
+        if isinstance(sae, BatchTopKSAE):
             sae.threshold.copy_(tensors["threshold"])
+        elif "threshold" in expected:  # GBA's JumpReLU: b_enc = −threshold (its saved b_enc is 0)
+            sae.b_enc.copy_(-tensors["threshold"].double() + b_enc)
         if (folder / BUFFERS_FILE).exists():
             _load_buffers(sae, folder / BUFFERS_FILE)
     return sae.to(device).eval()
@@ -193,8 +213,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
 def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, float]:
     if not isinstance(metadata["saelab_config"], dict):
         raise SaelabError(f"{cfg_path}: metadata.saelab_config must be a JSON object")
+    fields = dict(metadata["saelab_config"])
+    if fields.get("architecture") == "gba":  # saved before GBA had a JumpReLU form: it was a ReLU SAE
+        fields.setdefault("activation", "relu")
     try:
-        cfg = config_from_dict(SAEConfig, metadata["saelab_config"], prefix="metadata.saelab_config")
+        cfg = config_from_dict(SAEConfig, fields, prefix="metadata.saelab_config")
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error
     scale = metadata.get("saelab_input_scale")
@@ -202,7 +225,7 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
         raise SaelabError(f"{cfg_path}: metadata.saelab_input_scale must be a positive number, got {scale!r}")
     # saelab wrote every one of these; a value that disagrees is an edit that would be silently ignored.
     written = {key: getattr(cfg, key) for key in ("d_in", "d_sae")}
-    if SAELENS_ARCHITECTURE[cfg.architecture] == "topk":
+    if saelens_architecture(cfg) == "topk":
         written["k"] = cfg.k
     written |= {"apply_b_dec_to_input": True, "normalize_activations": "none", "rescale_acts_by_decoder_norm": False}
     for key, value in written.items():
@@ -217,10 +240,10 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
                 f"{cfg_path}: metadata.{key} is {metadata.get(key)!r} but metadata.saelab_config says "
                 f"{getattr(cfg, key)!r}: the file was edited; restore it or save the SAE again"
             )
-    if raw.get("architecture") != SAELENS_ARCHITECTURE[cfg.architecture]:
+    if raw.get("architecture") != saelens_architecture(cfg):
         raise SaelabError(
             f"{cfg_path}: architecture is {raw.get('architecture')!r} but a saelab {cfg.architecture} SAE "
-            f"is saved as {SAELENS_ARCHITECTURE[cfg.architecture]!r}"
+            f"is saved as {saelens_architecture(cfg)!r}"
         )
     return cfg, float(scale)
 
@@ -246,7 +269,8 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
     k = _positive_int(raw, "k", cfg_path) if architecture == "topk" else min(SAEConfig.k, sizes["d_sae"])
     names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "model_name")}
     try:  # n_groups 1: GBA's equal groups need not divide a foreign d_sae; k is unused by ReLU/JumpReLU
-        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, n_groups=1, **sizes, **names)
+        gba_form = {"activation": "relu"} if FROM_SAELENS[architecture] == "gba" else {}
+        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, n_groups=1, **sizes, **names, **gba_form)
         cfg.validate()
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error

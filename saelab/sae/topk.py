@@ -5,8 +5,13 @@ TopK (Gao et al. 2024), per token:
 
 BatchTopK (Bussmann et al. 2024), per batch in training, a threshold at inference:
     training:  keep the batch·k largest entries of relu(u) over the whole batch
-               θ ← λ·θ + (1 − λ)·(smallest kept value > 0)          λ = THRESHOLD_DECAY
+               θ = Σ_t λ^(T−t) m_t / Σ_t λ^(T−t)     m_t: step t's smallest kept value > 0, λ = THRESHOLD_DECAY
     inference: z = relu(u) · 1[u > θ]                              (a JumpReLU with threshold θ)
+
+θ is an exponentially weighted mean with its weight total kept beside it (`threshold_weight`
+= Σ_t λ^(T−t)(1 − λ) = 1 − λ^T), i.e. Adam's bias-corrected moving average: no observation weighs
+more than its share, unlike a plain EMA started at 0 (which SAELens uses and which is far too low
+after a short run) or at the first observation (whose weight λ^T is still 22 % after 150 steps).
 """
 
 from __future__ import annotations
@@ -43,10 +48,17 @@ class BatchTopKSAE(SparseAutoencoder):
     """
 
     threshold: torch.Tensor
+    threshold_weight: torch.Tensor  # [] 1 − λ^T after T observations: how much of θ is data
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.register_buffer("threshold_weight", torch.zeros(()))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # Saved before θ was bias-corrected (saelab ≤ 0.x): that θ is taken as a complete estimate.
+        state_dict.setdefault(prefix + "threshold_weight", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [batch, d_sae] → z: same shape. Training mode also moves θ (see the module docstring)."""
@@ -68,9 +80,11 @@ class BatchTopKSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
-        """θ ← λθ + (1 − λ)·min(kept values > 0); unchanged when nothing positive was kept. No host sync."""
+        """Add min(kept values > 0) to θ's weighted mean; nothing when no value was positive. No host sync."""
         smallest = torch.where(kept > 0, kept, torch.inf).min().to(self.threshold.dtype)
-        observed = torch.where(torch.isinf(smallest), self.threshold, smallest)
-        # Unlike SAELens, the first observation starts θ: from θ = 0 a short run ends with θ far too low.
-        current = torch.where(self.threshold > 0, self.threshold, observed)
-        self.threshold.copy_(torch.lerp(current, observed, 1 - THRESHOLD_DECAY))
+        seen = torch.isfinite(smallest)
+        share = 1 - THRESHOLD_DECAY
+        weight = self.threshold_weight * THRESHOLD_DECAY + share
+        updated = (self.threshold * self.threshold_weight * THRESHOLD_DECAY + share * smallest) / weight
+        self.threshold.copy_(torch.where(seen, updated, self.threshold))
+        self.threshold_weight.copy_(torch.where(seen, weight, self.threshold_weight))
