@@ -4,9 +4,11 @@ Activations are sparse combinations of known unit directions (saelab.eval.recove
 frequencies, correlated clusters, noise; gradients for the g-SAE from per-feature importances).
 Every variant trains in one pass over the same batches (equal tokens), then is scored on held-out
 rows: the fraction of true features with a decoder row at cosine > 0.9, the mean best cosine (also
-by frequency band), FVU and L0. g-SAE is swept over β (β = 0 is TopK exactly).
+by frequency band), FVU and L0. g-SAE is swept over β (β = 0 is TopK exactly). GBA runs twice: at
+TopK's L0 (`target_l0` = k scales its ladder to 0.015…1.5e-4, below the data's frequencies) and with
+targets spanning the data's 3e-2…3e-4 (then its L0 is about twice k: 1024 latents for 512 features).
 
-    python benchmarks/recovery.py [--epochs 4] [--d-sae 1024] [--k 4]
+    python benchmarks/recovery.py [--epochs 4] [--d-sae 1024] [--k 4] [--lr 1e-3]
 """
 
 from __future__ import annotations
@@ -30,7 +32,17 @@ def variants(d_sae: int, k: int) -> list[SAEConfig]:
         SAEConfig(architecture="topk", d_sae=d_sae, k=k),
         SAEConfig(architecture="batchtopk", d_sae=d_sae, k=k),
         *[SAEConfig(architecture="gsae", d_sae=d_sae, k=k, beta=beta, name=f"gsae-beta{beta:g}") for beta in BETAS],
+        # GBA at TopK's L0 (its ladder scaled to L0 k), and with targets spanning the data's own frequencies
         SAEConfig(architecture="gba", d_sae=d_sae, target_l0=k, n_groups=8, update_tokens=1024),
+        SAEConfig(
+            architecture="gba",
+            d_sae=d_sae,
+            n_groups=8,
+            target_high=3e-2,
+            target_low=3e-4,
+            update_tokens=1024,
+            name="gba-data-range",
+        ),
     ]
 
 
@@ -51,6 +63,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
     data = SyntheticFeatures(SyntheticConfig(seed=args.seed))
@@ -61,7 +74,7 @@ def main() -> None:
             saes=variants(args.d_sae, args.k),
             n_tokens=n_tokens,
             batch_size=args.batch_size,
-            lr=1e-3,
+            lr=args.lr,
             device="cpu",
             seed=args.seed,
             checkpoint_every_tokens=n_tokens,
@@ -71,7 +84,7 @@ def main() -> None:
 
     print(
         f"\n{data.cfg.n_features} true features in d_in {data.cfg.d_in} (≈3.3 active per row), "
-        f"{args.d_sae} latents, k {args.k}, {n_tokens:,} training tokens each, held-out 16,384 rows"
+        f"{args.d_sae} latents, k {args.k}, {n_tokens:,} training tokens each at lr {args.lr:g}, held-out 16,384 rows"
     )
     header = (
         f"{'variant':<18}{'recovered':>10}{'mean cos':>10}{'frequent':>10}{'middle':>8}{'rare':>8}{'FVU':>8}{'L0':>7}"

@@ -7,6 +7,7 @@ import html
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from saelab.analysis.feature_store import FeatureStore
 from saelab.browse.feature_filter import FeatureFilter, random_live_latent
 from saelab.browse.highlight import token_text, tokens_html
 from saelab.browse.live import encode_text, encode_tokens
-from saelab.browse.runs import find_runs, read_metrics, training_curves
+from saelab.browse.runs import find_runs, group_frequency_curves, read_metrics, training_curves
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.sae import load_sae
@@ -121,6 +122,30 @@ def test_training_curves_are_the_logged_steps(runs_root):
     for name in ("loss", "fvu", "l0", "dead_fraction"):
         assert curves[name] == [r[name] for r in logged]
     assert training_curves(records, "absent")["tokens"] == []
+
+
+def test_gba_group_curves_follow_each_group_from_its_first_measurement():
+    records = [
+        {"step": 2, "tokens": 200, "sae": "gba", "group0/freq": 0.2, "group0/target": 0.1},
+        {"step": 1, "tokens": 100, "sae": "gba", "fvu": 0.5},
+        {
+            "step": 3,
+            "tokens": 300,
+            "sae": "gba",
+            "group0/freq": 0.12,
+            "group0/target": 0.1,
+            "group1/freq": 0.0,
+            "group1/target": 0.01,
+        },
+        {"step": 3, "sae": "gba", "eval/fvu": 0.4},
+        {"step": 3, "tokens": 300, "sae": "topk", "fvu": 0.3},
+    ]
+    curves = group_frequency_curves(records, "gba")
+    assert curves == {
+        0: {"tokens": [200, 300], "freq": [0.2, 0.12], "target": [0.1, 0.1]},
+        1: {"tokens": [300], "freq": [0.0], "target": [0.01]},
+    }
+    assert group_frequency_curves(records, "topk") == {}
 
 
 def test_feature_filter_equals_brute_force():
@@ -514,3 +539,20 @@ def test_feature_page_in_headless_chromium(runs_root, latent, tmp_path):
     data = capture.png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     print(f"screenshot: {capture.png}")
+
+
+def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):
+    """A run whose log holds GBA's per-group frequencies gets a chart of frequency ÷ target per group."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny" / "train", root / "gba" / "train")
+    with open(root / "gba" / "train" / "metrics.jsonl", "a") as log:
+        for step, freq in ((9, 0.3), (10, 0.25)):
+            record = {"step": step, "tokens": 512 * step, "sae": TOPK, "group0/freq": freq, "group0/target": 0.2}
+            log.write(json.dumps(record) + "\n")
+    monkeypatch.setenv("SAELAB_RUNS", str(root))
+    monkeypatch.setattr(saelab.models, "load_model", lambda spec, device="auto": smollm2)
+    at = open_page()
+    groups = [c for c in charts(at) if "GBA group frequency" in c["layout"]["title"]["text"]]
+    assert len(groups) == 1
+    trace = groups[0]["data"][0]
+    assert trace["x"] == [4608, 5120] and trace["y"] == pytest.approx([1.5, 1.25])

@@ -266,9 +266,10 @@ def batchtopk_per_rank_slice(monkeypatch) -> None:
     def selected_(self, values):
         if not self.training:
             return
-        start, thresholds = self.threshold.clone(), []
-        for part in values.chunk(WORLD):
+        start, start_weight, thresholds = self.threshold.clone(), self.threshold_weight.clone(), []
+        for part in values.chunk(WORLD):  # each rank's update from the same state; θ then averaged
             self.threshold.copy_(start)
+            self.threshold_weight.copy_(start_weight)
             self._update_threshold(part.flatten())
             thresholds.append(self.threshold.clone())
         self.threshold.copy_(sum(thresholds) / WORLD)

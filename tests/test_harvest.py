@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import ConfigError, SaelabError
 from saelab.harvest.config import CorpusConfig, HarvestConfig
 from saelab.harvest.harvester import harvest
 from saelab.harvest.manifest import read_manifest
@@ -75,6 +75,21 @@ def test_keeping_the_first_position(tiny_model, tiny_model_dir, tmp_path):
     shard = map_shard(tmp_path / "store" / manifest.shards[0].file)
     assert manifest.first_position == 0 and manifest.n_rows == 4 * 32
     assert torch.equal(shard["token_ids"], shard["contexts"].reshape(-1))
+
+
+def test_a_later_first_position_skips_the_positions_before_it(tiny_model, tiny_model_dir, tmp_path):
+    """`first_position: 2` (SmolLM2's position-1 sinks): rows are positions 2..T-1, as the model computed them."""
+    cfg = tiny_config(tmp_path / "store", tiny_model_dir, first_position=2, n_tokens=30 * 4)
+    manifest = harvest(cfg, model=tiny_model, progress=False)
+    shard = map_shard(tmp_path / "store" / manifest.shards[0].file)
+    assert manifest.first_position == 2 and manifest.rows_per_context == 30 and manifest.n_rows == 4 * 30
+    assert torch.equal(shard["token_ids"], shard["contexts"][:, 2:].reshape(-1))
+    hook = cfg.hooks[0]
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(shard["contexts"].long(), names_filter=[hook])
+    assert torch.allclose(shard[hook], cache[hook][:, 2:].reshape(-1, shard[hook].shape[-1]), atol=1e-5)
+    with pytest.raises(ConfigError, match="first_position: must be in 0..context_size-1"):
+        tiny_config(tmp_path / "bad", tiny_model_dir, first_position=32).validate()
 
 
 def _run_harvest_cli(out: Path, *extra: str) -> subprocess.Popen:

@@ -228,7 +228,9 @@ def test_gba_groups_are_equal_random_and_carry_their_targets():
     assert not torch.equal(make("gba", seed=2).group, sae.group)
     assert not sae.b_enc.requires_grad
     sae(randn(8, D_IN, seed=3)).reconstruction.pow(2).sum().backward()
-    assert sae.b_enc.grad is None and sae.W_enc.grad is not None
+    assert sae.b_enc.grad is None and sae.W_dec.grad is not None and sae.output_scale.grad is not None
+    assert "W_enc" not in dict(sae.named_parameters()), "tied: the encoder is the decoder"
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
 
 
 def test_gba_paper_rule_lowers_an_overactive_latent_and_raises_a_dead_one():
@@ -256,14 +258,16 @@ def test_gba_paper_rule_lowers_an_overactive_latent_and_raises_a_dead_one():
     assert torch.allclose(b[dead_group], torch.full((int(dead_group.sum()),), -0.5 + up), atol=1e-6)
     assert metrics["group2/freq"] == 0.0 and metrics["group0/target"] == sae.cfg.group_targets()[0]
     assert set(metrics) == {f"group{g}/{key}" for g in range(4) for key in ("freq", "target")}
-    assert int(sae.tokens_observed) == 0 and int(sae.fires.sum()) == 0 and sae.max_pre_activation.isneginf().all()
+    assert (sae.tokens_observed == 0).all() and int(sae.fires.sum()) == 0 and sae.max_pre_activation.isneginf().all()
 
 
-def test_gba_balanced_rule_moves_each_bias_by_the_groups_reach_times_its_capped_octave_miss():
-    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=400, target_high=0.2, target_low=0.02)
+def test_gba_balanced_rule_moves_each_bias_by_the_groups_reach_times_its_octave_miss():
+    sae = make("gba", gamma=0.1, bias_min=-1.0, bias_max=0.0, update_tokens=400, target_high=0.3, target_low=0.05)
+    assert sae.window.tolist() == [400] * 4, "every group's window: 400 tokens hold ≥ 10 expected firings"
     sae.b_enc.fill_(-0.5)
     u = randn(400, D_SAE, seed=1) - 1.0  # every latent fires now and then; a few never
     u[:, sae.group == 3] -= 10.0  # group 3 never fires
+    u[:, sae.group == 0] += 3.0  # group 0 fires far too often
     sae.observe(u)
     before = sae.b_enc.clone()
     sae.adapt_biases()
@@ -276,10 +280,34 @@ def test_gba_balanced_rule_moves_each_bias_by_the_groups_reach_times_its_capped_
         fired = members & (freq > 0)
         r_bar = reach[fired].mean() if fired.any() else reach[members].abs().mean()
         target = sae.cfg.group_targets()[g]
-        miss = 1.0 if freq[i] == 0 else max(-1.0, min(1.0, math.log2(target / freq[i].item())))
+        miss = 1.0 if freq[i] == 0 else max(-16.0, min(16.0, math.log2(target / freq[i].item())))
         expected = min(max(before[i].item() + 0.1 * r_bar.item() * miss, -1.0 * D_IN**0.5), 0.0)
         assert sae.b_enc[i].item() == pytest.approx(expected, abs=1e-5), i
     assert (sae.b_enc[sae.group == 3] > before[sae.group == 3]).all(), "a dead group is raised"
+    assert (sae.b_enc[sae.group == 0] < before[sae.group == 0]).all(), "a group firing too often is lowered"
+
+
+def test_gba_balanced_rule_scales_a_long_windows_step_by_the_batches_it_spans():
+    short = make("gba", gamma=0.1, bias_min=-5.0, update_tokens=50, target_high=0.2, target_low=0.2)
+    long = make("gba", gamma=0.1, bias_min=-5.0, update_tokens=25, target_high=0.2, target_low=0.2)
+    assert short.window.tolist() == [50] * 4 and long.window.tolist() == [50] * 4  # 10 firings at 0.2: 50 tokens
+    u = randn(50, D_SAE, seed=4)
+    for sae in (short, long):
+        sae.b_enc.fill_(-1.0)
+        sae.observe(u)
+        sae.adapt_biases()
+    # the same window and data; the second spans two of its update_tokens, so it moves twice as far
+    assert torch.allclose(long.b_enc + 1.0, 2 * (short.b_enc + 1.0), atol=1e-6) and (short.b_enc != -1.0).any()
+    # …up to 16 of the paper's steps: a window of 50 batches moves at most 16 batches' worth
+    capped = make("gba", gamma=0.1, bias_min=-50.0, update_tokens=1, target_high=0.2, target_low=0.2)
+    capped.b_enc.fill_(-1.0)
+    capped.observe(u)
+    capped.adapt_biases()
+    freq = (u > 0).double().mean(0)
+    miss = torch.where(freq == 0, 1.0, torch.log2(0.2 / freq.clamp_min(1e-12))).float()
+    step = (short.b_enc + 1.0) / miss  # γ·r̄_g, from the n_g = 1 update (every |miss| here is well below 16)
+    assert torch.allclose(capped.b_enc + 1.0, step * (50 * miss).clamp(-16, 16), atol=1e-4)
+    assert ((50 * miss).abs() > 16).any(), "some latents hit the cap"
 
 
 def test_gba_biases_stay_within_bounds_through_many_random_updates():
@@ -329,6 +357,20 @@ def test_gba_with_frozen_weights_settles_every_group_near_its_target(rule):
             assert metrics[f"group{g}/freq"] >= target / 1.5, (g, metrics)
 
 
+def test_gba_rare_groups_adapt_over_windows_long_enough_to_see_them_fire():
+    sae = make("gba", update_tokens=100, target_high=0.1, target_low=0.001)  # 4 groups: 0.1 … 0.001
+    assert sae.window.tolist() == [math.ceil(10 / t) if t < 0.1 else 100 for t in sae.cfg.group_targets()]
+    assert sae.window.tolist()[0] == 100 and sae.window.tolist()[-1] == 10_000
+    sae.observe(randn(500, D_SAE, seed=1))
+    before = sae.b_enc.clone()
+    metrics = sae.adapt_biases()
+    assert set(metrics) == {"group0/freq", "group0/target", "group1/freq", "group1/target"}
+    assert sae.tokens_observed.tolist() == [0, 0, 500, 500], "the rare groups keep counting"
+    rare = sae.group >= 2
+    assert torch.equal(sae.b_enc[rare], before[rare]) and not torch.equal(sae.b_enc[~rare], before[~rare])
+    assert (sae.fires[rare] > 0).any() and (sae.fires[~rare] == 0).all()
+
+
 def test_gba_state_dict_round_trip_keeps_its_buffers():
     sae = make("gba", seed=1, update_tokens=32)
     sae.observe(randn(32, D_SAE, seed=2))
@@ -339,19 +381,23 @@ def test_gba_state_dict_round_trip_keeps_its_buffers():
     other.load_state_dict(sae.state_dict())
     for name in ("group", "target", "fires", "max_pre_activation", "tokens_observed", "b_enc"):
         assert torch.equal(getattr(other, name), getattr(sae, name)), name
-    assert int(other.tokens_observed) == 20
+    assert torch.equal(other.tokens_observed, sae.tokens_observed) and other.tokens_observed.max() > 20
 
 
-def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection():
+def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times_its_scale():
     sae = perturb(make("gba"), seed=1)
+    with torch.no_grad():
+        sae.output_scale.copy_(torch.rand(D_SAE, generator=rng(7)) + 0.5)
     x = randn(32, D_IN, seed=2)
-    projection = (x * 0.37 - sae.b_dec) @ sae.W_enc  # w_i · (x·s − b_dec), no bias
-    expected = projection * (projection + sae.b_enc > 0)
+    w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)  # tied: one unit vector per latent
+    projection = (x * 0.37 - sae.b_dec) @ w.T  # w_i · (x·s − b_dec), no bias
+    gate = projection + sae.b_enc > 0
     z = sae(x).latents
-    assert torch.allclose(z, expected, atol=1e-6) and (z > 0).any()
-    assert (z[z != 0] > -sae.b_enc.expand_as(z)[z != 0] - 1e-6).all(), "every output is at least its threshold −b"
-    relu = perturb(make("gba-relu"), seed=1)
-    assert torch.allclose(relu(x).latents, (projection + relu.b_enc).relu(), atol=1e-6)
+    assert torch.allclose(z, sae.output_scale * projection * gate, atol=1e-6) and gate.any()
+    assert torch.allclose(sae(x).reconstruction, (z @ sae.W_dec + sae.b_dec) / 0.37, atol=1e-5)
+    relu = perturb(make("gba-relu", tied=False), seed=1)
+    untied = (x * 0.37 - relu.b_dec) @ relu.W_enc + relu.b_enc
+    assert torch.allclose(relu(x).latents, untied.relu(), atol=1e-6)
 
 
 def test_a_gba_folder_saved_before_the_jumprelu_form_loads_as_the_relu_sae_it_was(tmp_path):

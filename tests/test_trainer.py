@@ -72,9 +72,11 @@ def test_every_variant_learns_and_saves(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     for label, sae in saes.items():
         rows = [m for m in metrics if m["sae"] == label]
-        assert rows[-1]["fvu"] < min(0.5, 0.7 * rows[0]["fvu"]), (label, rows[0]["fvu"], rows[-1]["fvu"])
+        # GBA's output scales start at 0.1 (the paper's small-a regime) and grow over its first ~100 steps
+        ceiling = 0.6 if sae.cfg.architecture == "gba" else 0.5
+        assert rows[-1]["fvu"] < min(ceiling, 0.7 * rows[0]["fvu"]), (label, rows[0]["fvu"], rows[-1]["fvu"])
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-5)
-        assert summary[label]["fvu"] < 0.5
+        assert summary[label]["fvu"] < ceiling
         reloaded = load_sae(tmp_path / "run" / "saes" / label)
         x = sparse_data(64, seed=9).activations
         assert torch.allclose(reloaded(x).reconstruction, sae.eval()(x).reconstruction, atol=1e-5)
@@ -226,3 +228,24 @@ def test_bfloat16_encoder_product_and_offline_wandb(tmp_path):
 def test_train_cli_reports_bad_input_in_one_line(argv, message, tmp_path, saelab_error):
     assert message in saelab_error("train", f"out={tmp_path / 'run'}", *argv)
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_checkpoint_from_an_older_gba_is_a_one_line_error(tmp_path):
+    """A GBA checkpoint from before the tied form (it has W_enc, no output_scale) names what changed."""
+    from saelab.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def config() -> TrainConfig:  # a fresh one per call: training fills in each SAE's d_in
+        sae = SAEConfig(architecture="gba", d_sae=32, n_groups=4, target_l0=2, update_tokens=256)
+        return run_config(tmp_path / "run", n_tokens=2048, saes=[sae], checkpoint_every_tokens=512)
+
+    label = config().saes[0].label
+    train(config(), source=sparse_data(), progress=False)
+    checkpoints = complete_checkpoints(tmp_path / "run")
+    old = load_checkpoint(checkpoints[0])
+    model = old["saes"][label]["model"]
+    model["W_enc"] = model.pop("output_scale").expand(D_IN, 32).clone()
+    for path in checkpoints[0].parent.iterdir():
+        path.unlink()
+    save_checkpoint(tmp_path / "run", 4, old, keep=2)  # mid-run: --resume continues from it
+    with pytest.raises(SaelabError, match=r"missing \['output_scale'\], unexpected \['W_enc'\].*older saelab"):
+        train(config(), source=sparse_data(), resume=True, progress=False)

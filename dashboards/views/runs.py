@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import ui
 
-from saelab.browse.runs import read_metrics, training_curves
+from saelab.browse.runs import group_frequency_curves, read_metrics, training_curves
 
 CURVES = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
 
@@ -90,3 +90,23 @@ for i, (name, figure) in enumerate(figures.items()):
     if name in ("loss", "fvu"):  # both fall by orders of magnitude; label every tick in full
         figure.update_yaxes(type="log", tickformat="~g")
     columns[i % 2].plotly_chart(figure, key=f"curve-{name}")
+
+for choice in ticked:  # GBA: each group's measured firing frequency against its target
+    run_name, label = choice.split(" / ", 1)
+    groups = group_frequency_curves(records.get(run_name, []), label)
+    if not groups:
+        continue
+    figure = go.Figure()
+    for group, curve in groups.items():
+        ratio = [f / t for f, t in zip(curve["freq"], curve["target"], strict=True)]
+        figure.add_trace(
+            go.Scatter(
+                x=curve["tokens"], y=ratio, mode="lines", name=f"group {group} (target {curve['target'][-1]:.2g})"
+            )
+        )
+    figure.add_hline(y=1.0, line_dash="dash", line_color="grey")
+    figure.update_layout(
+        title=f"{choice}: GBA group frequency ÷ target", xaxis_title="tokens", height=360, **ui.CHART_LAYOUT
+    )
+    figure.update_yaxes(type="log", tickformat="~g")
+    st.plotly_chart(figure, key=f"gba-groups-{choice}")

@@ -175,6 +175,22 @@ def training_curves(records: list[dict[str, Any]], label: str) -> dict[str, list
     return curves
 
 
+def group_frequency_curves(records: list[dict[str, Any]], label: str) -> dict[int, dict[str, list[float]]]:
+    """GBA: per group g, `{"tokens", "freq", "target"}` of SAE `label` over its training records (a group
+    appears once it has been measured); empty for any other SAE."""
+    rows = sorted((r for r in records if r["sae"] == label and "tokens" in r), key=lambda r: r["step"])
+    curves: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("group") and key.endswith("/freq"):
+                group = int(key.removeprefix("group").removesuffix("/freq"))
+                curve = curves.setdefault(group, {"tokens": [], "freq": [], "target": []})
+                curve["tokens"].append(row["tokens"])
+                curve["freq"].append(value)
+                curve["target"].append(row[f"group{group}/target"])
+    return dict(sorted(curves.items()))
+
+
 # ---- internals ----------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from saelab.atomic import atomic_write_json
 from saelab.config import config_from_dict
 from saelab.errors import SaelabError
-from saelab.eval.ce_loss import FIRST_POSITION, CELossAccumulator
+from saelab.eval.ce_loss import CELossAccumulator
 from saelab.eval.config import EvalConfig
 from saelab.eval.metrics import MetricsAccumulator
 from saelab.harvest.config import CorpusConfig
@@ -69,7 +69,8 @@ def evaluate(
         saes = {label: load_sae(run / SAE_DIR / label, device) for label in labels}
         hook = _common_hook(saes, train_cfg, store)
         first_context = max(manifest.n_contexts, manifest.n_contexts_planned)
-        n_contexts = math.ceil(cfg.n_tokens / (manifest.context_size - FIRST_POSITION))
+        first = manifest.first_position  # earlier positions (the BOS, sinks) were never stored nor trained on
+        n_contexts = math.ceil(cfg.n_tokens / (manifest.context_size - first))
         contexts = held_out_contexts(store, model.tokenizer, n_contexts)
 
         metrics = {label: MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device) for label, sae in saes.items()}
@@ -78,10 +79,10 @@ def evaluate(
             model,
             hook,
             {label: _measured(sae, metrics[label]) for label, sae in saes.items()},
-            FIRST_POSITION,
+            first,
             {label + WITH_GRADIENT: selection.reconstruct for label, selection in gradient_aware.items()},
         )
-        tokens_per_context = manifest.context_size - FIRST_POSITION
+        tokens_per_context = manifest.context_size - first
         bar = tqdm(
             total=len(contexts) * tokens_per_context,
             unit="tok",
@@ -102,7 +103,7 @@ def evaluate(
             "first_context": first_context,
             "n_contexts": len(contexts),
             "context_size": manifest.context_size,
-            "positions": f"{FIRST_POSITION}..{manifest.context_size - 1}",
+            "positions": f"{first}..{manifest.context_size - 1}",
             "n_tokens": len(contexts) * tokens_per_context,
         }
         results = {}

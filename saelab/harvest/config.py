@@ -46,6 +46,7 @@ class HarvestConfig:
     context_size: int = 128
     prepend_bos: bool = True
     exclude_first_position: bool = True
+    first_position: int | None = None
     batch_size: int = 8
     shard_contexts: int = 512
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -54,6 +55,13 @@ class HarvestConfig:
 
     def validate(self) -> None:
         validate_harvest_config(self)
+
+    @property
+    def stored_from(self) -> int:
+        """The first position stored: `first_position`, else 1 (BOS excluded) or 0."""
+        if self.first_position is not None:
+            return self.first_position
+        return 1 if self.exclude_first_position else 0
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -71,5 +79,9 @@ def validate_harvest_config(cfg: HarvestConfig) -> None:
         raise ConfigError("hooks: give at least one hook, e.g. [blocks.15.hook_resid_post]")
     if cfg.exclude_first_position and cfg.context_size < 2:
         raise ConfigError("context_size: must be at least 2 when exclude_first_position is true")
+    if cfg.first_position is not None and not 0 <= cfg.first_position < cfg.context_size:
+        raise ConfigError(
+            f"first_position: must be in 0..context_size-1 ({cfg.context_size - 1}), got {cfg.first_position}"
+        )
     if cfg.corpus.source == "datasets" and not cfg.corpus.path:
         raise ConfigError("corpus.path: required for corpus.source: datasets (a hub dataset name or local files)")

@@ -195,7 +195,7 @@ def _check_same_config(out: Path, stored: dict[str, Any], wanted: dict[str, Any]
 
 
 def _new_manifest(cfg: HarvestConfig, model: TransformerBridge) -> StoreManifest:
-    first_position = 1 if cfg.exclude_first_position else 0
+    first_position = cfg.stored_from
     tokenizer = model.tokenizer
     return StoreManifest(
         config=_identity(cfg),

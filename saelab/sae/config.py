@@ -40,6 +40,7 @@ class SAEConfig:
     update_tokens: int = 4096
     gamma: float = 0.01
     activation: GBAActivation = "jumprelu"
+    tied: bool = True
     bias_rule: GBABiasRule = "balanced"
     dead_eps: float = 1e-6
     bias_min: float = -1.0

@@ -16,18 +16,24 @@ Over a window of `update_tokens` tokens each latent records how often it fired a
 pre-activation; then, with p̂_i = fires_i / tokens, r_i = max_t u_ti and r̄_g the mean r of the
 latents of group g that fired (the mean |r| of the group when none did):
 
-    bias_rule balanced (the default):  b_i ← b_i + γ · r̄_g · clamp(log2(p_g / p̂_i), −1, 1)
+    bias_rule balanced (the default):  b_i ← b_i + γ · r̄_g · clamp(n_g · log2(p_g / p̂_i), −16, 16)   (log2 → 1 if dead)
     bias_rule paper:                   p̂_i > p_g:    b_i ← b_i − γ·r_i        (fires too often: lower)
                                        p̂_i < ε:      b_i ← b_i + γ·r̄_g       (dead: raise)
 
 both clipped to [bias_min, bias_max]. The paper's rule is one-sided: a latent firing below its
 target but above ε is left alone, so a group settles anywhere under its target; measured on the
-default SmolLM2 run its groups ended at 0.3–0.6× their targets while the rare groups sat at 1.5–3×
-(the window of one batch sees them fire once or twice). `balanced` moves every latent toward its
-target by a step that grows with the miss (in octaves, capped at the paper's step for a miss of 2× or
-more): a dead latent gets exactly the paper's raise, one twice as frequent as its target the
-paper's cut with the group's reach instead of its own, and the frequencies converge from either side.
-Adapting every batch (`update_tokens` = the batch size) gives a short run enough updates.
+default SmolLM2 run its groups ended at 0.3–0.6× their targets. `balanced` moves every latent toward
+its target by a step that grows with the miss in octaves (one octave: the paper's step with the
+group's reach; at most 16 such steps), so the frequencies converge from either side; a dead latent gets
+the paper's raise. Each group adapts over its own window, `update_tokens` or long enough for
+MIN_FIRES expected firings at its target, whichever is longer (one batch cannot measure a target of
+3e-4: a latent fires 0, 1 or 2 times and the rule chases noise; on SmolLM2 the rare groups sat at
+2–5× their targets that way), and n_g = window / update_tokens makes a rare group's fewer, longer
+windows move its biases as fast per token as a frequent group's, up to the cap. Measured on the
+default SmolLM2 run (150 steps, target L0 32), the rarest groups ended at 7–29× their targets with a
+cap of 4 and at 1.6–2.2× with 16; uncapped, a 65-batch window on the synthetic benchmark made its
+rarest group swing between dead and 50× its target, while a cap of 16 left every group within 1.2×. Adapting every batch
+(`update_tokens` = the batch size) gives a short run enough updates.
 
 The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's trainer
 normalises inputs to ‖x‖ ≈ √d_in, so the bounds used are the configured ones times √d_in
@@ -41,9 +47,11 @@ every rank holds the global window and adapts its biases identically.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from saelab.kernels import AboveThreshold
 from saelab.kernels.encode import SelectionRule, TileObserver
@@ -53,6 +61,10 @@ from saelab.sae.config import SAEConfig
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
+MAX_STEPS = 16.0  # the balanced rule moves a bias by at most 16 of the paper's steps per adaptation
+MIN_FIRES = 10  # expected firings at its target that a group's window must hold (balanced rule)
+OUTPUT_SCALE_INIT = 0.1  # a_i at the start: small, as in the paper's analysis (a → 0); trained by Adam
+MIN_OUTPUT_SCALE = 1e-4
 _NEVER = 1e-12  # a frequency below any target: log2(target / 0) is clamped to +1 anyway
 
 
@@ -63,7 +75,8 @@ class GBASAE(SparseAutoencoder):
     target: torch.Tensor  # [d_sae], the target frequency of each latent's group
     fires: torch.Tensor  # [d_sae] long, tokens on which each latent had u > 0 in this window
     max_pre_activation: torch.Tensor  # [d_sae], r_i over this window (-inf before any token)
-    tokens_observed: torch.Tensor  # [] long, tokens in this window
+    tokens_observed: torch.Tensor  # [n_groups] long, tokens in each group's current window
+    group_frequency: torch.Tensor  # [n_groups] each group's mean firing frequency in its last window (-1: none yet)
     data_parallel: DataParallel | None = None  # set by the data-parallel trainer: `observe` all-reduces
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
@@ -71,6 +84,10 @@ class GBASAE(SparseAutoencoder):
         with torch.no_grad():
             self.b_enc.clamp_(*self.bias_bounds)
         self.b_enc.requires_grad_(False)
+        self._encoder_is_decoder = cfg.tied
+        if cfg.tied:  # one unit vector w_i encodes and decodes; a_i scales the output
+            del self.W_enc
+            self.output_scale = nn.Parameter(torch.full((cfg.d_sae,), OUTPUT_SCALE_INIT))
         # As equal as d_sae allows: sizes differ by at most one (4608 latents in 10 groups: 460 or 461).
         group = torch.empty(cfg.d_sae, dtype=torch.long)
         group[torch.randperm(cfg.d_sae, generator=generator)] = torch.arange(cfg.d_sae) * cfg.n_groups // cfg.d_sae
@@ -78,7 +95,29 @@ class GBASAE(SparseAutoencoder):
         self.register_buffer("target", torch.tensor(cfg.group_targets())[group])
         self.register_buffer("fires", torch.zeros(cfg.d_sae, dtype=torch.long))
         self.register_buffer("max_pre_activation", torch.full((cfg.d_sae,), -torch.inf))
-        self.register_buffer("tokens_observed", torch.zeros((), dtype=torch.long))
+        self.register_buffer("tokens_observed", torch.zeros(cfg.n_groups, dtype=torch.long))
+        self.register_buffer("group_frequency", torch.full((cfg.n_groups,), -1.0))
+        self._windows = [self._window(target) for target in cfg.group_targets()]
+
+    def _window(self, target: float) -> int:
+        """Tokens between adaptations of a group: `update_tokens`, and for the balanced rule at least
+        enough for MIN_FIRES expected firings at the target, so a rare group's miss is measured, not guessed."""
+        if self.cfg.bias_rule == "paper":
+            return self.cfg.update_tokens
+        return max(self.cfg.update_tokens, math.ceil(MIN_FIRES / target))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # Saved when one window served every group (a scalar count): the same count for every group.
+        key = prefix + "tokens_observed"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].expand(self.cfg.n_groups).clone()
+        state_dict.setdefault(prefix + "group_frequency", torch.full((self.cfg.n_groups,), -1.0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> torch.Tensor | nn.Module:
+        if name == "W_enc" and self.__dict__.get("_encoder_is_decoder"):  # tied: the decoder, transposed
+            return self.W_dec.T
+        return super().__getattr__(name)
 
     @property
     def bias_bounds(self) -> tuple[float, float]:
@@ -98,16 +137,27 @@ class GBASAE(SparseAutoencoder):
         self.b_enc.clamp_(*self.bias_bounds)
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
-        """JumpReLU: z = (u − b_enc)·1[u > 0]; ReLU: z = relu(u). [..., d_sae] → same shape."""
+        """JumpReLU: z = a·(u − b_enc)·1[u > 0]; ReLU: z = a·relu(u) (a = 1 untied). [..., d_sae] → same shape."""
         if self.cfg.activation == "relu":
-            return pre_activations.relu()
-        return torch.where(pre_activations > 0, pre_activations - self.b_enc, 0)
+            z = pre_activations.relu()
+        else:
+            z = torch.where(pre_activations > 0, pre_activations - self.b_enc, 0)
+        return z * self.output_scale if self.cfg.tied else z
 
     def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
         if self.cfg.activation == "relu":
-            return pre_activations.relu()
-        # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
-        return torch.where(pre_activations > 0, pre_activations - self.b_enc[indices], 0)
+            z = pre_activations.relu()
+        else:  # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
+            z = torch.where(pre_activations > 0, pre_activations - self.b_enc[indices], 0)
+        return z * self.output_scale[indices] if self.cfg.tied else z
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Unit decoder rows (tied: the w_i, as the paper's spherical gradient descent keeps them), and a_i > 0,
+        so that a latent's output keeps the sign of its projection (and SAELens's JumpReLU expresses it)."""
+        super().normalize_decoder_()
+        if self.cfg.tied:
+            self.output_scale.clamp_(min=MIN_OUTPUT_SCALE)
 
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
         return AboveThreshold(0.0)
@@ -135,17 +185,24 @@ class GBASAE(SparseAutoencoder):
         if start == 0:
             self.tokens_observed += tokens
 
+    @property
+    def window(self) -> torch.Tensor:
+        """[n_groups] tokens each group's window must hold before its biases adapt (`_window`)."""
+        return torch.tensor(self._windows, device=self.tokens_observed.device)
+
     def adaptation_due(self) -> bool:
-        return int(self.tokens_observed) >= self.cfg.update_tokens
+        return bool((self.tokens_observed >= self.window).any())
 
     @torch.no_grad()
     def adapt_biases(self) -> dict[str, float]:
-        """Apply the update rule above, start a new window, and return each group's measured
-        frequency and target (`group{g}/freq`, `group{g}/target`; group 0 has the highest target)."""
+        """Apply the update rule above to the groups whose window is full and start their new windows; returns
+        `group_metrics()`."""
         cfg = self.cfg
-        if int(self.tokens_observed) == 0:
-            return {}
-        freq = self.fires / self.tokens_observed  # p̂_i
+        due_groups = (self.tokens_observed >= self.window) & (self.tokens_observed > 0)
+        if not bool(due_groups.any()):
+            return self.group_metrics()
+        due = due_groups[self.group]
+        freq = self.fires / self.tokens_observed[self.group].clamp_min(1)  # p̂_i
         reach = self.max_pre_activation  # r_i
         fired = (self.fires > 0).to(reach.dtype)
         n_fired = self._group_sum(fired)
@@ -157,20 +214,30 @@ class GBASAE(SparseAutoencoder):
         b = self.b_enc
         low, high = self.bias_bounds
         if cfg.bias_rule == "balanced":
-            miss = torch.log2(self.target / freq.clamp_min(_NEVER)).clamp(-1, 1)
-            b.copy_((b + cfg.gamma * r_bar * miss).clamp(low, high))
+            miss = torch.log2(self.target / freq.clamp_min(_NEVER))
+            miss = torch.where(freq == 0, 1.0, miss)  # a dead latent: the paper's raise…
+            batches = (self.window.float() / cfg.update_tokens)[self.group]  # …times the batches its window spans
+            steps = (miss * batches).clamp(-MAX_STEPS, MAX_STEPS)
+            adapted = (b + cfg.gamma * r_bar * steps).clamp(low, high)
         else:
-            b.copy_(torch.where(freq > self.target, (b - cfg.gamma * reach).clamp(min=low), b))
-            b.copy_(torch.where(freq < cfg.dead_eps, (b + cfg.gamma * r_bar).clamp(max=high), b))
+            adapted = torch.where(freq > self.target, (b - cfg.gamma * reach).clamp(min=low), b)
+            adapted = torch.where(freq < cfg.dead_eps, (adapted + cfg.gamma * r_bar).clamp(max=high), adapted)
+        b.copy_(torch.where(due, adapted, b))
 
-        group_freq = (self._group_sum(freq) / group_size).tolist()
-        self.fires.zero_()
-        self.max_pre_activation.fill_(-torch.inf)
-        self.tokens_observed.zero_()
+        self.group_frequency.copy_(torch.where(due_groups, self._group_sum(freq) / group_size, self.group_frequency))
+        self.fires.masked_fill_(due, 0)
+        self.max_pre_activation.masked_fill_(due, -torch.inf)
+        self.tokens_observed.masked_fill_(due_groups, 0)
+        return self.group_metrics()
+
+    def group_metrics(self) -> dict[str, float]:
+        """`group{g}/freq` (the mean firing frequency of group g in its last window) and `group{g}/target`,
+        for every group measured so far; group 0 has the highest target."""
         metrics = {}
-        for g, (measured, target) in enumerate(zip(group_freq, cfg.group_targets(), strict=True)):
-            metrics[f"group{g}/freq"] = measured
-            metrics[f"group{g}/target"] = target
+        measured_frequencies = self.group_frequency.tolist()
+        for g, (measured, target) in enumerate(zip(measured_frequencies, self.cfg.group_targets(), strict=True)):
+            if measured >= 0:
+                metrics[f"group{g}/freq"], metrics[f"group{g}/target"] = measured, target
         return metrics
 
     def _group_sum(self, values: torch.Tensor) -> torch.Tensor:

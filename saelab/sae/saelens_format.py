@@ -90,6 +90,18 @@ def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> Spars
     return SAE_CLASSES[cfg.architecture](cfg, generator)
 
 
+def _gba_weights(sae: GBASAE, scale: float) -> dict[str, torch.Tensor]:
+    """GBA's encoder side for SAELens. Tied, latent i's output scale a_i > 0 goes into its encoder column:
+    a·(w·x')·1[w·x' + b > 0] = h·1[h > −a·b] with h = (a·w)·x' (JumpReLU: threshold −a·b, b_enc 0), and
+    a·relu(w·x' + b) = relu((a·w)·x' + a·b) (ReLU: b_enc a·b)."""
+    a = sae.output_scale.double() if sae.cfg.tied else torch.ones_like(sae.b_enc, dtype=torch.float64)
+    b = sae.b_enc.double()
+    weights = {"W_enc": sae.W_enc.double() * a * scale}
+    if sae.cfg.activation == "jumprelu":
+        return weights | {"threshold": -a * b, "b_enc": torch.zeros_like(b)}
+    return weights | {"b_enc": a * b}
+
+
 def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     """Write `sae` to `folder` in SAELens's format, all at once: the folder is built under a temporary
     name beside it and renamed into place. An existing SAE folder there is replaced."""
@@ -108,8 +120,8 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         }
         if isinstance(sae, BatchTopKSAE):
             weights["threshold"] = sae.threshold
-        elif architecture == "jumprelu":  # GBA's JumpReLU: the bias is the gate alone
-            weights["threshold"], weights["b_enc"] = -sae.b_enc, torch.zeros_like(sae.b_enc)
+        if isinstance(sae, GBASAE):
+            weights |= _gba_weights(sae, scale)
         weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in weights.items()}
         buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name != "input_scale"}
 
@@ -196,26 +208,39 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     if not raw.get("apply_b_dec_to_input", True):  # SAELens's u = x W_enc + b_enc = (x − b_dec) W_enc + b_enc'
         b_enc = b_enc + b_dec @ W_enc
     with torch.no_grad():
-        sae.W_enc.copy_(W_enc / scale)
         sae.W_dec.copy_(W_dec * scale)
         sae.b_enc.copy_(b_enc)
         sae.b_dec.copy_(b_dec * scale)
         sae.input_scale.fill_(scale)
+        if isinstance(sae, GBASAE):
+            _load_gba_encoder(sae, W_enc / scale, b_enc, tensors.get("threshold"))
+        else:
+            sae.W_enc.copy_(W_enc / scale)
         if isinstance(sae, BatchTopKSAE):
             sae.threshold.copy_(tensors["threshold"])
-        elif "threshold" in expected:  # GBA's JumpReLU: b_enc = −threshold (its saved b_enc is 0)
-            sae.b_enc.copy_(-tensors["threshold"].double() + b_enc)
         if (folder / BUFFERS_FILE).exists():
             _load_buffers(sae, folder / BUFFERS_FILE)
     return sae.to(device).eval()
+
+
+def _load_gba_encoder(sae: GBASAE, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None) -> None:
+    """Undo `_gba_weights`: tied, a_i = ‖column i‖ (the w_i are the unit decoder rows) and b = b_enc / a or
+    −threshold / a; untied, W_enc as it is and b = b_enc or −threshold."""
+    a = W_enc.norm(dim=0) if sae.cfg.tied else torch.ones_like(b_enc)
+    if sae.cfg.tied:
+        sae.output_scale.copy_(a)
+    else:
+        sae.W_enc.copy_(W_enc)
+    sae.b_enc.copy_((b_enc if threshold is None else -threshold.double()) / a)
 
 
 def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, float]:
     if not isinstance(metadata["saelab_config"], dict):
         raise SaelabError(f"{cfg_path}: metadata.saelab_config must be a JSON object")
     fields = dict(metadata["saelab_config"])
-    if fields.get("architecture") == "gba":  # saved before GBA had a JumpReLU form: it was a ReLU SAE
+    if fields.get("architecture") == "gba":  # saved before GBA's paper form: an untied ReLU SAE
         fields.setdefault("activation", "relu")
+        fields.setdefault("tied", False)
     try:
         cfg = config_from_dict(SAEConfig, fields, prefix="metadata.saelab_config")
     except SaelabError as error:
@@ -269,7 +294,7 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
     k = _positive_int(raw, "k", cfg_path) if architecture == "topk" else min(SAEConfig.k, sizes["d_sae"])
     names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "model_name")}
     try:  # n_groups 1: GBA's equal groups need not divide a foreign d_sae; k is unused by ReLU/JumpReLU
-        gba_form = {"activation": "relu"} if FROM_SAELENS[architecture] == "gba" else {}
+        gba_form = {"activation": "relu", "tied": False} if FROM_SAELENS[architecture] == "gba" else {}
         cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, n_groups=1, **sizes, **names, **gba_form)
         cfg.validate()
     except SaelabError as error:
@@ -333,6 +358,8 @@ def _load_buffers(sae: SparseAutoencoder, path: Path) -> None:
     if set(tensors) != set(buffers):
         raise SaelabError(f"{path}: holds {sorted(tensors)}, but a {sae.cfg.architecture} SAE has {sorted(buffers)}")
     for name, tensor in tensors.items():
+        if tensor.dim() == 0 and buffers[name].dim() == 1:  # a count saved before it was kept per group
+            tensor = tensor.expand_as(buffers[name])
         if tensor.shape != buffers[name].shape:
             raise SaelabError(f"{path}: {name} has shape {list(tensor.shape)}, expected {list(buffers[name].shape)}")
         buffers[name].copy_(tensor)

@@ -71,6 +71,6 @@ def train_step(
     tracker.update(out.indices, out.values)
     l0 = float((out.values > 0).sum(-1).float().mean())
     metrics = {"loss": loss.item(), "fvu": fvu.item(), "aux_loss": aux.item(), "l0": l0}
-    if sae.cfg.architecture == "gba" and sae.adaptation_due():
-        metrics.update(sae.adapt_biases())
+    if sae.cfg.architecture == "gba":  # every step logs each group's last measured frequency
+        metrics.update(sae.adapt_biases() if sae.adaptation_due() else sae.group_metrics())
     return metrics

@@ -265,11 +265,26 @@ def _restore_or_initialize(
     checkpoint = load_checkpoint(latest)
     for state in states:
         saved = checkpoint["saes"][state.sae.cfg.label]
-        state.sae.load_state_dict(saved["model"])
+        _load_sae_state(state.sae, saved["model"], latest)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.tracker.tokens_since_fired.copy_(saved["tokens_since_fired"])
         state.recent = saved["recent"]
     return checkpoint["position"]
+
+
+def _load_sae_state(sae: SparseAutoencoder, saved: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """The SAE's weights and buffers from a checkpoint; one written by a saelab whose SAE had other tensors
+    (e.g. GBA before its tied, JumpReLU form) is a one-line error, not a traceback."""
+    try:
+        sae.load_state_dict(saved)
+    except RuntimeError as error:
+        missing = sorted(set(sae.state_dict()) - set(saved))
+        extra = sorted(set(saved) - set(sae.state_dict()))
+        raise SaelabError(
+            f"{checkpoint}: the {sae.cfg.label} SAE saved there has other tensors than this saelab's "
+            f"{sae.cfg.architecture} (missing {missing or 'none'}, unexpected {extra or 'none'}): it was written "
+            "by an older saelab; train it anew into another `out`"
+        ) from error
 
 
 @torch.no_grad()
