@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from saelab.errors import ConfigError
+from saelab.eval.recovery import unit_directions
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -56,9 +57,7 @@ class MixedSparsityFeatures:
         cfg.validate()
         self.cfg = cfg
         self.d_in = cfg.d_in
-        generator = torch.Generator().manual_seed(cfg.seed)
-        directions = torch.randn(cfg.n_features, cfg.d_in, generator=generator)
-        self.directions = directions / directions.norm(dim=1, keepdim=True)
+        self.directions = unit_directions(cfg.n_features, cfg.d_in, torch.Generator().manual_seed(cfg.seed))
         self.frequency = sum(cfg.sparsities) / len(cfg.sparsities) / cfg.n_features  # every feature's
 
     def n_batches(self, batch_size: int) -> int:

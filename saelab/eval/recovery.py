@@ -124,8 +124,7 @@ class SyntheticFeatures:
         self.cfg = cfg
         self.d_in = cfg.d_in
         generator = torch.Generator().manual_seed(cfg.seed)
-        directions = torch.randn(cfg.n_features, cfg.d_in, generator=generator)
-        self.directions = directions / directions.norm(dim=1, keepdim=True)
+        self.directions = unit_directions(cfg.n_features, cfg.d_in, generator)
         self.probabilities = torch.logspace(math.log10(cfg.freq_max), math.log10(cfg.freq_min), cfg.n_features)
         # Clusters are blocks of a random order, so each mixes frequent and rare features.
         self.cluster = torch.empty(cfg.n_features, dtype=torch.int64)
@@ -231,6 +230,12 @@ def _bernoulli_process(p: torch.Tensor, n: int, generator: torch.Generator) -> t
         last[todo] = positions[:, -1]
         todo = todo[positions[:, -1] < n - 1]
     return torch.cat(hits_rows), torch.cat(hits_js)
+
+
+def unit_directions(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """n random directions in d dimensions, Gaussian then normalised: [n, d] unit rows."""
+    directions = torch.randn(n, d, generator=generator)
+    return directions / directions.norm(dim=1, keepdim=True)
 
 
 def max_cosine(true_directions: torch.Tensor, decoder: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

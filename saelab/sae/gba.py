@@ -3,14 +3,20 @@ firing targets instead of a sparsity penalty.
 
 The loss is reconstruction alone; sparsity comes from the biases, which get no gradient. Latents
 are split at random into G equal groups; group g has a target frequency p_g (`SAEConfig.group_targets`,
-geometric from `target_high` to `target_low`). With u = (x·s − b_dec) W_enc + b_enc:
+geometric from `target_high` to `target_low`). The paper's model (`tied: true`, the default) has one
+unit vector w_i per latent, used to encode and to decode, and an output scale a_i:
 
-    activation jumprelu (the paper's LLM form, the default):  z_i = (u_i − b_i)·1[u_i > 0]
-    activation relu:                                          z_i = relu(u_i)
+    u_i = w_i · (x·s − b_dec) + b_i                       (W_enc is W_dec transposed)
+    activation jumprelu (the paper's LLM form, default):  z_i = a_i · (u_i − b_i) · 1[u_i > 0]
+    activation relu:                                      z_i = a_i · relu(u_i)
+    x̂ = (Σ_i z_i w_i + b_dec) / s
 
-In the JumpReLU form the bias only decides *whether* latent i fires (threshold −b_i on w_i·(x·s − b_dec));
-its output is the whole projection, so the encoder has no reason to grow to undo the bias, which the
-ReLU form's shrinkage invites (there L0 drifted far above target while the encoder grew).
+In the JumpReLU form the bias only decides *whether* latent i fires (threshold −b_i on its projection);
+its output is the whole projection, so nothing grows to undo the bias, which the ReLU form's shrinkage
+invites (there L0 drifted far above target while the encoder grew). Tying and the small initial a_i
+(the paper's analysis takes a → 0) matter for recovery: on `benchmarks/recovery.py` at lr 3e-3 an
+untied JumpReLU GBA with a = 1 recovered 35 % of the true features, the tied one with a_i from 0.1
+59 %. `tied: false` (saelab's older GBA: its own W_enc, no a) is kept for SAEs saved before.
 
 Over a window of `update_tokens` tokens each latent records how often it fired and its largest
 pre-activation; then, with p̂_i = fires_i / tokens, r_i = max_t u_ti and r̄_g the mean r of the
@@ -32,8 +38,8 @@ MIN_FIRES expected firings at its target, whichever is longer (one batch cannot 
 windows move its biases as fast per token as a frequent group's, up to the cap. Measured on the
 default SmolLM2 run (150 steps, target L0 32), the rarest groups ended at 7–29× their targets with a
 cap of 4 and at 1.6–2.2× with 16; uncapped, a 65-batch window on the synthetic benchmark made its
-rarest group swing between dead and 50× its target, while a cap of 16 left every group within 1.2×. Adapting every batch
-(`update_tokens` = the batch size) gives a short run enough updates.
+rarest group swing between dead and 50× its target, while a cap of 16 left every group within 1.2×.
+Adapting every batch (`update_tokens` = the batch size) gives a short run enough updates.
 
 The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's trainer
 normalises inputs to ‖x‖ ≈ √d_in, so the bounds used are the configured ones times √d_in
