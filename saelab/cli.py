@@ -12,10 +12,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from saelab import distributed
 from saelab.errors import SaelabError
-from saelab.sae.config import SAEConfig
+
+if TYPE_CHECKING:  # saelab.sae loads every SAE class and the kernels: commands import what they need
+    from saelab.sae.config import SAEConfig
 
 
 def _harvest(args: argparse.Namespace) -> None:

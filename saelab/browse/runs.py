@@ -168,7 +168,7 @@ def last_training_records(records: list[dict[str, Any]]) -> dict[str, dict[str, 
 def training_curves(records: list[dict[str, Any]], label: str) -> dict[str, list[float]]:
     """`{"tokens": [...], "loss": [...], "fvu": [...], "l0": [...], "dead_fraction": [...]}` of SAE `label`,
     from its training records in step order (a resumed run's log holds each step once)."""
-    rows = sorted((r for r in records if r["sae"] == label and "tokens" in r), key=lambda r: r["step"])
+    rows = _training_rows(records, label)
     curves: dict[str, list[float]] = {"tokens": [r["tokens"] for r in rows]}
     for name in CURVE_METRICS:
         curves[name] = [r.get(name) for r in rows]
@@ -178,7 +178,7 @@ def training_curves(records: list[dict[str, Any]], label: str) -> dict[str, list
 def group_frequency_curves(records: list[dict[str, Any]], label: str) -> dict[int, dict[str, list[float]]]:
     """GBA: per group g, `{"tokens", "freq", "target"}` of SAE `label` over its training records (a group
     appears once it has been measured); empty for any other SAE."""
-    rows = sorted((r for r in records if r["sae"] == label and "tokens" in r), key=lambda r: r["step"])
+    rows = _training_rows(records, label)
     curves: dict[int, dict[str, list[float]]] = {}
     for row in rows:
         for key, value in row.items():
@@ -192,6 +192,11 @@ def group_frequency_curves(records: list[dict[str, Any]], label: str) -> dict[in
 
 
 # ---- internals ----------------------------------------------------------------------------------
+
+
+def _training_rows(records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """SAE `label`'s training records (eval lines have no `tokens`) in step order."""
+    return sorted((r for r in records if r["sae"] == label and "tokens" in r), key=lambda r: r["step"])
 
 
 def _read_sae(

@@ -185,8 +185,9 @@ class _GradientSelection:
         """x, gradient: [n, d_in] → x̂ with latents chosen by activation and gradient."""
         out = self.sae(x, gradient)
         fired = out.latents != 0
+        plain = self.sae.select(out.pre_activations)  # TopK on the same u: no second encoder product
         self.fired += int(fired.sum())
-        self.changed += int((fired & (self.sae.encode(x) == 0)).sum())
+        self.changed += int((fired & (plain == 0)).sum())
         self.metrics.update(x, out.reconstruction, out.latents)
         return out.reconstruction
 

@@ -21,7 +21,7 @@ import math
 import platform
 import sys
 from collections import deque
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from importlib.metadata import version
 from itertools import islice
 from pathlib import Path
@@ -51,7 +51,7 @@ from saelab.harvest.shards import SHARD_DIR, verify_shard, write_shard
 from saelab.harvest.store import check_layout
 from saelab.locking import LOCK_FILE, folder_lock
 from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
-from saelab.models.gradients import GRADIENT_LOSS, forward_with_gradients, parameters_frozen
+from saelab.models.gradients import GRADIENT_LOSS, forward_with_gradients
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that do not change what a store contains; everything else must match to resume.
@@ -102,7 +102,7 @@ def _write_remaining_shards(
         desc=f"harvest {', '.join(cfg.hooks)}{' + gradients' if cfg.gradients else ''}",
         disable=not progress,
     )
-    with bar, parameters_frozen(model) if cfg.gradients else nullcontext():
+    with bar:  # with gradients, `forward_with_gradients` freezes the weights for each batch
         while chunk := list(islice(remaining, cfg.shard_contexts)):
             first_context = manifest.n_contexts
             tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
@@ -301,7 +301,7 @@ def _write_rank_shards(
         disable=not progress or rank != 0,
     )
     position = 0  # contexts read from `contexts` so far
-    with bar, parameters_frozen(model) if cfg.gradients else nullcontext():
+    with bar:  # with gradients, `forward_with_gradients` freezes the weights for each batch
         for i in mine:
             first = i * size
             deque(islice(contexts, first - position), maxlen=0)  # another rank's contexts: skip them

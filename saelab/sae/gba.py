@@ -71,7 +71,7 @@ MAX_STEPS = 16.0  # the balanced rule moves a bias by at most 16 of the paper's 
 MIN_FIRES = 10  # expected firings at its target that a group's window must hold (balanced rule)
 OUTPUT_SCALE_INIT = 0.1  # a_i at the start: small, as in the paper's analysis (a → 0); trained by Adam
 MIN_OUTPUT_SCALE = 1e-4
-_NEVER = 1e-12  # a frequency below any target: log2(target / 0) is clamped to +1 anyway
+_NEVER = 1e-12  # keeps log2(target / p̂) finite; a latent that never fired takes the dead branch instead
 
 
 class GBASAE(SparseAutoencoder):
@@ -144,18 +144,16 @@ class GBASAE(SparseAutoencoder):
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """JumpReLU: z = a·(u − b_enc)·1[u > 0]; ReLU: z = a·relu(u) (a = 1 untied). [..., d_sae] → same shape."""
-        if self.cfg.activation == "relu":
-            z = pre_activations.relu()
-        else:
-            z = torch.where(pre_activations > 0, pre_activations - self.b_enc, 0)
-        return z * self.output_scale if self.cfg.tied else z
+        return self._activate(pre_activations, slice(None))
 
     def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
-        if self.cfg.activation == "relu":
-            z = pre_activations.relu()
-        else:  # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
-            z = torch.where(pre_activations > 0, pre_activations - self.b_enc[indices], 0)
-        return z * self.output_scale[indices] if self.cfg.tied else z
+        # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
+        return self._activate(pre_activations, indices)
+
+    def _activate(self, u: torch.Tensor, latents: torch.Tensor | slice) -> torch.Tensor:
+        """The activation of `select` for u whose last axis holds the latents `latents` (all: `slice(None)`)."""
+        z = u.relu() if self.cfg.activation == "relu" else torch.where(u > 0, u - self.b_enc[latents], 0)
+        return z * self.output_scale[latents] if self.cfg.tied else z
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

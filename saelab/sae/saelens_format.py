@@ -14,9 +14,10 @@ i.e. W_enc' = s·W_enc, W_dec' = W_dec/s, b_dec' = b_dec/s, b_enc' = b_enc; `loa
 What SAELens sees (the closest architecture it runs at inference):
     topk      → "topk"
     gsae      → "topk"      its gradient-aware selection exists only in training; inference is TopK
-    gba       → "jumprelu"  (activation jumprelu, the default) exactly: b_enc 0 and threshold −b_enc, since
-                z = (u − b)·1[u > 0] = h·1[h > −b] with h = u − b, the bias-free pre-activation
-    gba       → "standard"  (activation relu) a ReLU SAE; its adapted biases are just b_enc
+    gba       → "jumprelu"  (activation jumprelu, the default) exactly: b_enc 0, threshold −a·b and a folded
+                into W_enc, since a·(u − b)·1[u > 0] = h·1[h > −a·b] with h = a·(u − b), the scaled
+                bias-free projection (`_gba_weights`)
+    gba       → "standard"  (activation relu) a ReLU SAE; b_enc a·b, a folded into W_enc
     batchtopk → "jumprelu"  with threshold θ for every latent. SAELens does the same: its
                 BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
                 `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
@@ -78,7 +79,7 @@ def saelens_architecture(cfg: SAEConfig) -> str:
 
 
 def _note_key(cfg: SAEConfig) -> str:
-    return "gba-relu" if cfg.architecture == "gba" and cfg.activation == "relu" else cfg.architecture
+    return "gba-relu" if saelens_architecture(cfg) == "standard" else cfg.architecture
 
 
 def _has_threshold(cfg: SAEConfig) -> bool:

@@ -72,5 +72,5 @@ def train_step(
     l0 = float((out.values > 0).sum(-1).float().mean())
     metrics = {"loss": loss.item(), "fvu": fvu.item(), "aux_loss": aux.item(), "l0": l0}
     if sae.cfg.architecture == "gba":  # every step logs each group's last measured frequency
-        metrics.update(sae.adapt_biases() if sae.adaptation_due() else sae.group_metrics())
+        metrics.update(sae.adapt_biases())  # adapts the groups whose window is full, if any
     return metrics
