@@ -87,9 +87,21 @@ def config_identity(config: Any, ignore: Sequence[str]) -> dict[str, Any]:
     return {key: value for key, value in plain.items() if key not in ignore}
 
 
-def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
-    """`key: old → new` for each key of `after` whose value differs in `before`."""
-    return [f"{key}: {before.get(key)!r} → {value!r}" for key, value in after.items() if before.get(key) != value]
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`key: old → new` for each key of `after` whose value differs in `before`; inside nested sections and
+    equally long lists, the innermost differing entry (`saes[1].k: 32 → 64`)."""
+    return [change for key, value in after.items() for change in _changes(f"{prefix}{key}", before.get(key), value)]
+
+
+def _changes(name: str, old: Any, new: Any) -> list[str]:
+    if old == new:
+        return []
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        return config_changes(old, new, prefix=f"{name}.")
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = enumerate(zip(old, new, strict=True))
+        return [change for i, (before, after) in pairs for change in _changes(f"{name}[{i}]", before, after)]
+    return [f"{name}: {old!r} → {new!r}"]
 
 
 def save_config(config: Any, path: str | Path) -> None:

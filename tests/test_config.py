@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import saelab.atomic
 import saelab.config
-from saelab.config import config_from_dict, config_to_dict, load_config, save_config
+from saelab.config import config_changes, config_from_dict, config_to_dict, load_config, save_config
 from saelab.errors import ConfigError
 from saelab.harvest.config import CorpusConfig, HarvestConfig
 
@@ -482,3 +482,17 @@ def test_valid_dicts_always_load_and_survive_a_file(data: dict[str, Any]) -> Non
         path = Path(folder) / "config.yaml"
         save_config(config, path)
         assert load_config(HarvestConfig, path) == config
+
+
+def test_config_changes_name_the_innermost_entry_that_differs():
+    before = {"lr": 1e-3, "saes": [{"k": 32, "input_norm": "none"}, {"k": 8}], "corpus": {"path": "a"}}
+    after = {"lr": 1e-3, "saes": [{"k": 32, "input_norm": "layer_norm"}, {"k": 16}], "corpus": {"path": "b"}}
+    assert config_changes(before, after) == [
+        "saes[0].input_norm: 'none' → 'layer_norm'",
+        "saes[1].k: 8 → 16",
+        "corpus.path: 'a' → 'b'",
+    ]
+    assert config_changes(before, {**after, "saes": [{"k": 32}]}) == [
+        "saes: [{'k': 32, 'input_norm': 'none'}, {'k': 8}] → [{'k': 32}]",
+        "corpus.path: 'a' → 'b'",
+    ]

@@ -326,7 +326,10 @@ def test_mixed_sparsity_rows_have_one_of_the_sparsities_and_equal_feature_freque
     active = (codes > 0).sum(1)
     assert set(active.unique().tolist()) == {3, 20}
     assert abs((active == 3).float().mean().item() - 0.5) < 0.02
-    assert torch.allclose(x, codes @ data.directions, atol=1e-5)
+    combination = codes @ data.directions
+    assert torch.allclose(x, combination / combination.norm(dim=1, keepdim=True), atol=1e-5)  # unit rows
+    raw = MixedSparsityFeatures(MixedSparsityConfig(n_rows=4096, unit_rows=False))
+    assert torch.allclose(raw.sample(20_000, torch.Generator().manual_seed(1))[0], combination, atol=1e-5)
     frequency = (codes > 0).float().mean(0)
     assert data.frequency == pytest.approx(11.5 / 128)
     assert (frequency - data.frequency).abs().max() < 0.015, "every feature fires equally often"

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import ConfigError, SaelabError
 from saelab.sae import (
     GBASAE,
     BatchTopKSAE,
@@ -25,7 +25,7 @@ from saelab.sae import (
 from saelab.sae.topk import THRESHOLD_DECAY
 
 D_IN, D_SAE, K = 16, 64, 4
-ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu"]
+ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu", "topk-layer_norm", "batchtopk-scaled"]
 
 
 def rng(seed: int) -> torch.Generator:
@@ -33,9 +33,12 @@ def rng(seed: int) -> torch.Generator:
 
 
 def make(architecture: str = "topk", seed: int = 0, **fields) -> SparseAutoencoder:
-    """`gba-relu` is GBA with `activation: relu`."""
+    """`gba-relu` is GBA with `activation: relu`; `-layer_norm` / `-scaled` set `input_norm` layer_norm / none."""
     if architecture == "gba-relu":
         architecture, fields = "gba", {"activation": "relu", **fields}
+    for suffix, input_norm in (("-layer_norm", "layer_norm"), ("-scaled", "none")):
+        if architecture.endswith(suffix):
+            architecture, fields = architecture.removesuffix(suffix), {"input_norm": input_norm, **fields}
     cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **fields)
     return build_sae(cfg, generator=rng(seed))
 
@@ -400,6 +403,38 @@ def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times
     assert torch.allclose(relu(x).latents, untied.relu(), atol=1e-6)
 
 
+@pytest.mark.parametrize("architecture", ["gba", "gba-relu", "topk"])
+def test_optimiser_groups_hold_every_trainable_parameter_once_and_speed_up_gba_output_scales(architecture):
+    sae = make(architecture, **({"tied": False} if architecture == "gba-relu" else {}))
+    groups = sae.parameter_groups()
+    listed = [id(p) for group in groups for p in group["params"]]
+    assert sorted(listed) == sorted(id(p) for p in sae.parameters() if p.requires_grad)
+    scales = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+    if architecture == "gba":
+        assert scales.pop(id(sae.output_scale)) == pytest.approx(D_IN**0.5)
+    assert set(scales.values()) == {1.0}
+
+
+def test_a_fixed_gba_output_scale_and_b_dec_leave_only_the_directions_to_train(tmp_path):
+    assert {name for name, p in make("gba", output_scale=0.02).named_parameters() if p.requires_grad} == {
+        "W_dec",
+        "b_dec",
+    }
+    sae = make("gba", output_scale=0.02, train_b_dec=False)
+    trainable = {name for name, p in sae.named_parameters() if p.requires_grad}
+    assert trainable == {"W_dec"} and torch.equal(sae.output_scale, torch.full((D_SAE,), 0.02))
+    assert [group["lr_scale"] for group in sae.parameter_groups()] == [1.0]
+    perturb(sae, seed=3)
+    save_sae(sae.eval(), tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.output_scale == 0.02 and not loaded.output_scale.requires_grad
+    assert not loaded.b_dec.requires_grad
+    x = randn(32, D_IN, seed=4)
+    torch.testing.assert_close(loaded(x).latents, sae(x).latents)
+    with pytest.raises(ConfigError, match="output_scale"):
+        SAEConfig(architecture="gba", output_scale=0.0).validate()
+
+
 def test_a_gba_folder_saved_before_the_jumprelu_form_loads_as_the_relu_sae_it_was(tmp_path):
     sae = trained_looking("gba-relu").eval()
     save_sae(sae, tmp_path / "sae")
@@ -425,8 +460,16 @@ def trained_looking(architecture: str) -> SparseAutoencoder:
     return sae
 
 
-def sae_lens_forward(weights: dict[str, torch.Tensor], architecture: str, x: torch.Tensor, k: int = K):
-    """SAELens's inference, written out: no input scale, b_dec subtracted from the input."""
+def sae_lens_forward(
+    weights: dict[str, torch.Tensor], architecture: str, x: torch.Tensor, k: int = K, normalize: str = "none"
+):
+    """SAELens's inference, written out: no input scale, b_dec subtracted from the input; with normalize
+    "layer_norm" its run_time_activation_ln_in/_out around it."""
+    mu, std = torch.zeros(()), torch.ones(())
+    if normalize == "layer_norm":
+        mu = x.mean(-1, keepdim=True)
+        std = (x - mu).std(-1, keepdim=True)
+        x = (x - mu) / (std + 1e-5)
     u = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
     if architecture == "topk":
         top = u.topk(k, dim=-1)
@@ -435,7 +478,7 @@ def sae_lens_forward(weights: dict[str, torch.Tensor], architecture: str, x: tor
         z = u.relu() * (u > weights["threshold"])
     else:
         z = u.relu()
-    return z, z @ weights["W_dec"] + weights["b_dec"]
+    return z, (z @ weights["W_dec"] + weights["b_dec"]) * std + mu
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -457,7 +500,15 @@ def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
 
 @pytest.mark.parametrize(
     "architecture, saved_as",
-    [("topk", "topk"), ("gsae", "topk"), ("gba", "jumprelu"), ("gba-relu", "standard"), ("batchtopk", "jumprelu")],
+    [
+        ("topk", "topk"),
+        ("gsae", "topk"),
+        ("gba", "jumprelu"),
+        ("gba-relu", "standard"),
+        ("batchtopk", "jumprelu"),
+        ("batchtopk-scaled", "jumprelu"),
+        ("topk-layer_norm", "topk"),
+    ],
 )
 def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, architecture, saved_as):
     sae = trained_looking(architecture).eval()
@@ -466,11 +517,11 @@ def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, arch
     assert cfg["architecture"] == saved_as
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["device"]) == (D_IN, D_SAE, "float32", "cpu")
     assert cfg["apply_b_dec_to_input"] is True and cfg["rescale_acts_by_decoder_norm"] is False
-    assert cfg["normalize_activations"] == "none" and cfg["reshape_activations"] == "none"
+    assert cfg["normalize_activations"] == sae.cfg.input_norm and cfg["reshape_activations"] == "none"
     assert cfg.get("k") == (K if saved_as == "topk" else None)
     meta = cfg["metadata"]
     assert (meta["hook_name"], meta["model_name"]) == ("blocks.3.hook_resid_post", "tiny")
-    assert meta["saelab_architecture"] == architecture.removesuffix("-relu")
+    assert meta["saelab_architecture"] == sae.cfg.architecture
     assert meta["saelab_input_scale"] == pytest.approx(0.37)
 
     weights = safetensors.torch.load_file(tmp_path / "sae" / "sae_weights.safetensors")
@@ -478,11 +529,12 @@ def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, arch
     assert set(weights) == names
     assert weights["W_enc"].shape == (D_IN, D_SAE) and weights["W_dec"].shape == (D_SAE, D_IN)
     x = randn(64, D_IN, seed=4)
-    z, reconstruction = sae_lens_forward(weights, saved_as, x)
+    z, reconstruction = sae_lens_forward(weights, saved_as, x, normalize=cfg["normalize_activations"])
     out = sae(x)
     assert torch.equal(z != 0, out.latents != 0)
-    assert torch.allclose(reconstruction, out.reconstruction, atol=1e-5)
-    assert not torch.allclose(weights["W_enc"], sae.W_enc.detach()), "the input scale is folded in"
+    assert torch.allclose(reconstruction, out.reconstruction, atol=1e-4)
+    folded = not torch.allclose(weights["W_enc"], sae.W_enc.detach())
+    assert folded == (sae.cfg.input_norm == "none"), "the input scale is folded in unless tokens are normalised"
 
 
 def write_sae_lens_folder(folder: Path, architecture: str, seed: int, **fields) -> dict[str, torch.Tensor]:
@@ -530,6 +582,47 @@ def test_a_topk_sae_written_by_saelens_loads_and_computes_saelens_formula(tmp_pa
     out = sae(x)
     assert torch.equal(out.latents, z)
     assert torch.equal(out.reconstruction, z @ weights["W_dec"] + weights["b_dec"])
+
+
+def test_a_layer_norm_saelens_folder_runs_as_saelens_runs_it(tmp_path):
+    weights = write_sae_lens_folder(tmp_path / "sae", "topk", seed=1, k=K, normalize_activations="layer_norm")
+    sae = load_sae(tmp_path / "sae")
+    assert sae.cfg.input_norm == "layer_norm"
+    x = 3 * randn(64, D_IN, seed=9) + 0.7
+    z, reconstruction = sae_lens_forward(weights, "topk", x, normalize="layer_norm")
+    out = sae(x)
+    assert torch.equal(out.latents != 0, z != 0)
+    torch.testing.assert_close(out.latents, z)
+    torch.testing.assert_close(out.reconstruction, reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_is_the_per_token_standardisation_written_out():
+    sae = trained_looking("topk-layer_norm").eval()
+    x = 3 * randn(64, D_IN, seed=6) + 1.5  # off-centre and not unit scale, so both halves of the map matter
+    mu = x.mean(-1, keepdim=True)
+    sigma = (x - mu).std(-1, keepdim=True) + 1e-5
+    u = ((x - mu) / sigma - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = u.topk(K, dim=-1)
+    z = torch.zeros_like(u).scatter(-1, top.indices, top.values.relu())
+    out = sae(x)
+    torch.testing.assert_close(out.latents, z)
+    torch.testing.assert_close(out.reconstruction, (z @ sae.W_dec + sae.b_dec) * sigma + mu)
+    shifted = sae(5 * x - 2)  # a token's scale and offset leave its code unchanged and move x̂ with it
+    torch.testing.assert_close(shifted.latents, out.latents, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shifted.reconstruction, 5 * out.reconstruction - 2, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_with(tmp_path):
+    sae = trained_looking("batchtopk-scaled").eval()
+    save_sae(sae, tmp_path / "sae")
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["metadata"]["saelab_config"]["input_norm"]  # as saelab wrote it before the field existed
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.input_norm == "none" and SAEConfig(architecture="batchtopk").input_norm == "layer_norm"
+    x = randn(64, D_IN, seed=4)
+    torch.testing.assert_close(loaded(x).reconstruction, sae(x).reconstruction)
 
 
 @pytest.mark.parametrize("architecture, cls", [("standard", GBASAE), ("jumprelu", BatchTopKSAE)])

@@ -17,9 +17,13 @@ D_IN, D_SAE, K, BATCH = 12, 96, 5, 40
 
 
 def float64_sae(architecture: str, **fields) -> SparseAutoencoder:
-    """`gba-relu` is GBA with `activation: relu` (plain `gba` is its default JumpReLU)."""
+    """`gba-relu` is GBA with `activation: relu` (plain `gba` is its default JumpReLU); `-layer_norm` /
+    `-scaled` set `input_norm` layer_norm / none (batchtopk's default is layer_norm, the others' none)."""
     if architecture == "gba-relu":
         architecture, fields = "gba", {"activation": "relu", **fields}
+    for suffix, input_norm in (("-layer_norm", "layer_norm"), ("-scaled", "none")):
+        if architecture.endswith(suffix):
+            architecture, fields = architecture.removesuffix(suffix), {"input_norm": input_norm, **fields}
     cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **{"beta": 3.0, **fields})
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).double()
     gen = torch.Generator().manual_seed(1)
@@ -52,6 +56,8 @@ def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Ten
         ("topk", True),
         ("batchtopk", True),
         ("batchtopk", False),
+        ("batchtopk-scaled", True),
+        ("topk-layer_norm", True),
         ("gsae", True),
         ("gba", True),
         ("gba-relu", True),
@@ -87,13 +93,15 @@ def test_the_gradient_hook_changes_the_selection_in_the_sparse_path_too():
     assert not torch.equal(with_gradient, without)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "topk-layer_norm"])
 @pytest.mark.parametrize("tile", [None, 24])
-def test_sparse_auxk_equals_the_dense_auxk_loss_and_its_gradients(tile):
+def test_sparse_auxk_equals_the_dense_auxk_loss_and_its_gradients(tile, architecture):
     x, _ = inputs()
     dead = torch.rand(D_SAE, generator=torch.Generator().manual_seed(4)) < 0.3
-    dense_sae, sparse_sae = float64_sae("topk"), float64_sae("topk")
+    dense_sae, sparse_sae = float64_sae(architecture), float64_sae(architecture)
     dense = dense_sae(x)
-    dense_aux = auxk_loss(dense_sae, dense.pre_activations, (x - dense.reconstruction).detach(), dead, k_aux=7)
+    residual = (x - dense.reconstruction).detach()
+    dense_aux = auxk_loss(dense_sae, dense.pre_activations, residual, dead, k_aux=7, norm=dense_sae.token_norm(x))
     sparse = sparse_sae.sparse_forward(x, dead=dead, k_aux=7, tile=tile)
     sparse_aux = normalized_mse(sparse.aux_reconstruction, (x - sparse.reconstruction).detach())
     torch.testing.assert_close(sparse_aux, dense_aux)

@@ -17,10 +17,11 @@ from saelab.steer import AddDirection, SAEEdit, position_mask
 from saelab.steer.interventions import POSITIONS
 
 
-def random_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0) -> TopKSAE:
+def random_sae(d_in: int = 16, d_sae: int = 64, k: int = 4, seed: int = 0, input_norm: str = "none") -> TopKSAE:
     """A TopK SAE with random weights, biases and input scale (none of them trivial)."""
     generator = torch.Generator().manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_in=d_in, d_sae=d_sae, k=k, hook_name="blocks.0.hook_resid_post"), generator)
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=k, hook_name="blocks.0.hook_resid_post", input_norm=input_norm)
+    sae = TopKSAE(cfg, generator)
     with torch.no_grad():
         sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=generator))
         sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=generator))
@@ -57,23 +58,25 @@ def test_add_direction_edits_only_its_positions(positions):
     assert not torch.equal(out, x) and torch.equal(x, x.clone())  # x itself is not modified
 
 
-def test_sae_edit_equals_the_literal_formula():
-    sae = random_sae()
+@pytest.mark.parametrize("input_norm", ["none", "layer_norm"])
+def test_sae_edit_equals_the_literal_formula(input_norm):
+    sae = random_sae(input_norm=input_norm)
     generator = torch.Generator().manual_seed(2)
     x = 2 + torch.randn(3, 6, 16, generator=generator)
     rows = x[:, 1:].reshape(-1, 16)
-    z = sae.encode(rows)
+    z, norm = sae.encode(rows), sae.token_norm(rows)
     assert (z > 0).sum(1).tolist() == [4] * len(rows)  # a real TopK encoding: every row has k latents
     edited = z.clone()
     edited[:, 5], edited[:, 9] = 1.75, 0.0
-    literal = sae.decode(edited) + (rows - sae.decode(z))  # encode, set, decode, add the error term back
+    # encode, set, decode (each token with its own scale), add the error term back
+    literal = sae.decode(edited, norm) + (rows - sae.decode(z, norm))
     with torch.no_grad():
         out = SAEEdit("h", sae=sae, latents={5: 1.75, 9: 0.0}).apply(x)
         spliced = SAEEdit("h", sae=sae, keep_error=False).apply(x)
         same = SAEEdit("h", sae=sae, latents={}).apply(x)
     assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(spliced[:, 0], x[:, 0])  # the BOS is left alone
     torch.testing.assert_close(out[:, 1:].reshape(-1, 16), literal, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(spliced[:, 1:].reshape(-1, 16), sae.decode(z))
+    torch.testing.assert_close(spliced[:, 1:].reshape(-1, 16), sae(rows).reconstruction)
     assert torch.equal(same, x)  # no latent changed: exactly x, not x̂ + (x − x̂) with its rounding
     assert (out - x).abs().max() > 0.1
 

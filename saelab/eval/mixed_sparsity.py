@@ -10,7 +10,9 @@ So every feature fires with the same frequency, mean(sparsities) / n_features (�
 paper's setting), while the number of active features per row varies 7-fold: a TopK SAE's fixed k
 fits at most one of the two kinds of row. What the summaries of the paper do not state (the
 magnitudes, the noise, the directions' distribution) is chosen here: Gaussian directions normalised
-to unit length, magnitudes U[0.5, 1.5], no noise.
+to unit length, magnitudes U[0.5, 1.5], no noise. With `unit_rows` (the default) each row is then
+scaled to unit norm, as the paper's bias range [−1, 0] assumes: without it the 20-feature rows,
+~2.6× longer, dominate the loss, and no SAE tried recovered a feature at cosine 0.9.
 
 Batch `i` of `batches(batch_size, seed)` comes from a generator seeded by (config seed, seed, i),
 so a resumed run sees identical batches (the trainer's `BatchSource` contract).
@@ -38,6 +40,7 @@ class MixedSparsityConfig:
     magnitude_low: float = 0.5
     magnitude_high: float = 1.5
     noise_std: float = 0.0
+    unit_rows: bool = True
     n_rows: int = 2**16  # rows per epoch
     seed: int = 0
 
@@ -71,7 +74,8 @@ class MixedSparsityFeatures:
             yield self.sample(batch_size, self._generator(seed, index))[0], None
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x [n, d_in], codes [n, n_features]): the rows and the magnitudes that made them (0 = inactive)."""
+        """(x [n, d_in], codes [n, n_features]): the rows and the magnitudes that made them (0 = inactive;
+        with `unit_rows`, x's row is that combination divided by its norm)."""
         cfg = self.cfg
         sparsity = torch.tensor(cfg.sparsities)[torch.randint(len(cfg.sparsities), (n,), generator=generator)]
         # the s features of a row: the s smallest of n_features uniform keys, i.e. a uniform s-subset
@@ -82,7 +86,7 @@ class MixedSparsityFeatures:
         )
         codes = torch.where(active, magnitude, 0)
         x = codes @ self.directions + cfg.noise_std * torch.randn(n, cfg.d_in, generator=generator)
-        return x, codes
+        return (torch.nn.functional.normalize(x, dim=1) if cfg.unit_rows else x), codes
 
     def _generator(self, seed: int, batch: int) -> torch.Generator:
         digest = hashlib.blake2b(f"mixed/{self.cfg.seed}/{seed}/{batch}".encode(), digest_size=8).digest()

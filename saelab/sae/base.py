@@ -1,13 +1,19 @@
 """The shared base of every SAE variant: pre-activations → selection → decode.
 
 A variant overrides only `select` (which latents fire, with which values) and, for GBA, how its
-encoder bias moves. Inputs are in the model's units; inside, they are multiplied by
-`input_scale` (set by the trainer so that E‖x·s‖² = d_in) and the reconstruction is divided by it,
-so callers never see the normalised space.
+encoder bias moves. Inputs are in the model's units; inside, each token x is mapped into the SAE's
+space by a `TokenNorm`, x' = (x − μ)·c, and the reconstruction is mapped back, so callers never see
+the normalised space:
 
-    u  = (x·s − b_dec) W_enc + b_enc            pre-activations   [batch, d_sae]
+    input_norm none:        μ = 0,           c = s = `input_scale` (set by the trainer so that E‖x·s‖² = d_in)
+    input_norm layer_norm:  μ = mean_j x_j,  c = 1 / (std_j x_j + ε)    (per token; SAELens's "layer_norm")
+
+    u  = (x' − b_dec) W_enc + b_enc             pre-activations   [batch, d_sae]
     z  = select(u)                              sparse latents    [batch, d_sae]
-    x̂  = (z W_dec + b_dec) / s                  reconstruction    [batch, d_in]
+    x̂  = (z W_dec + b_dec) / c + μ              reconstruction    [batch, d_in]
+
+With layer_norm, `input_scale` is 1 / the mean std of the training sample: the scale at which
+token-free code (a latent's decoder direction in model units, `W_dec / s`) reads the decoder.
 
 `forward` materialises u and z densely: it is the plain reference, and what inference callers use.
 Training uses `sparse_forward`, the same maths through `saelab.kernels`: the variant's
@@ -24,6 +30,27 @@ from torch import nn
 from saelab.kernels import RowTopK, sparse_decode, sparse_encode
 from saelab.kernels.encode import SelectionRule, TileObserver, Workspace
 from saelab.sae.config import SAEConfig
+
+LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
+
+
+@dataclass
+class TokenNorm:
+    """How tokens map into an SAE's space: x' = (x − shift)·scale; `shift`, `scale` are [batch, 1] or scalars."""
+
+    shift: torch.Tensor | float
+    scale: torch.Tensor
+
+    def into(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) * self.scale
+
+    def out_of(self, y: torch.Tensor) -> torch.Tensor:
+        """A point of the SAE's space (a reconstruction) back in model units."""
+        return y / self.scale + self.shift
+
+    def direction(self, v: torch.Tensor) -> torch.Tensor:
+        """A difference of points (decoder rows times activations) in model units: no shift."""
+        return v / self.scale
 
 
 @dataclass
@@ -53,30 +80,45 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(decoder)
         self.W_enc = nn.Parameter(decoder.T.clone())  # Gao et al.: encoder starts as the decoder's transpose
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in), requires_grad=cfg.train_b_dec)
         self.register_buffer("input_scale", torch.ones(()))
         self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
 
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters as optimiser groups; each group's `lr_scale` multiplies the run's lr."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def token_norm(self, x: torch.Tensor) -> TokenNorm:
+        """The map of the tokens x: [batch, d_in] into this SAE's space (`input_norm`, module docstring)."""
+        if self.cfg.input_norm == "layer_norm":
+            shift = x.mean(-1, keepdim=True)
+            return TokenNorm(shift, 1 / ((x - shift).std(-1, keepdim=True) + LAYER_NORM_EPS))
+        return TokenNorm(0.0, self.input_scale)
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """u = (x·s − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]."""
-        return (x * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
+        """u = (x' − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]."""
+        return (self.token_norm(x).into(x) - self.b_dec) @ self.W_enc + self.b_enc
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """The variant's rule: which latents fire and with which values; [batch, d_sae] → same."""
         raise NotImplementedError
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """x̂ = (z W_dec + b_dec) / s; latents: [batch, d_sae] → [batch, d_in] in model units."""
-        return (latents @ self.W_dec + self.b_dec) / self.input_scale
+    def decode(self, latents: torch.Tensor, norm: TokenNorm | None = None) -> torch.Tensor:
+        """x̂ = (z W_dec + b_dec) / c + μ; latents: [batch, d_sae] → [batch, d_in] in model units.
+
+        `norm`: the tokens' `token_norm`; without it (no tokens at hand) c = s and μ = 0, which is exact
+        for input_norm none and the typical token's scale for layer_norm."""
+        return (norm or TokenNorm(0.0, self.input_scale)).out_of(latents @ self.W_dec + self.b_dec)
 
     def encode(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """Sparse latents for x: [batch, d_in] (gradient: ∂L/∂x, same shape, for g-SAE)."""
         return self.select(self.pre_activations(x), gradient)
 
     def forward(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> SAEOutput:
-        pre = self.pre_activations(x)
+        norm = self.token_norm(x)
+        pre = (norm.into(x) - self.b_dec) @ self.W_enc + self.b_enc
         latents = self.select(pre, gradient)
-        return SAEOutput(self.decode(latents), latents, pre)
+        return SAEOutput(self.decode(latents, norm), latents, pre)
 
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
         """The kernels' form of `select` for this batch (training mode): a rule fed tiles of u."""
@@ -110,8 +152,9 @@ class SparseAutoencoder(nn.Module):
         rules = [self.selection_rule(x, gradient)]
         if dead is not None and k_aux > 0 and bool(dead.any()):
             rules.append(RowTopK(min(k_aux, self.cfg.d_sae), allowed=dead))
+        norm = self.token_norm(x)
         encoded = sparse_encode(
-            x * self.input_scale,
+            norm.into(x),
             self.W_enc,
             self.b_enc,
             self.b_dec,
@@ -123,10 +166,10 @@ class SparseAutoencoder(nn.Module):
         )
         values = self.kept_values(encoded.indices[0], encoded.values[0])
         self.selected_(values.detach())
-        reconstruction = (sparse_decode(encoded.indices[0], values, self.W_dec) + self.b_dec) / self.input_scale
+        reconstruction = norm.out_of(sparse_decode(encoded.indices[0], values, self.W_dec) + self.b_dec)
         aux = None
         if len(rules) > 1:
-            aux = sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec) / self.input_scale
+            aux = norm.direction(sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec))
         return SparseOutput(reconstruction, encoded.indices[0], values, aux)
 
     @torch.no_grad()

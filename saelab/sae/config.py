@@ -11,6 +11,7 @@ from saelab.errors import ConfigError
 Architecture = Literal["topk", "batchtopk", "gsae", "gba"]
 GBAActivation = Literal["jumprelu", "relu"]
 GBABiasRule = Literal["balanced", "paper"]
+InputNorm = Literal["none", "layer_norm"]
 
 
 @dataclass
@@ -24,7 +25,19 @@ class SAEConfig:
       `target_low` over `n_groups` groups (`saelab/sae/gba.py`). `target_l0`, when set, multiplies the
       whole ladder so that the L0 it implies, Σ_i p_g(i), is `target_l0` (for comparisons at matched
       L0): the ratios between groups stay, but every target moves, possibly below the frequencies of
-      the features it should catch; the trainer prints the ladder it uses.
+      the features it should catch; the trainer prints the ladder it uses. `output_scale` (tied): unset,
+      every a_i starts at 0.1 and trains; a number fixes them all there, untrained: the small-a regime of
+      the paper's analysis, in which each latent learns on its own (a Hebbian pull toward the inputs it
+      fires on) instead of all fitting x together; it finds features, but x̂ is not a reconstruction
+      (FVU near 1). Use it with `train_b_dec: false`: trained against a small a·Σ z w, b_dec drifts far
+      from the data and every latent fires.
+    - every architecture: `train_b_dec: false` keeps b_dec (the paper's b_pre) where the trainer starts
+      it, the geometric median of the data, as GBA's model has it.
+    - every architecture: `input_norm` maps each token into the SAE's space (`saelab/sae/base.py`): "none"
+      multiplies by one dataset-wide scale, "layer_norm" centres and standardises each token (SAELens's
+      `normalize_activations: layer_norm`). Unset, it is "layer_norm" for batchtopk, as the BatchTopK
+      paper's code trains it (`input_unit_norm`), since one batch-wide budget otherwise goes to the
+      tokens of largest norm (README, "BatchTopK"); "none" for the others.
     """
 
     architecture: Architecture = "topk"
@@ -41,12 +54,19 @@ class SAEConfig:
     gamma: float = 0.01
     activation: GBAActivation = "jumprelu"
     tied: bool = True
+    output_scale: float | None = None
     bias_rule: GBABiasRule = "balanced"
     dead_eps: float = 1e-6
     bias_min: float = -1.0
     bias_max: float = 0.0
+    input_norm: InputNorm | None = None
+    train_b_dec: bool = True
     hook_name: str = ""
     model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.input_norm is None:
+            self.input_norm = "layer_norm" if self.architecture == "batchtopk" else "none"
 
     def validate(self) -> None:
         for key in ("d_in", "d_sae", "k", "n_groups", "update_tokens"):
@@ -60,8 +80,12 @@ class SAEConfig:
             raise ConfigError("target_high/target_low: need 0 < target_low ≤ target_high ≤ 1")
         if self.architecture == "gba" and self.n_groups > self.d_sae:  # only GBA splits latents into groups
             raise ConfigError(f"n_groups: {self.n_groups} groups cannot be made from d_sae {self.d_sae} latents")
+        if self.output_scale is not None and not self.output_scale > 0:
+            raise ConfigError(f"output_scale: must be positive (or unset, to train it), got {self.output_scale}")
         if self.bias_min > self.bias_max:
             raise ConfigError("bias_min: must be ≤ bias_max")
+        if self.input_norm not in ("none", "layer_norm"):
+            raise ConfigError(f"input_norm: must be 'none' or 'layer_norm', got {self.input_norm!r}")
 
     @property
     def label(self) -> str:

@@ -6,10 +6,14 @@ A folder holds
                                   (+ threshold [d_sae] for "jumprelu")
     saelab_buffers.safetensors    saelab-only state that SAELens never reads (GBA's groups and counters…)
 
-SAELens runs these with normalize_activations "none", so saelab's input scale s is folded into the weights:
+An SAE with input_norm "none" is saved with normalize_activations "none", its input scale s folded into
+the weights:
     u = (x·s − b_dec) W_enc + b_enc = (x − b_dec/s)(s·W_enc) + b_enc
     x̂ = (z W_dec + b_dec) / s      = z (W_dec/s) + b_dec/s
 i.e. W_enc' = s·W_enc, W_dec' = W_dec/s, b_dec' = b_dec/s, b_enc' = b_enc; `load_sae` unfolds them.
+One with input_norm "layer_norm" is saved unfolded with normalize_activations "layer_norm", which SAELens
+applies the same way per token (x − μ)/(σ + 1e-5), and back x̂·σ + μ (saelab: x̂·(σ + 1e-5) + μ); s, its
+typical scale for token-free uses, is kept in the metadata only.
 
 What SAELens sees (the closest architecture it runs at inference):
     topk      → "topk"
@@ -22,8 +26,9 @@ What SAELens sees (the closest architecture it runs at inference):
                 BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
                 `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
                 only as a training class (sae_lens/saes/batchtopk_sae.py, sae_lens/__init__.py).
-Folders SAELens wrote load too (input scale 1): topk → TopKSAE, standard → GBASAE (1 group, same
-ReLU forward), jumprelu → BatchTopKSAE with its per-latent thresholds (exact in eval mode).
+Folders SAELens wrote load too (input scale 1; normalize_activations "none" or "layer_norm"): topk → TopKSAE,
+standard → GBASAE (1 group, same ReLU forward), jumprelu → BatchTopKSAE with its per-latent thresholds
+(exact in eval mode).
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ NOTES = {
     "gba-relu": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
     "batchtopk": "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens.",
 }
+NORM_NOTES = {
+    "none": "The input scale is folded into the weights.",
+    "layer_norm": "Each token is layer-normalised on the way in (normalize_activations layer_norm).",
+}
 # A SAELens folder without saelab metadata becomes this saelab architecture.
 FROM_SAELENS = {"topk": "topk", "standard": "gba", "jumprelu": "batchtopk"}
 
@@ -80,6 +89,11 @@ def saelens_architecture(cfg: SAEConfig) -> str:
 
 def _note_key(cfg: SAEConfig) -> str:
     return "gba-relu" if saelens_architecture(cfg) == "standard" else cfg.architecture
+
+
+def _folded_scale(cfg: SAEConfig, input_scale: float) -> float:
+    """The factor folded into the saved weights: the input scale, or 1 where SAELens normalises each token."""
+    return input_scale if cfg.input_norm == "none" else 1.0
 
 
 def _has_threshold(cfg: SAEConfig) -> bool:
@@ -110,19 +124,20 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     _check_replaceable(folder)
     cfg = sae.cfg
     scale = float(sae.input_scale)
+    fold = _folded_scale(cfg, scale)
     architecture = saelens_architecture(cfg)
     dtype = sae.W_enc.dtype
     with torch.no_grad():
         weights = {
-            "W_enc": sae.W_enc.double() * scale,
-            "W_dec": sae.W_dec.double() / scale,
+            "W_enc": sae.W_enc.double() * fold,
+            "W_dec": sae.W_dec.double() / fold,
             "b_enc": sae.b_enc,
-            "b_dec": sae.b_dec.double() / scale,
+            "b_dec": sae.b_dec.double() / fold,
         }
         if isinstance(sae, BatchTopKSAE):
             weights["threshold"] = sae.threshold
         if isinstance(sae, GBASAE):
-            weights |= _gba_weights(sae, scale)
+            weights |= _gba_weights(sae, fold)
         weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in weights.items()}
         buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name != "input_scale"}
 
@@ -133,7 +148,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         "saelab_architecture": cfg.architecture,
         "saelab_input_scale": scale,
         "saelab_config": config_to_dict(cfg),
-        "saelab_note": " ".join([NOTES.get(_note_key(cfg), ""), "The input scale is folded into the weights."]).strip(),
+        "saelab_note": " ".join([NOTES.get(_note_key(cfg), ""), NORM_NOTES[cfg.input_norm]]).strip(),
     }
     sae_lens_cfg: dict[str, Any] = {
         "d_in": cfg.d_in,
@@ -141,7 +156,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
+        "normalize_activations": cfg.input_norm,
         "reshape_activations": "none",
         "metadata": metadata,
     }
@@ -208,15 +223,16 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     W_enc, W_dec, b_enc, b_dec = (tensors[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
     if not raw.get("apply_b_dec_to_input", True):  # SAELens's u = x W_enc + b_enc = (x − b_dec) W_enc + b_enc'
         b_enc = b_enc + b_dec @ W_enc
+    fold = _folded_scale(cfg, scale)
     with torch.no_grad():
-        sae.W_dec.copy_(W_dec * scale)
+        sae.W_dec.copy_(W_dec * fold)
         sae.b_enc.copy_(b_enc)
-        sae.b_dec.copy_(b_dec * scale)
+        sae.b_dec.copy_(b_dec * fold)
         sae.input_scale.fill_(scale)
         if isinstance(sae, GBASAE):
-            _load_gba_encoder(sae, W_enc / scale, b_enc, tensors.get("threshold"))
+            _load_gba_encoder(sae, W_enc / fold, b_enc, tensors.get("threshold"))
         else:
-            sae.W_enc.copy_(W_enc / scale)
+            sae.W_enc.copy_(W_enc / fold)
         if isinstance(sae, BatchTopKSAE):
             sae.threshold.copy_(tensors["threshold"])
         if (folder / BUFFERS_FILE).exists():
@@ -239,6 +255,7 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
     if not isinstance(metadata["saelab_config"], dict):
         raise SaelabError(f"{cfg_path}: metadata.saelab_config must be a JSON object")
     fields = dict(metadata["saelab_config"])
+    fields.setdefault("input_norm", "none")  # saved before input_norm existed: every SAE was scaled, not normed
     if fields.get("architecture") == "gba":  # saved before GBA's paper form: an untied ReLU SAE
         fields.setdefault("activation", "relu")
         fields.setdefault("tied", False)
@@ -253,7 +270,11 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
     written = {key: getattr(cfg, key) for key in ("d_in", "d_sae")}
     if saelens_architecture(cfg) == "topk":
         written["k"] = cfg.k
-    written |= {"apply_b_dec_to_input": True, "normalize_activations": "none", "rescale_acts_by_decoder_norm": False}
+    written |= {
+        "apply_b_dec_to_input": True,
+        "normalize_activations": cfg.input_norm,
+        "rescale_acts_by_decoder_norm": False,
+    }
     for key, value in written.items():
         if raw.get(key) != value or type(raw.get(key)) is not type(value):
             raise SaelabError(
@@ -282,9 +303,10 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
         raise SaelabError(
             f"{cfg_path}: architecture {architecture!r} is not one saelab runs (it reads {', '.join(FROM_SAELENS)})"
         )
-    if raw.get("normalize_activations", "none") != "none":
+    input_norm = raw.get("normalize_activations", "none")
+    if input_norm not in ("none", "layer_norm"):
         raise SaelabError(
-            f"{cfg_path}: normalize_activations is {raw['normalize_activations']!r}; saelab reads only 'none' "
+            f"{cfg_path}: normalize_activations is {input_norm!r}; saelab reads 'none' and 'layer_norm' "
             "(fold the scaling into the weights first, e.g. with SAELens's fold_activation_norm_scaling_factor)"
         )
     if raw.get("rescale_acts_by_decoder_norm", False):
@@ -296,7 +318,15 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
     names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "model_name")}
     try:  # n_groups 1: GBA's equal groups need not divide a foreign d_sae; k is unused by ReLU/JumpReLU
         gba_form = {"activation": "relu", "tied": False} if FROM_SAELENS[architecture] == "gba" else {}
-        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, n_groups=1, **sizes, **names, **gba_form)
+        cfg = SAEConfig(
+            architecture=FROM_SAELENS[architecture],
+            k=k,
+            n_groups=1,
+            input_norm=input_norm,
+            **sizes,
+            **names,
+            **gba_form,
+        )
         cfg.validate()
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error

@@ -4,7 +4,8 @@ An intervention edits `x: [batch, seq, d]` at the positions its rule selects and
 as they are, bit for bit:
 
     AddDirection   x ← x + c·d                        d a direction in model units, e.g. W_dec[f] / s
-    SAEEdit        x ← x + (z' − z) W_dec / s          z = SAE.encode(x), z' = z with some latents set
+    SAEEdit        x ← x + (z' − z) W_dec / c          z = SAE.encode(x), z' = z with some latents set, c the
+                                                        token's scale into the SAE's space (`TokenNorm`)
                    (keep_error, the default)            = decode(z') + (x − x̂): x̂'s error term is kept,
                                                           so only the edited latents change; the sum is
                                                           taken in this order so that z' = z leaves x exactly
@@ -110,13 +111,14 @@ class SAEEdit(Intervention):
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         sae = self.sae
-        z = sae.encode(x.to(sae.W_dec.dtype))
+        x_sae = x.to(sae.W_dec.dtype)
+        z, norm = sae.encode(x_sae), sae.token_norm(x_sae)
         edited = z.clone()
         for index, value in self.latents.items():
             edited[:, index] = value
         if not self.keep_error:
-            return sae.decode(edited)
-        return x + ((edited - z) @ sae.W_dec) / sae.input_scale
+            return sae.decode(edited, norm)
+        return x + norm.direction((edited - z) @ sae.W_dec)
 
 
 def check_feature(sae: SparseAutoencoder, index: int) -> None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saelab.sae.base import SparseAutoencoder
+from saelab.sae.base import SparseAutoencoder, TokenNorm
 
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
@@ -49,12 +49,14 @@ def auxk_loss(
     dead: torch.Tensor,
     k_aux: int,
     data_parallel: DataParallel | None = None,
+    norm: TokenNorm | None = None,
 ) -> torch.Tensor:
     """Let the top-`k_aux` dead latents reconstruct the main reconstruction's residual.
 
     The dense reference of the AuxK term that `train_step` computes through the sparse kernels.
 
-    pre_activations: [batch, d_sae]; residual: x − x̂, detached, [batch, d_in]; dead: [d_sae] bool.
+    pre_activations: [batch, d_sae]; residual: x − x̂, detached, [batch, d_in]; dead: [d_sae] bool;
+    norm: the tokens' `sae.token_norm(x)` (needed for input_norm layer_norm).
     Zero when nothing is dead, so it only acts while latents need reviving.
     """
     n_dead = int(dead.sum())
@@ -63,5 +65,6 @@ def auxk_loss(
     dead_pre = pre_activations.masked_fill(~dead, float("-inf"))
     values, indices = dead_pre.topk(min(k_aux, n_dead), dim=-1)
     aux_latents = torch.zeros_like(pre_activations).scatter(-1, indices, values.relu())
-    aux_reconstruction = aux_latents @ sae.W_dec / sae.input_scale  # directions only: no decoder bias
+    norm = norm or TokenNorm(0.0, sae.input_scale)
+    aux_reconstruction = norm.direction(aux_latents @ sae.W_dec)  # directions only: no decoder bias
     return normalized_mse(aux_reconstruction, residual, data_parallel)

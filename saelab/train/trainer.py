@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from tqdm.auto import tqdm
 
 from saelab import distributed
@@ -202,10 +203,21 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if saved.exists() and not resume:
         raise SaelabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new `out`")
     if saved.exists():
-        if changed := config_changes(_identity(load_config(TrainConfig, saved)), _identity(cfg)):
+        before = load_config(TrainConfig, saved)
+        _pin_unset_input_norms(before, saved)
+        if changed := config_changes(_identity(before), _identity(cfg)):
             raise SaelabError(f"{out} was trained with a different config ({'; '.join(changed)}); resume it unchanged")
         return
     save_config(cfg, saved)
+
+
+def _pin_unset_input_norms(cfg: TrainConfig, path: Path) -> None:
+    """A run saved before `input_norm` existed trained every SAE with "none", which an unset key no longer
+    means for batchtopk: pin it, so that resuming such a run under today's default is a named change."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for sae_cfg, entry in zip(cfg.saes, raw.get("saes") or [], strict=False):
+        if isinstance(entry, dict) and "input_norm" not in entry:
+            sae_cfg.input_norm = "none"
 
 
 def _build_states(
@@ -227,9 +239,9 @@ def _build_states(
         generator = torch.Generator().manual_seed(_init_seed(cfg.seed, index))
         sae = build_sae(sae_cfg, generator=generator).to(device)
         lr = cfg.lr if cfg.lr is not None else default_lr(sae_cfg.d_sae)
-        trainable = [p for p in sae.parameters() if p.requires_grad]
+        groups = [{**group, "lr": lr * group["lr_scale"]} for group in sae.parameter_groups()]
         # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
-        optimizer = torch.optim.Adam(trainable, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+        optimizer = torch.optim.Adam(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel)
         if parallel is not None and isinstance(sae, GBASAE):
             sae.data_parallel = parallel  # its window statistics are summed over ranks
@@ -289,7 +301,8 @@ def _load_sae_state(sae: SparseAutoencoder, saved: dict[str, torch.Tensor], chec
 
 @torch.no_grad()
 def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -> None:
-    """Set every SAE's input scale, start b_dec at the geometric median of a sample, calibrate GBA's biases."""
+    """Set every SAE's input scale, start b_dec at the geometric median of a sample (in the SAE's space),
+    calibrate GBA's biases."""
     if source.n_batches(cfg.batch_size) == 0:
         raise SaelabError(f"the data has fewer rows than one batch of {cfg.batch_size}; lower batch_size")
     rows, sample = 0, []
@@ -300,12 +313,19 @@ def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -
             break
     sample = torch.cat(sample)[: cfg.init_sample_rows]
     scale = input_scale(sample) if cfg.normalize_activations else 1.0
-    median = geometric_median(sample * scale)
+    medians: dict[str, torch.Tensor] = {}  # per input_norm: b_dec's start, the geometric median in the SAE's space
     for state in states:
-        state.sae.input_scale.fill_(scale)
-        state.sae.b_dec.copy_(median)
-        if isinstance(state.sae, GBASAE):
-            state.sae.calibrate_biases(sample)
+        sae = state.sae
+        if sae.cfg.input_norm == "layer_norm":  # per-token scales; `input_scale` is their typical one
+            typical_std = (1 / sae.token_norm(sample).scale).mean()
+            sae.input_scale.fill_(float(1 / typical_std))
+        else:
+            sae.input_scale.fill_(scale)
+        if sae.cfg.input_norm not in medians:
+            medians[sae.cfg.input_norm] = geometric_median(sae.token_norm(sample).into(sample))
+        sae.b_dec.copy_(medians[sae.cfg.input_norm])
+        if isinstance(sae, GBASAE):
+            sae.calibrate_biases(sample)
 
 
 def _learning_rate(base: float, step: int, cfg: TrainConfig) -> float:
@@ -349,7 +369,8 @@ def _run_steps(
             metrics = []
             for state in states:
                 for group in state.optimizer.param_groups:
-                    group["lr"] = _learning_rate(state.lr, position["step"], cfg)
+                    scale = group.get("lr_scale", 1.0)  # absent from optimisers saved before groups had scales
+                    group["lr"] = _learning_rate(state.lr, position["step"], cfg) * scale
                 step_metrics = train_step(
                     state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels, parallel
                 )
