@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -186,7 +187,7 @@ def test_a_fixed_b_dec_stays_at_the_geometric_median_the_trainer_starts_it_at(tm
     cfg = run_config(tmp_path / "run", n_tokens=256 * 8, saes=saes)
     out = train(cfg, source=sparse_data(), progress=False)
     batches = sparse_data().batches(cfg.batch_size, seed=cfg.seed + trainer._INIT_SEED_OFFSET)
-    sample = torch.cat([x for (x, _), _ in zip(batches, range(cfg.init_sample_rows // cfg.batch_size))])
+    sample = torch.cat([x for x, _ in itertools.islice(batches, cfg.init_sample_rows // cfg.batch_size)])
     start = geometric_median(sample * input_scale(sample))
     torch.testing.assert_close(out["fixed"].b_dec, start)
     assert (out["trained"].b_dec - start).abs().max() > 1e-3
