@@ -8,6 +8,9 @@ BatchTopK (Bussmann et al. 2024), per batch in training, a threshold at inferenc
                θ = Σ_t λ^(T−t) m_t / Σ_t λ^(T−t)     m_t: step t's smallest kept value > 0, λ = THRESHOLD_DECAY
     inference: z = relu(u) · 1[u > θ]                              (a JumpReLU with threshold θ)
 
+BatchTopK's `input_norm` defaults to layer_norm (`SAEConfig`): the batch-wide budget then goes to the
+latents that stand out within their token, not to the tokens of largest norm.
+
 θ is an exponentially weighted mean with its weight total kept beside it (`threshold_weight`
 = Σ_t λ^(T−t)(1 − λ) = 1 − λ^T), i.e. Adam's bias-corrected moving average: no observation weighs
 more than its share, unlike a plain EMA started at 0 (which SAELens uses and which is far too low
