@@ -114,7 +114,7 @@ def main() -> None:
     )
     print(f"{'sae':<16}{'KL':>8}{'Δ log p(top-5 tokens)':>24}")
     generator = torch.Generator().manual_seed(0)
-    for label in (f"topk-{args.d_sae}-k32", "gsae-k32-b1"):
+    for label in (f"topk-{args.d_sae}-k32", f"gsae-k32-b{SAEConfig.beta:g}"):  # g-SAE at its default β
         sae = saes[label].cpu().eval()
         latents = torch.randperm(sae.cfg.d_sae, generator=generator)[: args.latents].tolist()
         kl, rise = steering_effect(model, sae, hook, contexts, latents, alpha)

@@ -45,7 +45,7 @@ class SAEConfig:
     d_sae: int = 4608
     k: int = 32
     name: str = ""
-    beta: float = 2.0
+    beta: float = 1.0
     n_groups: int = 10
     target_high: float = 0.1
     target_low: float = 1e-3
