@@ -93,11 +93,16 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.input_norm == "layer_norm":
             shift = x.mean(-1, keepdim=True)
             return TokenNorm(shift, 1 / ((x - shift).std(-1, keepdim=True) + LAYER_NORM_EPS))
+        return self.scale_norm()
+
+    def scale_norm(self) -> TokenNorm:
+        """The map with no tokens at hand, x·s: exact for input_norm none, the typical token's for layer_norm."""
         return TokenNorm(0.0, self.input_scale)
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """u = (x' − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]."""
-        return (self.token_norm(x).into(x) - self.b_dec) @ self.W_enc + self.b_enc
+    def pre_activations(self, x: torch.Tensor, norm: TokenNorm | None = None) -> torch.Tensor:
+        """u = (x' − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]. `norm`: x's `token_norm`, if
+        the caller already has it."""
+        return ((norm or self.token_norm(x)).into(x) - self.b_dec) @ self.W_enc + self.b_enc
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """The variant's rule: which latents fire and with which values; [batch, d_sae] → same."""
@@ -106,9 +111,8 @@ class SparseAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor, norm: TokenNorm | None = None) -> torch.Tensor:
         """x̂ = (z W_dec + b_dec) / c + μ; latents: [batch, d_sae] → [batch, d_in] in model units.
 
-        `norm`: the tokens' `token_norm`; without it (no tokens at hand) c = s and μ = 0, which is exact
-        for input_norm none and the typical token's scale for layer_norm."""
-        return (norm or TokenNorm(0.0, self.input_scale)).out_of(latents @ self.W_dec + self.b_dec)
+        `norm`: the tokens' `token_norm`; without it, `scale_norm`."""
+        return (norm or self.scale_norm()).out_of(latents @ self.W_dec + self.b_dec)
 
     def encode(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """Sparse latents for x: [batch, d_in] (gradient: ∂L/∂x, same shape, for g-SAE)."""
@@ -116,7 +120,7 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> SAEOutput:
         norm = self.token_norm(x)
-        pre = (norm.into(x) - self.b_dec) @ self.W_enc + self.b_enc
+        pre = self.pre_activations(x, norm)
         latents = self.select(pre, gradient)
         return SAEOutput(self.decode(latents, norm), latents, pre)
 

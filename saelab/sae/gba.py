@@ -208,14 +208,18 @@ class GBASAE(SparseAutoencoder):
         return torch.tensor(self._windows, device=self.tokens_observed.device)
 
     def adaptation_due(self) -> bool:
-        return bool((self.tokens_observed >= self.window).any())
+        return bool(self._due_groups().any())
+
+    def _due_groups(self) -> torch.Tensor:
+        """[n_groups] bool: the groups whose window is full (a window is at least one token)."""
+        return self.tokens_observed >= self.window
 
     @torch.no_grad()
     def adapt_biases(self) -> dict[str, float]:
         """Apply the update rule above to the groups whose window is full and start their new windows; returns
         `group_metrics()`."""
         cfg = self.cfg
-        due_groups = (self.tokens_observed >= self.window) & (self.tokens_observed > 0)
+        due_groups = self._due_groups()
         if not bool(due_groups.any()):
             return self.group_metrics()
         due = due_groups[self.group]

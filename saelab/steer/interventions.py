@@ -112,7 +112,8 @@ class SAEEdit(Intervention):
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         sae = self.sae
         x_sae = x.to(sae.W_dec.dtype)
-        z, norm = sae.encode(x_sae), sae.token_norm(x_sae)
+        norm = sae.token_norm(x_sae)
+        z = sae.select(sae.pre_activations(x_sae, norm))  # `encode`, with the norm decode needs kept
         edited = z.clone()
         for index, value in self.latents.items():
             edited[:, index] = value

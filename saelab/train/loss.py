@@ -65,6 +65,6 @@ def auxk_loss(
     dead_pre = pre_activations.masked_fill(~dead, float("-inf"))
     values, indices = dead_pre.topk(min(k_aux, n_dead), dim=-1)
     aux_latents = torch.zeros_like(pre_activations).scatter(-1, indices, values.relu())
-    norm = norm or TokenNorm(0.0, sae.input_scale)
+    norm = norm or sae.scale_norm()
     aux_reconstruction = norm.direction(aux_latents @ sae.W_dec)  # directions only: no decoder bias
     return normalized_mse(aux_reconstruction, residual, data_parallel)
