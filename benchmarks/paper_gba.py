@@ -52,7 +52,8 @@ class Method:
 
 
 def methods(d_sae: int) -> list[Method]:
-    fixed = dict(d_sae=d_sae, train_b_dec=False)  # b_pre held at the data's centre, as in the paper's model
+    # b_pre held at the data's centre, as in the paper's model; rows already unit norm, so no per-token map
+    fixed = dict(d_sae=d_sae, train_b_dec=False, input_norm="none")
     gba = dict(**fixed, architecture="gba", n_groups=10, target_high=0.5, update_tokens=BATCH_SIZE)
     return [
         Method(SAEConfig(**fixed, architecture="topk", k=20, name="topk-k20"), 0.984, 3e-3, 4000),

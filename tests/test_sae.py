@@ -25,7 +25,7 @@ from saelab.sae import (
 from saelab.sae.topk import THRESHOLD_DECAY
 
 D_IN, D_SAE, K = 16, 64, 4
-ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu", "topk-layer_norm", "batchtopk-scaled"]
+ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu", "topk-layer_norm", "batchtopk-scaled", "gba-scaled"]
 
 
 def rng(seed: int) -> torch.Generator:
@@ -168,6 +168,21 @@ def test_batchtopk_eval_mode_uses_the_threshold_and_leaves_it_alone():
     assert torch.equal(z, u * (u > 0.5))
     assert (z != 0).sum() != 8 * K
     assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.5))
+
+
+@pytest.mark.parametrize("l0", [None, 2.5, 9.0])
+def test_batchtopk_fit_threshold_gives_the_asked_mean_l0_on_the_fitting_tokens(l0):
+    sae = perturb(make("batchtopk"), seed=3).eval()
+    x = randn(200, D_IN, seed=4) * 3 + 1
+    theta = sae.fit_threshold(x, l0)
+    u = sae.pre_activations(x)
+    wanted = K if l0 is None else l0
+    # the reference: count by hand the pre-activations above θ; the forward must fire exactly those
+    assert int((u > theta).sum()) == round(wanted * len(x))
+    assert torch.equal(sae(x).latents != 0, (u > theta) & (u > 0))
+    assert torch.equal(sae.threshold, torch.full((D_SAE,), theta)) and sae.threshold_weight.item() == 1.0
+    with pytest.raises(ValueError, match="l0"):
+        sae.fit_threshold(x, D_SAE)
 
 
 # --- g-SAE ---------------------------------------------------------------------------------------
@@ -388,7 +403,7 @@ def test_gba_state_dict_round_trip_keeps_its_buffers():
 
 
 def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times_its_scale():
-    sae = perturb(make("gba"), seed=1)
+    sae = perturb(make("gba-scaled"), seed=1)  # the literal formula with one input scale s = 0.37
     with torch.no_grad():
         sae.output_scale.copy_(torch.rand(D_SAE, generator=rng(7)) + 0.5)
     x = randn(32, D_IN, seed=2)
@@ -398,7 +413,7 @@ def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times
     z = sae(x).latents
     assert torch.allclose(z, sae.output_scale * projection * gate, atol=1e-6) and gate.any()
     assert torch.allclose(sae(x).reconstruction, (z @ sae.W_dec + sae.b_dec) / 0.37, atol=1e-5)
-    relu = perturb(make("gba-relu", tied=False), seed=1)
+    relu = perturb(make("gba-relu", tied=False, input_norm="none"), seed=1)
     untied = (x * 0.37 - relu.b_dec) @ relu.W_enc + relu.b_enc
     assert torch.allclose(relu(x).latents, untied.relu(), atol=1e-6)
 
@@ -504,6 +519,7 @@ def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
         ("topk", "topk"),
         ("gsae", "topk"),
         ("gba", "jumprelu"),
+        ("gba-scaled", "jumprelu"),
         ("gba-relu", "standard"),
         ("batchtopk", "jumprelu"),
         ("batchtopk-scaled", "jumprelu"),
@@ -533,8 +549,9 @@ def test_saved_folder_is_what_saelens_reads_and_reproduces_saelab(tmp_path, arch
     out = sae(x)
     assert torch.equal(z != 0, out.latents != 0)
     assert torch.allclose(reconstruction, out.reconstruction, atol=1e-4)
-    folded = not torch.allclose(weights["W_enc"], sae.W_enc.detach())
-    assert folded == (sae.cfg.input_norm == "none"), "the input scale is folded in unless tokens are normalised"
+    if sae.cfg.architecture != "gba":  # GBA's saved W_enc always differs: its unit rows times a (module docstring)
+        folded = not torch.allclose(weights["W_enc"], sae.W_enc.detach())
+        assert folded == (sae.cfg.input_norm == "none"), "the input scale is folded in unless tokens are normalised"
 
 
 def write_sae_lens_folder(folder: Path, architecture: str, seed: int, **fields) -> dict[str, torch.Tensor]:
@@ -612,15 +629,16 @@ def test_layer_norm_is_the_per_token_standardisation_written_out():
     torch.testing.assert_close(shifted.reconstruction, 5 * out.reconstruction - 2, rtol=1e-4, atol=1e-4)
 
 
-def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_with(tmp_path):
-    sae = trained_looking("batchtopk-scaled").eval()
+@pytest.mark.parametrize("architecture", ["batchtopk", "gba"])  # the two whose default is now layer_norm
+def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_with(tmp_path, architecture):
+    sae = trained_looking(f"{architecture}-scaled").eval()
     save_sae(sae, tmp_path / "sae")
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     del cfg["metadata"]["saelab_config"]["input_norm"]  # as saelab wrote it before the field existed
     cfg_path.write_text(json.dumps(cfg))
     loaded = load_sae(tmp_path / "sae")
-    assert loaded.cfg.input_norm == "none" and SAEConfig(architecture="batchtopk").input_norm == "layer_norm"
+    assert loaded.cfg.input_norm == "none" and SAEConfig(architecture=architecture).input_norm == "layer_norm"
     x = randn(64, D_IN, seed=4)
     torch.testing.assert_close(loaded(x).reconstruction, sae(x).reconstruction)
 

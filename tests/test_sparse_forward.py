@@ -18,7 +18,7 @@ D_IN, D_SAE, K, BATCH = 12, 96, 5, 40
 
 def float64_sae(architecture: str, **fields) -> SparseAutoencoder:
     """`gba-relu` is GBA with `activation: relu` (plain `gba` is its default JumpReLU); `-layer_norm` /
-    `-scaled` set `input_norm` layer_norm / none (batchtopk's default is layer_norm, the others' none)."""
+    `-scaled` set `input_norm` layer_norm / none (batchtopk's and gba's default is layer_norm, the others' none)."""
     if architecture == "gba-relu":
         architecture, fields = "gba", {"activation": "relu", **fields}
     for suffix, input_norm in (("-layer_norm", "layer_norm"), ("-scaled", "none")):
@@ -60,6 +60,7 @@ def gradients(sae: SparseAutoencoder, loss: torch.Tensor) -> dict[str, torch.Ten
         ("topk-layer_norm", True),
         ("gsae", True),
         ("gba", True),
+        ("gba-scaled", True),
         ("gba-relu", True),
     ],
 )

@@ -12,6 +12,8 @@ Architecture = Literal["topk", "batchtopk", "gsae", "gba"]
 GBAActivation = Literal["jumprelu", "relu"]
 GBABiasRule = Literal["balanced", "paper"]
 InputNorm = Literal["none", "layer_norm"]
+# Architectures whose tokens are layer-normalised unless `input_norm` says otherwise (SAEConfig docstring).
+NORMALISED_BY_DEFAULT = ("batchtopk", "gba")
 
 
 @dataclass
@@ -37,7 +39,9 @@ class SAEConfig:
       multiplies by one dataset-wide scale, "layer_norm" centres and standardises each token (SAELens's
       `normalize_activations: layer_norm`). Unset, it is "layer_norm" for batchtopk, as the BatchTopK
       paper's code trains it (`input_unit_norm`), since one batch-wide budget otherwise goes to the
-      tokens of largest norm (README, "BatchTopK"); "none" for the others.
+      tokens of largest norm (README, "BatchTopK"), and for gba, whose analysis assumes unit-norm
+      inputs (its bias range [−1, 0]) and whose fixed thresholds otherwise fire most on the tokens of
+      largest norm (synthetic recovery 92.0 % against 88.9 %, README); "none" for the others.
     """
 
     architecture: Architecture = "topk"
@@ -66,7 +70,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.input_norm is None:
-            self.input_norm = "layer_norm" if self.architecture == "batchtopk" else "none"
+            self.input_norm = "layer_norm" if self.architecture in NORMALISED_BY_DEFAULT else "none"
 
     def validate(self) -> None:
         for key in ("d_in", "d_sae", "k", "n_groups", "update_tokens"):

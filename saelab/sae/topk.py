@@ -86,6 +86,26 @@ class BatchTopKSAE(SparseAutoencoder):
             self._update_threshold(values.flatten())
 
     @torch.no_grad()
+    def fit_threshold(self, x: torch.Tensor, l0: float | None = None) -> float:
+        """Set θ so that the tokens x: [n, d_in] average `l0` (default k) latents in eval mode; returns θ.
+
+        θ from training is the training batches' cutoff; text unlike the training tokens clears it more
+        or less often (SmolLM2's held-out text: L0 35.1 for k 32). Fitted on text like the test's, θ
+        gives the equal-L0 comparison the BatchTopK paper makes (`benchmarks/batchtopk_l0.py`).
+        """
+        l0 = self.cfg.k if l0 is None else l0
+        n_kept = round(l0 * x.shape[0])
+        pre = self.pre_activations(x).flatten()
+        if not 0 < n_kept < pre.numel():
+            raise ValueError(f"l0: {l0} latents per token is outside (0, d_sae {self.cfg.d_sae}) for {len(x)} tokens")
+        # θ halfway between the last value kept and the first dropped: exactly n_kept values lie above it.
+        last_kept, first_dropped = pre.topk(n_kept + 1).values[-2:]
+        theta = float((last_kept + first_dropped) / 2)
+        self.threshold.fill_(theta)
+        self.threshold_weight.fill_(1.0)
+        return theta
+
+    @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
         """Add min(kept values > 0) to θ's weighted mean; nothing when no value was positive. No host sync."""
         smallest = torch.where(kept > 0, kept, torch.inf).min().to(self.threshold.dtype)
