@@ -8,8 +8,9 @@ by frequency band), FVU and L0; each over `--seeds` training seeds (initialisati
 features stay those of data seed 0), as mean and spread. BatchTopK and GBA normalise each token (their
 default `input_norm`), so TopK and GBA also run the other way for comparison. g-SAE is swept over β
 (β = 0 is TopK exactly). GBA runs at TopK's L0 (`target_l0` = k scales its ladder to 0.015…1.5e-4,
-below the data's frequencies) and with targets spanning the data's 3e-2…3e-4 (then its L0 is about
-twice k: 1024 latents for 512 features).
+below the data's frequencies), once more with bias windows of 16,384 tokens (slower adaptation
+suits this 2,048-step run: `saelab/sae/gba.py`), and with targets spanning the data's 3e-2…3e-4
+(then its L0 is about twice k: 1024 latents for 512 features).
 
 16 epochs at lr 1e-2 by default, TopK's best: over lr 1e-3 / 3e-3 / 1e-2 / 3e-2 (seed 0) TopK
 recovered 75.6 / 89.5 / 93.0 / 57.0 % at held-out FVU 0.154 / 0.146 / 0.146 / 0.182, and every other

@@ -51,7 +51,7 @@ Adapting every batch (`update_tokens` = the batch size) gives a short run enough
 is a trade: biases that move less often or by less let the latents settle on features (on the
 2,048-step synthetic benchmark, 16,384-token windows recovered 95.4 % against 92.0 % at 4,096), while
 a short run needs them fast (the 150-step SmolLM2 run ends with its rarest group at 1.65× its target
-at γ 0.01, 1.27× at γ 0.02; `configs/train-smollm2.yaml` uses 0.02).
+at γ 0.01, 1.28× at γ 0.02; `configs/train-smollm2.yaml` uses 0.02).
 
 The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's tokens
 have ‖x'‖ ≈ √d_in (either `input_norm`), so the bounds used are the configured ones times √d_in
