@@ -36,7 +36,7 @@ test: $(STAMP)
 ifeq ($(CHROMIUM),)
 	-(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"
 endif
-	$(VENV)/bin/ruff check saelab tests benchmarks dashboards
+	$(VENV)/bin/ruff check saelab tests benchmarks dashboards tools
 	$(PY) -m pytest -q
 
 # benchmarks/kernels.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.

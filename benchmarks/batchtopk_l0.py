@@ -21,27 +21,20 @@ from pathlib import Path
 
 import torch
 
-from saelab.eval.ce_loss import spliced_logits
 from saelab.eval.config import EvalConfig
 from saelab.eval.evaluate import evaluate, held_out_contexts
-from saelab.models import load_model
+from saelab.harvest.activations import activations
+from saelab.models import load_model, parse_hook
 from saelab.run_layout import CONFIG_FILE, SAE_DIR
 from saelab.sae import BatchTopKSAE, load_sae, save_sae
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
 
 
-@torch.inference_mode()
 def hook_activations(model, contexts: torch.Tensor, hook: str, first: int, batch_size: int = 8) -> torch.Tensor:
-    """The activations [n, d_model] at `hook` of `contexts`' positions ≥ `first`, as the SAEs see them."""
-    rows: list[torch.Tensor] = []
-
-    def record(x: torch.Tensor) -> torch.Tensor:
-        rows.append(x.float().cpu())
-        return x
-
-    for batch in contexts.split(batch_size):
-        spliced_logits(model, batch, hook, record, first)
-    return torch.cat(rows)
+    """The activations [n, d_model] at `hook` of `contexts`' positions ≥ `first`, as the store holds them."""
+    hooks = [parse_hook(hook, model.cfg.n_layers)]
+    rows = [activations(model, batch, hooks)[hook][:, first:].float() for batch in contexts.split(batch_size)]
+    return torch.cat(rows).flatten(0, 1)
 
 
 def main() -> None:

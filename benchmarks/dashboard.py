@@ -36,8 +36,9 @@ sys.path.insert(0, str(HERE))  # benchmarks/feature_store.py: the synthetic page
 from feature_store import synthetic_pages  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from saelab.analysis.feature_store import FEATURES_FILE, FeatureStore, write_feature_store  # noqa: E402
+from saelab.analysis.feature_store import FeatureStore, write_feature_store  # noqa: E402
 from saelab.config import save_config  # noqa: E402
+from saelab.run_layout import FEATURES_FILE  # noqa: E402
 from saelab.sae.config import SAEConfig  # noqa: E402
 from saelab.train.config import TrainConfig  # noqa: E402
 

@@ -7,6 +7,7 @@ is renamed into place; a kill at any moment leaves no file that looks complete b
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -30,15 +31,34 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
-def disk_full_error(path: str | Path, needed: str) -> SaelabError:
+class DiskFullError(SaelabError):
+    """A full disk, with the file that did not fit: a caller that knows more (how much is still to be
+    written) can say so in its own message."""
+
+    def __init__(self, path: str | Path, needed: str) -> None:
+        super().__init__(
+            f"no space left on the device writing {path} ({needed}); free some space and rerun the same command "
+            "to continue"
+        )
+        self.path = Path(path)
+
+
+def disk_full_error(path: str | Path, needed: str) -> DiskFullError:
     """The one message for a full disk: the file, the space it needed, and what to do."""
-    return SaelabError(
-        f"no space left on the device writing {path} ({needed}); free some space and rerun the same command to continue"
-    )
+    return DiskFullError(path, needed)
 
 
 def size_text(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 / 10 else f"{n_bytes:,} bytes"
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 24) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from saelab import distributed
 from saelab.errors import SaelabError
+from saelab.out_of_memory import out_of_memory_error
 
 if TYPE_CHECKING:  # saelab.sae loads every SAE class and the kernels: commands import what they need
     from saelab.sae.config import SAEConfig
@@ -239,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"saelab {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    except Exception as error:  # an allocator's failure is one line too; anything else is a bug: its traceback
+        if (out_of_memory := out_of_memory_error(args.command, error)) is None:
+            raise
+        print(f"saelab {args.command}: error: {out_of_memory}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
     return 0

@@ -19,6 +19,7 @@ from saelab.analysis.feature_store import (
     FeatureStore,
     LogitEffect,
     QuantileBand,
+    checksum_path,
     write_feature_store,
 )
 from saelab.analysis.latent_statistics import LatentStatistics
@@ -218,6 +219,29 @@ def test_feature_store_refuses_inconsistent_pages(tmp_path):
     with pytest.raises(ValueError, match="context 3 has two tokens"):
         write_feature_store(tmp_path / "f.sqlite", {}, pages)
     assert not list(tmp_path.iterdir())  # no half-written file is left behind
+
+
+def test_a_digit_changed_inside_a_page_is_found_on_opening(tmp_path):
+    path = tmp_path / "features.sqlite"
+    write_feature_store(path, {}, example_pages())
+    with FeatureStore(path) as store:
+        page = store.feature(2)
+    data = path.read_bytes()
+    value = f"{page.top_contexts[0].activations[page.top_contexts[0].position]}".encode()
+    assert data.count(value) >= 1
+    at = data.index(value)
+    changed = data[:at] + (b"9" if data[at : at + 1] != b"9" else b"8") + data[at + 1 :]
+    path.write_bytes(changed)
+    # SQLite itself still reads the file (its structure is intact), so only the checksum can tell
+    sqlite3.connect(path).execute("SELECT count(*) FROM features").fetchone()
+    with pytest.raises(SaelabError, match=r"features.sqlite does not match its checksum \(features.sqlite.sha256\)"):
+        FeatureStore(path)
+    checksum_path(path).unlink()
+    with pytest.raises(SaelabError, match=r"features.sqlite has no checksum file features.sqlite.sha256"):
+        FeatureStore(path)
+    write_feature_store(path, {}, example_pages())  # what `saelab analyze` does: rebuilt, it opens again
+    with FeatureStore(path) as store:
+        assert store.feature(2) == page
 
 
 def test_missing_or_corrupt_feature_store_is_a_saelab_error(tmp_path):

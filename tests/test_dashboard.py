@@ -37,7 +37,7 @@ from saelab.harvest.store import ActivationStore
 from saelab.sae import load_sae
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(APP.parent))  # dashboards/screenshots.py: the headless-Chromium driver
+sys.path.insert(0, str(REPO / "tools"))  # tools/screenshots.py: the headless-Chromium driver
 SPAN = re.compile(r'<span title="([^"]*)" style="([^"]*)">([^<]*)</span>')
 
 
@@ -443,7 +443,7 @@ def steer_on_page(at: AppTest, prompt: str, rows: list[tuple[int, str, float]], 
 def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
     app, runs_root, smollm2, latent, monkeypatch
 ):
-    import saelab.browse.steering
+    import saelab.browse.playground
     from saelab.browse.model_lock import MODEL_LOCK
     from saelab.steer import add_feature, generate, steer
 
@@ -453,7 +453,7 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
         locked.append(MODEL_LOCK.locked())
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(saelab.browse.steering, "generate", generate_and_check_the_lock)
+    monkeypatch.setattr(saelab.browse.playground, "generate", generate_and_check_the_lock)
     at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
     (link,) = [link.proto for link in at.get("page_link") if link.proto.label == "steer with this latent"]
     assert link.page == "steering" and f"feature={latent}" in link.query_string
@@ -500,7 +500,7 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
 
 
 def test_steering_page_turns_bad_input_into_messages(app, monkeypatch):
-    import saelab.browse.steering
+    import saelab.browse.playground
 
     at = app("steering", run="tiny/train", sae=TOPK)
     steer_on_page(at, "   ", [(3, "add", 1.0)])
@@ -515,7 +515,7 @@ def test_steering_page_turns_bad_input_into_messages(app, monkeypatch):
         steer_on_page(at, STEER_PROMPT, [(3, "add", huge)], max_new=1)
         assert "far beyond any activation" in texts(at.warning) and len(at.code) == 2
         assert not at.error
-    monkeypatch.setattr(saelab.browse.steering, "MAX_PROMPT_TOKENS", 8)
+    monkeypatch.setattr(saelab.browse.playground, "MAX_PROMPT_TOKENS", 8)
     steer_on_page(at, STEER_PROMPT + " reading and writing files", [(3, "ablate", 0.0)], positions="prompt")
     assert "The prompt was cut to its first 8 tokens" in texts(at.warning) and at.dataframe
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from saelab.errors import SaelabError
 from saelab.harvest.config import HarvestConfig
-from saelab.harvest.harvester import GRADIENT_LOSS, harvest
+from saelab.harvest.harvester import harvest
 from saelab.harvest.manifest import gradient_name, read_manifest
 from saelab.harvest.shards import map_shard
 from saelab.harvest.store import ActivationStore
+from saelab.models.gradients import GRADIENT_LOSS
 
 EARLY, LATE = 3, 15
 HOOKS = [f"blocks.{EARLY}.hook_resid_post", f"blocks.{LATE}.hook_resid_post"]

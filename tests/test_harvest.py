@@ -152,6 +152,24 @@ def test_unlisted_shards_and_temporaries_are_rebuilt(tiny_model, tiny_model_dir,
     ]
 
 
+def test_resume_finds_a_damaged_listed_shard_before_appending(tiny_model, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tmp_path / "store", tiny_model_dir)
+    harvest(cfg, model=tiny_model, progress=False)
+    manifest_path = tmp_path / "store" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["shards"], raw["complete"] = raw["shards"][:2], False  # as if killed after shard 1
+    manifest_path.write_text(json.dumps(raw))
+    (tmp_path / "store" / "shards" / "shard-000002.safetensors").unlink()
+    shard = tmp_path / "store" / "shards" / "shard-000000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01  # one bit of one stored activation: same size, only the sha256 tells
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SaelabError, match=r"shard .*shard-000000.safetensors fails its sha256 check"):
+        harvest(cfg, model=tiny_model, progress=False)
+    assert not (tmp_path / "store" / "shards" / "shard-000002.safetensors").exists()  # nothing appended
+    assert len(json.loads(manifest_path.read_text())["shards"]) == 2
+
+
 def test_a_store_from_before_gradients_existed_reads_and_resumes(tiny_model, tiny_model_dir, tmp_path):
     from saelab.harvest.store import ActivationStore
 

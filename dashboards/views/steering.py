@@ -1,5 +1,5 @@
 """Steering playground: continue a prompt with and without some latents added, clamped or ablated, and
-see which next tokens rose and fell. What it computes is `saelab.browse.steering` (over `saelab.steer`)."""
+see which next tokens rose and fell. What it computes is `saelab.browse.playground` (over `saelab.steer`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 import ui
 
-from saelab.browse.steering import HUGE, MAX_NEW_TOKENS, MODES, FeatureEdit, SteeringComparison
+from saelab.browse.playground import HUGE, MAX_NEW_TOKENS, MODES, FeatureEdit, SteeringComparison
 from saelab.errors import SaelabError
 from saelab.steer.interventions import POSITIONS
 
@@ -96,7 +96,7 @@ def steered_edits() -> list[FeatureEdit] | None:
 
 
 def run() -> tuple[SteeringComparison, list[FeatureEdit]] | None:
-    from saelab.browse.steering import check_edits, compare_steering
+    from saelab.browse.playground import check_edits, compare_steering
 
     if not prompt.strip():
         st.info("Type a prompt first: the model continues it with and without the steering.")

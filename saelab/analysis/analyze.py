@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 import saelab
 from saelab.analysis.config import AnalyzeConfig
 from saelab.analysis.feature_store import (
-    FEATURES_FILE,
     ContextWindow,
     FeaturePage,
     FeatureStore,
@@ -51,12 +50,12 @@ from saelab.analysis.feature_store import (
 from saelab.analysis.latent_statistics import LatentStatistics
 from saelab.analysis.logit_effects import LogitEffects, decoder_directions, final_norm_weight, logit_effects
 from saelab.analysis.top_k_tracker import PerLatentTopK
-from saelab.eval.metrics import DENSE_THRESHOLD
 from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
-from saelab.run_layout import SAE_DIR
+from saelab.run_layout import FEATURES_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
+from saelab.sae.config import DENSE_THRESHOLD
 from saelab.train.config import TrainConfig
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
 

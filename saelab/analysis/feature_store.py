@@ -23,6 +23,12 @@ A window's activations are stored sparsely, as `[offset, value]` for the entries
 (None, for a position the activation store does not hold, included), so a page of a sparse latent
 is a few kilobytes. The file is never modified after it is renamed into place (a rerun replaces
 it by another rename), so readers open it read-only and immutable.
+
+Like every other saelab artefact it carries a checksum: `<file>.sha256` beside it holds the sha256 of
+its bytes, written after the file is in place, and `FeatureStore` checks it on opening, so a byte
+changed inside a page is an error naming the file rather than a wrong page (SQLite checks its own
+structure, not the text it stores). A crash between the two writes leaves a mismatch, never a silent
+error; `saelab analyze` rebuilds both. Version 2 is the first with the checksum.
 """
 
 from __future__ import annotations
@@ -37,12 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from saelab.atomic import disk_full_error, is_disk_full, size_text
+from saelab.atomic import atomic_write_bytes, disk_full_error, is_disk_full, sha256_file, size_text
 from saelab.errors import SaelabError
 
 FEATURE_STORE_FORMAT = "saelab-feature-store"
-FEATURE_STORE_VERSION = 1
-FEATURES_FILE = "features.sqlite"
+FEATURE_STORE_VERSION = 2
 _MAX_PARAMETERS = 900  # below SQLite's oldest limit on `?` per statement (999)
 
 _SCHEMA = """
@@ -58,6 +63,12 @@ CREATE TABLE logit_tokens (
 );
 """
 _INDEXES = "CREATE INDEX logit_tokens_by_token ON logit_tokens (token, sign);"
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The file beside a feature store that holds its sha256."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.sha256")
 
 
 class FeatureIndexError(SaelabError, IndexError):
@@ -144,7 +155,9 @@ def write_feature_store(path: str | Path, meta: dict[str, Any], pages: Iterable[
             connection.close()
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
+        atomic_write_bytes(checksum_path(path), f"{digest}\n".encode())
     except (OSError, sqlite3.Error) as error:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
@@ -265,6 +278,11 @@ class FeatureStore:
                 f"{self.path} has feature store version {self.meta.get('version')}; this saelab reads "
                 f"{FEATURE_STORE_VERSION} (rerun `saelab analyze`)"
             )
+        try:
+            self._verify_checksum()
+        except SaelabError:
+            self._connection.close()
+            raise
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, n_latents={self.n_latents})"
@@ -366,6 +384,15 @@ class FeatureStore:
         if len(found) != len(wanted):
             raise ValueError(f"{table} lacks entries the page refers to")
         return found
+
+    def _verify_checksum(self) -> None:
+        checksum = checksum_path(self.path)
+        if not checksum.is_file():
+            raise SaelabError(f"{self.path} has no checksum file {checksum.name} beside it; rerun `saelab analyze`")
+        if sha256_file(self.path) != checksum.read_text().strip():
+            raise SaelabError(
+                f"{self.path} does not match its checksum ({checksum.name}): altered or damaged; rerun `saelab analyze`"
+            )
 
     def _damaged(self, error: Exception) -> SaelabError:
         return SaelabError(f"{self.path} is not a readable feature store ({error}); rerun `saelab analyze`")

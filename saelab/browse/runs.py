@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saelab.analysis.feature_store import FEATURES_FILE
 from saelab.config import load_config
 from saelab.errors import SaelabError
 from saelab.harvest.manifest import MANIFEST_FILE
-from saelab.run_layout import CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE
+from saelab.run_layout import CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, FEATURES_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae.config import SAEConfig
 from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
 from saelab.train.config import TrainConfig

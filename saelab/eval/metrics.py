@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-DENSE_THRESHOLD = 0.1  # a latent firing on more than 10 % of tokens is dense
+from saelab.sae.config import DENSE_THRESHOLD
+
 DENSITY_BIN_WIDTH = 0.25  # feature-density histogram bins, in log10(frequency)
 
 

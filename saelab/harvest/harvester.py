@@ -12,7 +12,7 @@ every rank has finished it merges the lists into `manifest.json` in context orde
 the ones a single process would write, under the same names, so the store is the same store.
 
 With `gradients`, every batch runs the whole model and back: the shard also holds, for each hook,
-`<hook>.grad` = ∂L/∂x at that hook, where L is `GRADIENT_LOSS` (see `_activations_and_gradients`).
+`<hook>.grad` = ∂L/∂x at that hook, where L is `GRADIENT_LOSS` (`activations.py`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import saelab
 from saelab import distributed
-from saelab.atomic import remove_stale_temporaries, removed_on_failure
+from saelab.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, removed_on_failure, size_text
 from saelab.config import config_changes, config_identity
 from saelab.errors import SaelabError
+from saelab.harvest.activations import shard_tensors
 from saelab.harvest.config import HarvestConfig
 from saelab.harvest.corpus import describe_corpus, iter_documents
-from saelab.harvest.manifest import MANIFEST_FILE, StoreManifest, gradient_name, read_manifest
+from saelab.harvest.manifest import MANIFEST_FILE, ShardRecord, StoreManifest, read_manifest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.rank_manifests import (
     RANK_DIR,
@@ -50,10 +51,9 @@ from saelab.harvest.rank_manifests import (
 from saelab.harvest.shards import SHARD_DIR, verify_shard, write_shard
 from saelab.harvest.store import check_layout
 from saelab.locking import LOCK_FILE, folder_lock
-from saelab.models import HookPoint, load_model, parse_hook, stop_at_layer
-from saelab.models.gradients import GRADIENT_LOSS, forward_with_gradients
+from saelab.models import HookPoint, load_model, parse_hook
+from saelab.models.gradients import GRADIENT_LOSS
 
-STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Settings that do not change what a store contains; everything else must match to resume.
 _NOT_IDENTITY = ("out", "device")
 
@@ -105,63 +105,35 @@ def _write_remaining_shards(
     with bar:  # with gradients, `forward_with_gradients` freezes the weights for each batch
         while chunk := list(islice(remaining, cfg.shard_contexts)):
             first_context = manifest.n_contexts
-            tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
-            record = write_shard(out, len(manifest.shards), first_context, len(chunk), tensors)
+            tensors = shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
+            record = _write_shard(out, len(manifest.shards), first_context, len(chunk), tensors, manifest)
             manifest.shards.append(record)
             manifest.save(out)
 
 
-def _shard_tensors(
-    model: TransformerBridge,
-    contexts: torch.Tensor,
-    hooks: list[HookPoint],
-    cfg: HarvestConfig,
+def _write_shard(
+    out: Path,
+    index: int,
+    first_context: int,
+    n_contexts: int,
+    tensors: dict[str, torch.Tensor],
     manifest: StoreManifest,
-    bar: tqdm,
-) -> dict[str, torch.Tensor]:
-    """Activations for `contexts: [n, context_size]`, batch by batch, as `{hook: [n·rows, d_model]}`.
-
-    With `cfg.gradients` also `{<hook>.grad: [n·rows, d_model]}`, row for row.
-    """
-    first, rows = manifest.first_position, manifest.rows_per_context
-    device = next(model.parameters()).device
-    hook_names = [hook.name for hook in hooks]
-    names = hook_names + [gradient_name(name) for name in hook_names] if cfg.gradients else hook_names
-    stored = {
-        name: torch.empty(len(contexts) * rows, manifest.d_model, dtype=STORE_DTYPES[cfg.dtype]) for name in names
-    }
-    for start in range(0, len(contexts), cfg.batch_size):
-        batch = contexts[start : start + cfg.batch_size].to(device)
-        if cfg.gradients:
-            found = _activations_and_gradients(model, batch, hook_names)
-        else:
-            found = _activations(model, batch, hooks)
-        for name in names:
-            kept = found[name][:, first:, :].reshape(-1, manifest.d_model)
-            stored[name][start * rows : (start + len(batch)) * rows] = kept.to("cpu", STORE_DTYPES[cfg.dtype])
-        bar.update(len(batch) * rows)
-    token_ids = contexts[:, first:].reshape(-1).to(torch.int32)
-    return {**stored, "token_ids": token_ids, "contexts": contexts.to(torch.int32)}
-
-
-def _activations(model: TransformerBridge, batch: torch.Tensor, hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
-    """`{hook: [batch, context_size, d_model]}` from a forward pass that stops after the deepest hook."""
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(
-            batch,
-            names_filter=[hook.name for hook in hooks],
-            stop_at_layer=stop_at_layer(hooks),
-            return_cache_object=False,
-        )
-    return cache
-
-
-def _activations_and_gradients(
-    model: TransformerBridge, batch: torch.Tensor, names: list[str]
-) -> dict[str, torch.Tensor]:
-    """`{hook: x, <hook>.grad: ∂L/∂x}`, each `[batch, context_size, d_model]` (`saelab.models.gradients`)."""
-    found = forward_with_gradients(model, batch, names)
-    return {**found.activations, **{gradient_name(name): found.gradients[name] for name in names}}
+    world_size: int = 1,
+) -> ShardRecord:
+    """`write_shard`, whose full-disk error also says about how much the rest of the store (this
+    process's share of it) needs, so one cleanup frees enough for the whole harvest."""
+    try:
+        return write_shard(out, index, first_context, n_contexts, tensors)
+    except DiskFullError as error:
+        shard_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        remaining = manifest.n_contexts_planned - first_context  # this shard's contexts and every later one
+        rest = shard_bytes * remaining / n_contexts / world_size
+        share = " (this rank's share)" if world_size > 1 else ""
+        raise disk_full_error(
+            error.path,
+            f"{size_text(shard_bytes)} needed for this shard, about {size_text(int(rest))} for the "
+            f"{remaining:,} contexts still to harvest{share}",
+        ) from error
 
 
 def _identity(cfg: HarvestConfig) -> dict[str, Any]:
@@ -172,6 +144,9 @@ def _open_or_create_manifest(out: Path, cfg: HarvestConfig, model: TransformerBr
     if (out / MANIFEST_FILE).exists():
         manifest = read_manifest(out)
         check_layout(out, manifest)  # a record deleted from the manifest must not make a shard be overwritten
+        if not manifest.complete:  # damage found now, before shards are appended, not later by training
+            for record in manifest.shards:
+                verify_shard(out, record)
         # Keys added to HarvestConfig since the store was made read as their defaults.
         _check_same_config(out, {**_identity(HarvestConfig()), **manifest.config}, _identity(cfg))
         return manifest
@@ -309,8 +284,8 @@ def _write_rank_shards(
             position = first + len(chunk)
             if not chunk:  # the corpus ended before this shard
                 break
-            tensors = _shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
-            finished.append(write_shard(out, i, first, len(chunk), tensors))
+            tensors = shard_tensors(model, torch.tensor(chunk, dtype=torch.long), hooks, cfg, manifest, bar)
+            finished.append(_write_shard(out, i, first, len(chunk), tensors, manifest, world_size))
             save_rank_shards(out, rank, world_size, finished)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as encode_safetensors
 
-from saelab.atomic import atomic_write_bytes
+from saelab.atomic import atomic_write_bytes, sha256_file
 from saelab.errors import SaelabError
 from saelab.harvest.manifest import ShardRecord
 
@@ -50,14 +50,6 @@ def write_shard(
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_shard(store: Path, record: ShardRecord, checksum: bool = True) -> None:

@@ -4,7 +4,8 @@ from saelab.sae.base import SAEOutput, SparseAutoencoder
 from saelab.sae.config import SAEConfig
 from saelab.sae.gba import GBASAE
 from saelab.sae.gsae import GradientTopKSAE
-from saelab.sae.saelens_format import build_sae, load_sae, save_sae
+from saelab.sae.registry import build_sae
+from saelab.sae.saelens_format import load_sae, save_sae
 from saelab.sae.topk import BatchTopKSAE, TopKSAE
 
 __all__ = [

@@ -14,6 +14,8 @@ GBABiasRule = Literal["balanced", "paper"]
 InputNorm = Literal["none", "layer_norm"]
 # Architectures whose tokens are layer-normalised unless `input_norm` says otherwise (SAEConfig docstring).
 NORMALISED_BY_DEFAULT = ("batchtopk", "gba")
+# A latent firing on more than this fraction of tokens is dense (eval counts them, analysis sets them aside).
+DENSE_THRESHOLD = 0.1
 
 
 @dataclass

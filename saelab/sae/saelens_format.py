@@ -52,19 +52,13 @@ from saelab.errors import SaelabError
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
 from saelab.sae.gba import GBASAE
-from saelab.sae.gsae import GradientTopKSAE
-from saelab.sae.topk import BatchTopKSAE, TopKSAE
+from saelab.sae.registry import build_sae
+from saelab.sae.topk import BatchTopKSAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 BUFFERS_FILE = "saelab_buffers.safetensors"
 
-SAE_CLASSES: dict[str, type[SparseAutoencoder]] = {
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "gsae": GradientTopKSAE,
-    "gba": GBASAE,
-}
 SAELENS_ARCHITECTURE = {"topk": "topk", "gsae": "topk", "gba": "jumprelu", "batchtopk": "jumprelu"}
 NOTES = {
     "gsae": "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK.",
@@ -98,11 +92,6 @@ def _folded_scale(cfg: SAEConfig, input_scale: float) -> float:
 
 def _has_threshold(cfg: SAEConfig) -> bool:
     return saelens_architecture(cfg) == "jumprelu"
-
-
-def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SparseAutoencoder:
-    """A freshly initialised SAE of `cfg.architecture`."""
-    return SAE_CLASSES[cfg.architecture](cfg, generator)
 
 
 def _gba_weights(sae: GBASAE, scale: float) -> dict[str, torch.Tensor]:

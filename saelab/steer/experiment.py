@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saelab.analysis.feature_store import FEATURES_FILE, FeatureStore
+from saelab.analysis.feature_store import FeatureStore
 from saelab.atomic import atomic_write_text
 from saelab.config import save_config
 from saelab.errors import ConfigError, SaelabError
 from saelab.models import load_model, resolve_device
-from saelab.run_layout import SAE_DIR
+from saelab.run_layout import FEATURES_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
 from saelab.steer.config import SteerConfig
 from saelab.steer.figure import steering_figure

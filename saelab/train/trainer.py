@@ -78,59 +78,29 @@ def train(
 
     Under torchrun every rank calls this. `distribute_saes` (torchrun only; it does not change the
     result, so it is no config key) gives each rank whole SAEs instead of a slice of every batch;
-    rank 0 then returns every SAE, the other ranks their own.
+    rank 0 then returns every SAE, the other ranks their own. One process is the one-rank case of
+    the same path: rank 0, every SAE, no collective.
     """
     cfg.validate()
     distributed.init_from_environment()
-    if distributed.is_distributed():
-        return _train_on_ranks(cfg, source, resume, progress, distribute_saes)
-    out = Path(cfg.out)
+    out, rank, world_size = Path(cfg.out), distributed.rank(), distributed.world_size()
+    parallel = _data_parallel(cfg, distribute_saes)
+    mine = [i for i in range(len(cfg.saes)) if parallel is not None or i % world_size == rank]
     source, provenance = _open_source(cfg, source)  # bad input fails before the run folder exists
     created = not out.exists()  # …and what fails later (the batch size for this store…) removes it again
-    with folder_lock(out, what="training run"), removed_on_failure(out, created, _has_results):
-        _prepare_run_folder(out, cfg, resume)
-        device = torch.device(distributed.device_for(cfg.device))
-        states = _build_states(cfg, source.d_in, provenance, device)
-        position = _restore_or_initialize(out, cfg, source, states, resume)
-        finished_before = position["step"] >= cfg.n_steps
-        log = MetricsLog(out, cfg.wandb, _identity(cfg), resume_step=position["step"] if resume else None)
-        try:
-            _run_steps(out, cfg, source, states, position, log, device, progress)
-        finally:
-            log.close()
-        return _finish(out, cfg, states, finished_before)
-
-
-def _train_on_ranks(
-    cfg: TrainConfig, source: BatchSource | None, resume: bool, progress: bool, distribute_saes: bool
-) -> dict[str, SparseAutoencoder]:
-    """`train` as one rank of a job, data-parallel or with the SAEs distributed (module docstring)."""
-    out, rank, world_size = Path(cfg.out), distributed.rank(), distributed.world_size()
-    parallel = None if distribute_saes else DataParallel()
-    if parallel is not None and cfg.batch_size % world_size:
-        raise SaelabError(
-            f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks; "
-            "each rank trains on an equal slice of every batch"
-        )
-    if distribute_saes and len(cfg.saes) < world_size:
-        raise SaelabError(
-            f"distribute_saes: {len(cfg.saes)} SAE(s) for {world_size} ranks would leave ranks idle; "
-            "start at most as many ranks as SAEs, or train data-parallel"
-        )
-    mine = [i for i in range(len(cfg.saes)) if parallel is not None or i % world_size == rank]
-    source, provenance = _open_source(cfg, source)
-    with ExitStack() as lock:
+    with ExitStack() as held:
 
         def prepare() -> Path | None:
-            lock.enter_context(folder_lock(out, what="training run"))
+            held.enter_context(folder_lock(out, what="training run"))
+            held.enter_context(removed_on_failure(out, created, _has_results))
             _prepare_run_folder(out, cfg, resume)
             checkpoints = complete_checkpoints(out) if resume else []
             return checkpoints[-1] if checkpoints else None
 
-        checkpoint = distributed.run_on_main(prepare, "preparing the run folder")
+        latest = distributed.run_on_main(prepare, "preparing the run folder")
         device = torch.device(distributed.device_for(cfg.device))
         states = _build_states(cfg, source.d_in, provenance, device, parallel, mine)
-        position = _restore_or_initialize(out, cfg, source, states, resume, checkpoint)
+        position = _restore_or_initialize(cfg, source, states, latest)
         finished_before = position["step"] >= cfg.n_steps
         if parallel is not None:
             _broadcast_from_main(states)  # ranks start from rank 0's bits, whatever their devices computed
@@ -142,7 +112,7 @@ def _train_on_ranks(
         finally:
             if log is not None:
                 log.close()
-        if distribute_saes:  # rank 0 saves every SAE: gather them (on the CPU), in the sweep's order
+        if distribute_saes and distributed.is_distributed():  # rank 0 saves every SAE: gather them, in sweep order
             gathered = distributed.gather_to_main([_portable(state) for state in states], "gathering the SAEs")
             states = _in_sweep_order(cfg, gathered) if gathered is not None else states
 
@@ -151,6 +121,26 @@ def _train_on_ranks(
 
         distributed.run_on_main(finish, "saving the SAEs")
         return {state.sae.cfg.label: state.sae for state in states}
+
+
+def _data_parallel(cfg: TrainConfig, distribute_saes: bool) -> DataParallel | None:
+    """The all-reduces when several ranks share every batch; None on one process or with the SAEs dealt out."""
+    world_size = distributed.world_size()
+    if not distributed.is_distributed():
+        return None
+    if distribute_saes:
+        if len(cfg.saes) < world_size:
+            raise SaelabError(
+                f"distribute_saes: {len(cfg.saes)} SAE(s) for {world_size} ranks would leave ranks idle; "
+                "start at most as many ranks as SAEs, or train data-parallel"
+            )
+        return None
+    if cfg.batch_size % world_size:
+        raise SaelabError(
+            f"batch_size {cfg.batch_size} is not divisible by the {world_size} ranks; "
+            "each rank trains on an equal slice of every batch"
+        )
+    return DataParallel()
 
 
 def _portable(state: SAEState) -> SAEState:
@@ -260,17 +250,9 @@ def _init_seed(seed: int, index: int) -> int:
 
 
 def _restore_or_initialize(
-    out: Path,
-    cfg: TrainConfig,
-    source: BatchSource,
-    states: list[SAEState],
-    resume: bool,
-    latest: Path | None = None,
+    cfg: TrainConfig, source: BatchSource, states: list[SAEState], latest: Path | None
 ) -> dict[str, int]:
-    """From the latest checkpoint (`latest`, when rank 0 found it for every rank), else a fresh start."""
-    if latest is None:
-        checkpoints = complete_checkpoints(out) if resume and not distributed.is_distributed() else []
-        latest = checkpoints[-1] if checkpoints else None
+    """From the latest checkpoint (rank 0 found it for every rank; None: there is none), else a fresh start."""
     if latest is None:
         _initialize(cfg, source, states)
         return {"step": 0, "epoch": 0, "batch_in_epoch": 0}
@@ -492,9 +474,7 @@ def _from_bytes(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _finish(
-    out: Path, cfg: TrainConfig, states: list[SAEState], finished_before: bool = False
-) -> dict[str, SparseAutoencoder]:
+def _finish(out: Path, cfg: TrainConfig, states: list[SAEState], finished_before: bool = False) -> None:
     """Save each SAE in the SAELens format and a summary of the last steps' metrics.
 
     A run resumed after it had finished (`make demo` run again) keeps the SAE folders it already
@@ -518,7 +498,6 @@ def _finish(
             "path": str(out / SAE_DIR / label),
         }
     atomic_write_json(out / SUMMARY_FILE, summary)
-    return {state.sae.cfg.label: state.sae for state in states}
 
 
 def _holds_saved_sae(folder: Path) -> bool:

@@ -10,6 +10,7 @@ with SQLITE_FULL as on a full disk), in this process.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -45,6 +46,23 @@ def disk_full_line(stderr: str, code: int, under: Path) -> tuple[Path, str]:
     path = Path(found.group(1))
     assert path.is_relative_to(under) and not path.name.endswith(".tmp"), line
     return path, found.group(2)
+
+
+def mebibytes(size: str) -> float:
+    """`size_text`'s "1.5 MiB" or "12,345 bytes" as MiB."""
+    number, unit = size.split()
+    return float(number.replace(",", "")) / (1 if unit == "MiB" else 2**20)
+
+
+def check_rest_of_store(needed: str, store: Path, reference: Path) -> None:
+    """The message's estimate for the rest of the store is within 5 % (or the 0.1 MiB it shows) of what
+    the shards not yet listed take in the uninterrupted store (`reference`)."""
+    found = re.search(r"about (\S+ \S+) for the ([\d,]+) contexts still to harvest", needed)
+    assert found, needed
+    listed = len(json.loads((store / "manifest.json").read_text())["shards"]) if store.exists() else 0
+    shards = sorted((reference / "shards").iterdir())[listed:]
+    actual = sum(shard.stat().st_size for shard in shards) / 2**20
+    assert mebibytes(found.group(1)) == pytest.approx(actual, rel=0.05, abs=0.05), (needed, actual)  # 0.1 MiB shown
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -105,6 +123,8 @@ def test_harvest_on_a_full_disk_stops_and_resumes(reference, tiny_model_dir, tmp
     with full_disk(tmp_path, capacity):
         code, _, stderr = in_process_cli(*args)
     path, needed = disk_full_line(stderr, code, store)
+    if path.parent.name == "shards":  # a shard did not fit: the message also sizes the rest of the store
+        check_rest_of_store(needed, store, reference["store"])
     assert temporaries(tmp_path) == []
     if (store / "manifest.json").exists():
         ActivationStore(store)  # readable: the shards it lists are whole

@@ -1,6 +1,6 @@
 """Screenshots of the dashboard's pages in headless Chromium, for the docs and the browser test.
 
-    python dashboards/screenshots.py --runs runs --out screenshots [--run NAME --sae LABEL --feature N]
+    python tools/screenshots.py --runs runs --out screenshots [--run NAME --sae LABEL --feature N]
 
 Starts `saelab dashboard` on a free localhost port, opens each page in Chromium (Debian:
 `apt-get install -y chromium`) through the DevTools protocol, waits until Streamlit has finished
