@@ -12,13 +12,13 @@ import re
 
 from saelab.errors import SaelabError
 
-# The settings that bound each command's peak memory, most effective first.
-KNOBS = {
-    "harvest": "batch_size (contexts per forward pass)",
-    "train": "batch_size, encoder_tile (e.g. 4096: encode in tiles of latents) or dtype: bfloat16",
-    "eval": "batch_size (contexts per forward pass)",
-    "analyze": "batch_size (tokens per SAE pass)",
-    "steer": "fewer prompts or max_new_tokens",
+# What lowers each command's peak memory, most effective first.
+FIXES = {
+    "harvest": "lower batch_size (contexts per forward pass)",
+    "train": "lower batch_size, or set encoder_tile (e.g. 4096: encode in tiles of latents) or dtype: bfloat16",
+    "eval": "lower batch_size (contexts per forward pass)",
+    "analyze": "lower batch_size (tokens per SAE pass)",
+    "steer": "use fewer or shorter prompts, or a smaller max_new_tokens",
 }
 _CPU_ALLOCATOR = re.compile(r"DefaultCPUAllocator: (?:not enough memory|can't allocate memory)")
 _GPU_ASKED = re.compile(r"Tried to allocate ([\d.]+ [KMGT]?i?B)")
@@ -37,10 +37,10 @@ def out_of_memory_error(command: str, error: BaseException) -> SaelabError | Non
     else:
         return None
     amount = "" if asked is None else f" (asked for {_readable(asked.group(1))})"
-    rerun = "rerun with --resume" if command == "train" else "rerun the same command"
+    rerun = "rerun with --resume and the new setting" if command == "train" else "rerun with the new setting"
     return SaelabError(
-        f"out of {device} memory{amount}: lower {KNOBS.get(command, 'batch_size')}; "
-        f"what is on disk is intact, so {rerun} with the smaller setting to continue"
+        f"out of {device} memory{amount}: {FIXES.get(command, 'lower batch_size')}; what is on disk is intact: "
+        f"{rerun} to continue"
     )
 
 

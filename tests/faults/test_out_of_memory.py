@@ -60,7 +60,7 @@ def test_harvest_out_of_host_memory_is_one_line_and_resumes(reference, tiny_mode
         patch.setattr(harvester, "shard_tensors", fail_on_call(harvester.shard_tensors, 4, RuntimeError(CPU_MESSAGE)))
         code, _, stderr = in_process_cli(*args)
     line = one_line_error((code, stderr))
-    assert "out of CPU memory (asked for 3.00 GiB): lower batch_size" in line, line
+    assert "out of CPU memory (asked for 3.00 GiB): lower batch_size" in line and "rerun with" in line, line
     code, _, stderr = in_process_cli(*args)
     assert code == 0, stderr
     assert differences(store_digest(store), store_digest(reference["store"])) == []
