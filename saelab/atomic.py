@@ -32,8 +32,8 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 class DiskFullError(SaelabError):
-    """A full disk, with the file that did not fit: a caller that knows more (how much is still to be
-    written) can say so in its own message."""
+    """The one message for a full disk: the file, the space it needed, and what to do. It keeps the
+    file, so a caller that knows more (how much is still to be written) can say so in its own."""
 
     def __init__(self, path: str | Path, needed: str) -> None:
         super().__init__(
@@ -41,11 +41,6 @@ class DiskFullError(SaelabError):
             "to continue"
         )
         self.path = Path(path)
-
-
-def disk_full_error(path: str | Path, needed: str) -> DiskFullError:
-    """The one message for a full disk: the file, the space it needed, and what to do."""
-    return DiskFullError(path, needed)
 
 
 def size_text(n_bytes: int) -> str:
@@ -78,7 +73,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if is_disk_full(error):
-            raise disk_full_error(path, f"{size_text(len(data))} needed") from error
+            raise DiskFullError(path, f"{size_text(len(data))} needed") from error
         raise
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from saelab.atomic import atomic_write_bytes, disk_full_error, is_disk_full, sha256_file, size_text
+from saelab.atomic import DiskFullError, atomic_write_bytes, is_disk_full, sha256_file, size_text
 from saelab.errors import SaelabError
 
 FEATURE_STORE_FORMAT = "saelab-feature-store"
@@ -165,7 +165,7 @@ def write_feature_store(path: str | Path, meta: dict[str, Any], pages: Iterable[
         if full or is_disk_full(error):
             # SQLite does not know the final size in advance: what it had written is a lower bound.
             needed = f"more than the {size_text(written)} written when the disk filled up"
-            raise disk_full_error(path, needed) from error
+            raise DiskFullError(path, needed) from error
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import saelab
 from saelab import distributed
-from saelab.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, removed_on_failure, size_text
+from saelab.atomic import DiskFullError, remove_stale_temporaries, removed_on_failure, size_text
 from saelab.config import config_changes, config_identity
 from saelab.errors import SaelabError
 from saelab.harvest.activations import shard_tensors
@@ -129,7 +129,7 @@ def _write_shard(
         remaining = manifest.n_contexts_planned - first_context  # this shard's contexts and every later one
         rest = shard_bytes * remaining / n_contexts / world_size
         share = " (this rank's share)" if world_size > 1 else ""
-        raise disk_full_error(
+        raise DiskFullError(
             error.path,
             f"{size_text(shard_bytes)} needed for this shard, about {size_text(int(rest))} for the "
             f"{remaining:,} contexts still to harvest{share}",

@@ -114,9 +114,12 @@ class SparseAutoencoder(nn.Module):
         `norm`: the tokens' `token_norm`; without it, `scale_norm`."""
         return (norm or self.scale_norm()).out_of(latents @ self.W_dec + self.b_dec)
 
-    def encode(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
-        """Sparse latents for x: [batch, d_in] (gradient: ∂L/∂x, same shape, for g-SAE)."""
-        return self.select(self.pre_activations(x), gradient)
+    def encode(
+        self, x: torch.Tensor, gradient: torch.Tensor | None = None, norm: TokenNorm | None = None
+    ) -> torch.Tensor:
+        """Sparse latents for x: [batch, d_in] (gradient: ∂L/∂x, same shape, for g-SAE; `norm`: x's
+        `token_norm`, if the caller already has it)."""
+        return self.select(self.pre_activations(x, norm), gradient)
 
     def forward(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> SAEOutput:
         norm = self.token_norm(x)

@@ -113,7 +113,7 @@ class SAEEdit(Intervention):
         sae = self.sae
         x_sae = x.to(sae.W_dec.dtype)
         norm = sae.token_norm(x_sae)
-        z = sae.select(sae.pre_activations(x_sae, norm))  # `encode`, with the norm decode needs kept
+        z = sae.encode(x_sae, norm=norm)
         edited = z.clone()
         for index, value in self.latents.items():
             edited[:, index] = value

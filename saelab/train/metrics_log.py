@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from saelab.atomic import atomic_write_text, disk_full_error, is_disk_full, size_text
+from saelab.atomic import DiskFullError, atomic_write_text, is_disk_full, size_text
 from saelab.run_layout import METRICS_FILE
 from saelab.train.config import WandbConfig
 
@@ -36,7 +36,7 @@ class MetricsLog:
             self.file.flush()
         except OSError as error:
             if is_disk_full(error):
-                raise disk_full_error(self.path, f"{size_text(len(text.encode()))} needed to append") from error
+                raise DiskFullError(self.path, f"{size_text(len(text.encode()))} needed to append") from error
             raise
         if self.wandb is not None and records:
             flat = {

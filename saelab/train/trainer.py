@@ -203,7 +203,7 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
 
 def _pin_unset_input_norms(cfg: TrainConfig, path: Path) -> None:
     """A run saved before `input_norm` existed trained every SAE with "none", which an unset key no longer
-    means for batchtopk: pin it, so that resuming such a run under today's default is a named change."""
+    means for batchtopk and gba: pin it, so that resuming such a run under today's default is a named change."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     for sae_cfg, entry in zip(cfg.saes, raw.get("saes") or [], strict=False):
         if isinstance(entry, dict) and "input_norm" not in entry:
