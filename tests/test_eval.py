@@ -4,6 +4,8 @@ model (identity → 1, zeros → 0, hooks always removed), and `evaluate` end to
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from saelab.harvest.corpus import iter_documents
 from saelab.harvest.harvester import harvest
 from saelab.harvest.packing import iter_contexts
 from saelab.harvest.store import ActivationStore
+from saelab.models.upper_layers import UpperLayers
 from saelab.run_layout import CONFIG_FILE, EVAL_FILE
 from saelab.sae import load_sae
 from saelab.sae.config import SAEConfig
@@ -199,6 +202,55 @@ def test_the_gradient_aware_pass_gets_each_rows_own_loss_gradient(smollm2, conte
         ).item()
     assert result.sae["g"] == pytest.approx(direct, rel=1e-4)
     assert result.sae["g"] > result.clean + 1e-3, "stepping up the loss gradient raises the loss"
+
+
+@contextmanager
+def block_zero_runs(model) -> Iterator[list[int]]:
+    """Counts block 0's forward calls inside (the list's one item)."""
+    calls = [0]
+    handle = model.blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_spliced_passes_run_only_the_blocks_from_the_hooks_and_lose_nothing(smollm2, contexts):
+    def shrink(x: torch.Tensor) -> torch.Tensor:
+        return 0.8 * x
+
+    def along_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x + 0.05 * g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    results, calls = {}, {}
+    for resume in (True, False):
+        accumulator = CELossAccumulator(
+            smollm2, HOOK, {"shrink": shrink}, gradient_reconstructions={"g": along_gradient}, resume=resume
+        )
+        accumulator.update(contexts[:2])  # the first batch also checks a resumed pass against the clean one
+        with block_zero_runs(smollm2) as counted:
+            accumulator.update(contexts[2:])
+        results[resume], calls[resume] = accumulator.result(), counted[0]
+    assert calls == {True: 1, False: 4}  # clean (with its gradient), then zero, shrink, g: from block 15 only
+    resumed, full = results[True], results[False]
+    assert resumed.clean == full.clean and resumed.zero == pytest.approx(full.zero, rel=1e-6)
+    for label in ("shrink", "g"):
+        assert resumed.sae[label] == pytest.approx(full.sae[label], rel=1e-6)
+        assert resumed.kl[label] == pytest.approx(full.kl[label], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_a_model_the_resumed_pass_cannot_reproduce_gets_full_passes(smollm2, contexts, monkeypatch):
+    monkeypatch.setattr(UpperLayers, "reproduces", lambda self, logits: False)
+    accumulator = CELossAccumulator(smollm2, HOOK, {"identity": lambda x: x.clone()})
+    with pytest.warns(UserWarning, match="does not reproduce its logits"):
+        accumulator.update(contexts[:1])
+    assert accumulator.upper is None
+    with block_zero_runs(smollm2) as counted:
+        accumulator.update(contexts[1:2])
+    assert counted[0] == 3  # clean, zero, identity
+    assert accumulator.result().recovered("identity") == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.models import SMOLLM2_SPEC, load_model, parse_hook, stop_at_layer
 from saelab.models.smollm2 import GGUF_FILE, GGUF_PACKAGE
+from saelab.models.upper_layers import UpperLayers
 
 PROMPT = "The capital of France is"
 
@@ -104,3 +105,79 @@ def test_parse_hook(name, message):
 def test_stop_at_layer_reaches_the_deepest_hook():
     hooks = [parse_hook(name, 30) for name in ("blocks.2.hook_resid_pre", "blocks.7.hook_mlp_out")]
     assert stop_at_layer(hooks) == 8
+
+
+# ---- a forward pass resumed from one block ---------------------------------------------------------
+
+
+def _scaled(factor: float):
+    def hook(x: torch.Tensor, hook) -> torch.Tensor:
+        return factor * x
+
+    return hook
+
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["hook_resid_pre", "hook_mlp_out", "hook_resid_post"])
+def test_upper_layers_equal_the_full_pass_with_and_without_a_hook(tiny_model, start, kind):
+    tokens = torch.randint(1, 1000, (3, 12), generator=torch.Generator().manual_seed(start))
+    upper = UpperLayers(tiny_model, start)
+    with torch.inference_mode():
+        with upper.recording():
+            clean = tiny_model(tokens)
+        assert upper.reproduces(clean)
+        torch.testing.assert_close(upper(), clean, rtol=0, atol=1e-5)
+        hooks = [(f"blocks.{start}.{kind}", _scaled(0.5))]
+        with tiny_model.hooks(fwd_hooks=hooks):
+            spliced = tiny_model(tokens)
+            resumed = upper()
+            again = upper()  # a second pass reads nothing the first left behind (no key-value cache)
+    assert (spliced - clean).abs().max() > 1e-3, "the hook changes the logits"
+    torch.testing.assert_close(resumed, spliced, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, spliced, rtol=0, atol=0)
+
+
+def test_upper_layers_run_no_block_below_the_start_and_record_detached_inputs(tiny_model):
+    tokens = torch.randint(1, 1000, (2, 10), generator=torch.Generator().manual_seed(5))
+    calls = {i: 0 for i in range(3)}
+    counters = [
+        block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(tiny_model.blocks)
+    ]
+    upper = UpperLayers(tiny_model, 2)
+    try:
+        with torch.enable_grad(), upper.recording():
+            tiny_model(tokens)
+        assert calls == {0: 1, 1: 1, 2: 1}
+        assert not upper._args[0].requires_grad
+        with torch.inference_mode():
+            upper()
+        assert calls == {0: 1, 1: 1, 2: 2}
+    finally:
+        for handle in counters:
+            handle.remove()
+
+
+def test_upper_layers_notice_logits_they_do_not_reproduce_and_refuse_bad_blocks(tiny_model):
+    tokens = torch.randint(1, 1000, (2, 10), generator=torch.Generator().manual_seed(6))
+    upper = UpperLayers(tiny_model, 1)
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        upper()
+    with torch.inference_mode(), upper.recording():
+        clean = tiny_model(tokens)
+    assert upper.reproduces(clean) and not upper.reproduces(torch.tanh(clean))  # a soft-cap it lacks
+    with pytest.raises(ValueError, match="block 3 is not in"):
+        UpperLayers(tiny_model, 3)
+
+
+@pytest.mark.slow
+def test_upper_layers_equal_the_full_pass_on_smollm2(smollm2):
+    tokens = torch.randint(100, 40000, (2, 24), generator=torch.Generator().manual_seed(7))
+    tokens[:, 0] = smollm2.tokenizer.bos_token_id
+    upper = UpperLayers(smollm2, 15)
+    with torch.inference_mode():
+        with upper.recording():
+            clean = smollm2(tokens)
+        torch.testing.assert_close(upper(), clean, rtol=0, atol=1e-4)
+        with smollm2.hooks(fwd_hooks=[("blocks.15.hook_resid_post", _scaled(0.8))]):
+            torch.testing.assert_close(upper(), smollm2(tokens), rtol=0, atol=1e-4)

@@ -24,13 +24,19 @@ never saw one. Every position's prediction is averaged, as in SAELens; the predi
 position 0 is then the same in all three losses (nothing before it changed) and cancels from the
 fraction recovered.
 
-The clean and zero-ablated passes run once per batch, however many SAEs are compared on it. Hooks
-are added with the bridge's `hooks` context manager, so they are gone when a pass ends, however it ends.
+The clean and zero-ablated passes run once per batch, however many SAEs are compared on it, and
+only the clean pass runs the blocks below the hook's: it records what enters the hook's block, and
+the zero-ablated and spliced passes run from there (`saelab.models.upper_layers`; on the first batch
+a resumed pass is checked against the clean logits, and a model where they differ gets full passes).
+Hooks are added with the bridge's `hooks` context manager, so they are gone when a pass ends, however
+it ends.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +44,10 @@ import torch
 import torch.nn.functional as F
 from transformer_lens.model_bridge import TransformerBridge
 
+from saelab.errors import SaelabError
 from saelab.models.gradients import forward_with_gradients
+from saelab.models.hooks import parse_hook
+from saelab.models.upper_layers import UpperLayers, has_block_stack
 from saelab.sae.base import SparseAutoencoder
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # x: [n, d_model] → x̂: [n, d_model]
@@ -76,12 +85,15 @@ def spliced_logits(
     hook: str,
     reconstruct: SparseAutoencoder | Reconstruct | None,
     first_position: int = FIRST_POSITION,
+    upper: UpperLayers | None = None,
 ) -> torch.Tensor:
     """The logits `[batch, T, vocab]` of `tokens: [batch, T]` with x[:, first_position:] at `hook` replaced by
     reconstruct(x) (row by row: [n, d_model] → [n, d_model]; an SAE: its reconstruction); `reconstruct=None`
-    runs the model unchanged."""
+    runs the model unchanged. Given `upper`, recorded on a clean pass of these tokens from the hook's
+    block or one below, only the blocks from there on run."""
+    forward = upper if upper is not None else (lambda: model(tokens))
     if reconstruct is None:
-        return model(tokens)
+        return forward()
     reconstruct = as_reconstruct(reconstruct)
 
     def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -91,7 +103,7 @@ def spliced_logits(
         return patched
 
     with model.hooks(fwd_hooks=[(hook, replace)]):
-        return model(tokens)
+        return forward()
 
 
 def spliced_loss_sum(
@@ -141,7 +153,8 @@ class CELossAccumulator:
     """L_clean, L_zero and each SAE's L_sae and KL at one hook, accumulated batch by batch on the same contexts.
 
     `gradient_reconstructions` (label → (x, g) → x̂) are run with the gradient g = ∂L/∂x of the clean
-    pass, which is then a forward and backward instead of a forward.
+    pass, which is then a forward and backward instead of a forward. `resume=False` runs every pass
+    through the whole model (what the spliced passes are checked against, and benchmarked against).
     """
 
     def __init__(
@@ -151,8 +164,11 @@ class CELossAccumulator:
         reconstructions: Mapping[str, SparseAutoencoder | Reconstruct],
         first_position: int = FIRST_POSITION,
         gradient_reconstructions: Mapping[str, GradientReconstruct] | None = None,
+        resume: bool = True,
     ) -> None:
         self.model, self.hook, self.first_position = model, hook, first_position
+        self.upper = _upper_layers(model, hook) if resume else None
+        self._upper_checked = False
         self.reconstructions = {label: as_reconstruct(r) for label, r in reconstructions.items()}
         self.gradient_reconstructions = dict(gradient_reconstructions or {})
         labels = [*self.reconstructions, *self.gradient_reconstructions, "zero"]
@@ -164,12 +180,15 @@ class CELossAccumulator:
     def update(self, tokens: torch.Tensor) -> None:
         """Run `tokens: [batch, T]` (on the model's device) clean, zero-ablated, and through every SAE."""
         gradient = None
-        if self.gradient_reconstructions:
-            found = forward_with_gradients(self.model, tokens, [self.hook])
-            clean_logits, gradient = found.logits, found.gradients[self.hook]
+        with self.upper.recording() if self.upper is not None else nullcontext():
+            if self.gradient_reconstructions:
+                found = forward_with_gradients(self.model, tokens, [self.hook])
+                clean_logits, gradient = found.logits, found.gradients[self.hook]
+            else:
+                with torch.inference_mode():
+                    clean_logits = self.model(tokens)
         with torch.inference_mode():
-            if gradient is None:
-                clean_logits = self.model(tokens)
+            self._check_upper(clean_logits)
             self.clean_sum += float(next_token_loss_sum(clean_logits, tokens))
             clean_log_probs = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
             del clean_logits
@@ -179,10 +198,23 @@ class CELossAccumulator:
                 for label, reconstruct in self.gradient_reconstructions.items():
                     passes[label] = _with_rows(reconstruct, rows)
             for label, reconstruct in passes.items():
-                logits = spliced_logits(self.model, tokens, self.hook, reconstruct, self.first_position)
+                logits = spliced_logits(self.model, tokens, self.hook, reconstruct, self.first_position, self.upper)
                 self.loss_sums[label] += float(next_token_loss_sum(logits, tokens))
                 self.kl_sums[label] += float(next_token_kl_sum(clean_log_probs, logits))
         self.n_predictions += tokens.shape[0] * (tokens.shape[1] - 1)
+
+    def _check_upper(self, clean_logits: torch.Tensor) -> None:
+        """On the first batch: full passes from now on unless a resumed pass reproduces the clean logits."""
+        if self.upper is None or self._upper_checked:
+            return
+        self._upper_checked = True
+        if not self.upper.reproduces(clean_logits):
+            warnings.warn(
+                f"running {type(self.model).__name__} from the block of {self.hook} on does not reproduce its "
+                "logits, so every spliced pass runs the whole model (correct, but slower)",
+                stacklevel=3,
+            )
+            self.upper = None
 
     def result(self) -> CELossResult:
         if self.n_predictions == 0:
@@ -192,6 +224,16 @@ class CELossAccumulator:
         zero = losses.pop("zero")
         kl = {label: total / n for label, total in self.kl_sums.items()}
         return CELossResult(self.clean_sum / n, zero, losses, n, kl)
+
+
+def _upper_layers(model: TransformerBridge, hook: str) -> UpperLayers | None:
+    """The blocks from `hook`'s on, for a hook inside a block (`blocks.<layer>.<kind>`); else None: full passes."""
+    if not has_block_stack(model):
+        return None
+    try:
+        return UpperLayers(model, parse_hook(hook, len(model.blocks)).layer)
+    except SaelabError:
+        return None
 
 
 def _with_rows(reconstruct: GradientReconstruct, gradient_rows: torch.Tensor) -> Reconstruct:
@@ -206,9 +248,11 @@ def ce_loss_recovered(
     reconstructions: Mapping[str, SparseAutoencoder | Reconstruct],
     batch_size: int = 8,
     first_position: int = FIRST_POSITION,
+    resume: bool = True,
 ) -> CELossResult:
-    """The three losses for every SAE of `reconstructions` on `contexts: [n, T]` token ids, `batch_size` at a time."""
-    accumulator = CELossAccumulator(model, hook, reconstructions, first_position)
+    """The three losses for every SAE of `reconstructions` on `contexts: [n, T]` token ids, `batch_size` at a
+    time (`resume`: see `CELossAccumulator`)."""
+    accumulator = CELossAccumulator(model, hook, reconstructions, first_position, resume=resume)
     device = next(model.parameters()).device
     batches = contexts.split(batch_size) if isinstance(contexts, torch.Tensor) else contexts
     for batch in batches:

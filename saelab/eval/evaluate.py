@@ -10,7 +10,8 @@ skipped up to the contexts it plans to store.)
 One pass per batch of contexts: the model runs clean, with the hook zero-ablated, and once per
 SAE with the hook's activation at positions ≥ 1 replaced by the SAE's reconstruction; inside that
 last pass the SAE's input, reconstruction and latents also feed its `MetricsAccumulator`, so the
-activation metrics are computed on exactly the tokens the losses are.
+activation metrics are computed on exactly the tokens the losses are. Only the clean pass runs the
+blocks below the hook's; the others resume from the hook's block (`saelab.eval.ce_loss`).
 
 A g-SAE (β > 0) is also evaluated *with* its gradient-aware selection, as it trains: the clean pass
 then computes g = ∂L/∂x at the hook (one backward per batch), and a second spliced pass selects each
