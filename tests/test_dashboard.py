@@ -9,6 +9,8 @@ import random
 import re
 import shutil
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -539,6 +541,88 @@ def test_feature_page_in_headless_chromium(runs_root, latent, tmp_path):
     data = capture.png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     print(f"screenshot: {capture.png}")
+
+
+# ---- a real server, many users at once -----------------------------------------------------------------
+
+# Loaded into the dashboard's server process (as `sitecustomize`): a line in a file per model load.
+COUNT_MODEL_LOADS = """
+import saelab.models
+
+_load_model = saelab.models.load_model
+
+
+def load_model(*args, **kwargs):
+    with open({path!r}, "a") as log:
+        log.write("loaded\\n")
+    return _load_model(*args, **kwargs)
+
+
+saelab.models.load_model = load_model
+"""
+LIVE_TEXTS = ("import collections.abc as abcs", "raise ValueError(message)")
+
+
+def browse_as_a_user(base: str, sae: str, latents: list[int], live_text: str | None, start) -> list:
+    """A session of its own: the feature page of latents[0], the others typed into its latent box, then
+    (with `live_text`) that text run live, then a plain rerun. Returns every page it was sent."""
+    from streamlit_session import Session
+
+    with Session(base) as session:
+        start.wait()
+        pages = [session.open("feature", run="tiny/train", sae=sae, feature=latents[0])]
+        pages += [session.interact({"latent": latent}) for latent in latents[1:]]
+        if live_text is not None:
+            pages.append(session.interact({"text": live_text}, press="run"))
+        pages.append(session.interact())
+    return pages
+
+
+def steer_as_a_user(base: str, latent: int, start) -> list:
+    from streamlit_session import Session
+
+    with Session(base) as session:
+        start.wait()
+        return [session.open("steering", run="tiny/train", sae=TOPK, feature=latent), session.interact(press="Run")]
+
+
+@pytest.mark.slow
+def test_eight_users_browse_while_one_steers_each_in_a_session_of_its_own(runs_root, latent, tmp_path):
+    """A real server: 8 sessions browse features (two also run live text) while a 9th runs the steering
+    playground. No page raises, each shows its own session's SAE, latent and text, and the model is
+    loaded once for the three users who need it."""
+    import screenshots
+
+    site = tmp_path / "site"
+    site.mkdir()
+    loads = tmp_path / "model-loads.txt"
+    (site / "sitecustomize.py").write_text(COUNT_MODEL_LOADS.format(path=str(loads)))
+    live = {}
+    for label in (TOPK, BATCHTOPK):
+        with FeatureStore(runs_root / "tiny" / "train" / "saes" / label / "features.sqlite") as store:
+            live[label] = [row[0] for row in store.summary_table() if row[1] > 0]
+    rng = random.Random(0)
+    plans = [(TOPK if i % 2 == 0 else BATCHTOPK, i) for i in range(8)]
+    plans = [(sae, rng.sample(live[sae], 3), LIVE_TEXTS[i] if i < 2 else None) for sae, i in plans]
+    start = threading.Barrier(len(plans) + 1)
+    with screenshots.dashboard(runs_root, python_path=[site]) as base, ThreadPoolExecutor(len(plans) + 1) as pool:
+        users = [pool.submit(browse_as_a_user, base, *plan, start) for plan in plans]
+        steering = pool.submit(steer_as_a_user, base, latent, start)
+        browsed = [user.result(timeout=600) for user in users]
+        steered = steering.result(timeout=600)
+
+    for (sae, latents, text), pages in zip(plans, browsed, strict=True):
+        shown = [*latents, *([latents[-1]] if text else []), latents[-1]]  # live text and the rerun keep the latent
+        for page, latent_shown in zip(pages, shown, strict=True):
+            assert not page.exceptions, page.exceptions
+            assert f"Latent {latent_shown} of {sae}" in page.texts("heading")
+        if text is not None:
+            shown_text = html.unescape(re.sub(r"<[^>]*>", "", "".join(pages[-2].texts("html"))))
+            other = LIVE_TEXTS[1 - LIVE_TEXTS.index(text)]
+            assert text in shown_text and other not in shown_text
+    assert not steered[-1].exceptions, steered[-1].exceptions
+    assert len(steered[-1].texts("code")) == 2 and steered[-1].of_kind("dataframe")  # both continuations, the table
+    assert loads.read_text().splitlines() == ["loaded"]
 
 
 def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):

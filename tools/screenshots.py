@@ -56,10 +56,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def dashboard(runs: Path, port: int | None = None, timeout: float = 60) -> Iterator[str]:
-    """`saelab dashboard --runs RUNS` on a free localhost port, until the block ends; yields its URL."""
+def dashboard(runs: Path, port: int | None = None, timeout: float = 60, python_path: list[Path] = ()) -> Iterator[str]:
+    """`saelab dashboard --runs RUNS` on a free localhost port, until the block ends; yields its URL.
+    `python_path`: folders the server's Python searches before the repository (a test's `sitecustomize`)."""
     port = port or free_port()
-    env = {**os.environ, "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none", "PYTHONPATH": str(REPO)}
+    search = os.pathsep.join(str(folder) for folder in [*python_path, REPO])
+    env = {**os.environ, "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none", "PYTHONPATH": search}
     command = [sys.executable, "-m", "saelab", "dashboard", "--runs", str(runs), "--port", str(port)]
     command += ["--address", "127.0.0.1", "--headless"]
     log = tempfile.TemporaryFile()
