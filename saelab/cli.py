@@ -101,6 +101,31 @@ def _eval(args: argparse.Namespace) -> None:
     _print_table(columns, rows)
 
 
+def _probe(args: argparse.Namespace) -> None:
+    from saelab.config import load_config
+    from saelab.eval.config import ProbeConfig
+    from saelab.eval.probe_job import probe
+    from saelab.run_layout import PROBING_FILE
+
+    cfg = load_config(ProbeConfig, args.config, args.overrides)
+    results = probe(cfg, progress=not args.quiet)
+    print(f"probed {cfg.run} (saes/<name>/{PROBING_FILE})")
+    ks = [f"k{k}" for k in cfg.ks]
+    columns = [("sae", 24), ("dense", 7), *((k, 7) for k in ks), ("concepts", 9), ("absorption", 11), ("main miss", 10)]
+    rows = []
+    for label, r in results.items():
+        mean = r.get("sparse_probing", {}).get("mean", {})
+        absorbed, concepts = r.get("absorption", {}), r.get("sparse_probing", {}).get("concepts", {})
+        row = [label, _fraction(mean.get("dense")), *(_fraction(mean.get(k)) for k in ks), str(len(concepts))]
+        rates = [absorbed.get("mean_absorption_rate"), absorbed.get("mean_main_miss_rate")]
+        rows.append([*row, *(_fraction(rate) for rate in rates)])
+    _print_table(columns, rows)
+
+
+def _fraction(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
 def _analyze(args: argparse.Namespace) -> None:
     from saelab.analysis.analyze import analyze
     from saelab.analysis.config import AnalyzeConfig
@@ -211,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
         "instead of training every SAE data-parallel",
     )
     _add_command(commands, "eval", "FVU, L0, dead / dense latents and CE loss recovered on held-out text", _eval)
+    _add_command(commands, "probe", "sparse probing of concepts and first-letter feature absorption", _probe)
     _add_command(commands, "analyze", "per-latent statistics, contexts and logit effects to a feature store", _analyze)
     dashboard = commands.add_parser("dashboard", help="browse runs, features and live text in a Streamlit app")
     dashboard.add_argument("--runs", default="runs", help="the folder to find training runs in (default: runs)")

@@ -5,7 +5,7 @@ dashboard, which must start without importing the model stack) reads them from.
     <run>/metrics.jsonl               one line per logged step and SAE (and per `saelab eval`)
     <run>/summary.json                each SAE's numbers over the last training steps
     <run>/checkpoints/                atomic training checkpoints
-    <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json and features.sqlite
+    <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json and features.sqlite
 """
 
 CONFIG_FILE = "config.yaml"
@@ -15,3 +15,4 @@ CHECKPOINT_DIR = "checkpoints"
 SAE_DIR = "saes"
 EVAL_FILE = "eval.json"
 FEATURES_FILE = "features.sqlite"
+PROBING_FILE = "probing.json"

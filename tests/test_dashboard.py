@@ -625,6 +625,24 @@ def test_eight_users_browse_while_one_steers_each_in_a_session_of_its_own(runs_r
     assert loads.read_text().splitlines() == ["loaded"]
 
 
+def test_runs_page_tables_probing_and_absorption_of_the_probed_saes(app, runs_root, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    probed = {
+        "sparse_probing": {"mean": {"dense": 0.95, "k1": 0.7, "k5": 0.8}},
+        "absorption": {"mean_absorption_rate": 0.12},
+    }
+    (root / "tiny" / "train" / "saes" / TOPK / "probing.json").write_text(json.dumps(probed))
+    monkeypatch.setenv("SAELAB_RUNS", str(root))
+    at = app()
+    assert "Sparse probing and absorption" in [header.value for header in at.subheader]
+    table = at.dataframe[1].value
+    assert list(table["SAE"]) == [TOPK]  # the SAE without a probing.json has no row
+    row = table.iloc[0]
+    assert row["dense probe %"] == pytest.approx(95) and row["absorption %"] == pytest.approx(12)
+    assert row["1-sparse %"] == pytest.approx(70) and row["5-sparse %"] == pytest.approx(80)
+
+
 def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):
     """A run whose log holds GBA's per-group frequencies gets a chart of frequency ÷ target per group."""
     root = tmp_path / "runs"

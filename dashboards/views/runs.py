@@ -8,6 +8,11 @@ import ui
 
 from saelab.browse.runs import group_frequency_curves, read_metrics, training_curves
 
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * fraction
+
+
 CURVES = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
 
 sel = ui.selection()
@@ -29,8 +34,8 @@ for run in sel.runs:
                 "tokens trained": sae.tokens,
                 "FVU": sae.fvu,
                 "L0": sae.l0,
-                "dead %": None if sae.dead_fraction is None else 100 * sae.dead_fraction,
-                "CE recovered %": None if sae.ce_loss_recovered is None else 100 * sae.ce_loss_recovered,
+                "dead %": _percent(sae.dead_fraction),
+                "CE recovered %": _percent(sae.ce_loss_recovered),
                 "numbers from": sae.metrics_from,
                 "feature store": "yes" if sae.has_features else "no",
                 "status": "finished" if run.finished else "training",
@@ -49,6 +54,23 @@ st.dataframe(
         "CE recovered %": st.column_config.NumberColumn(format="%.1f"),
     },
 )
+probed = [(run, sae) for run in sel.runs for sae in run.saes if sae.probing or sae.absorption_rate is not None]
+if probed:
+    st.subheader("Sparse probing and absorption")
+    st.caption(
+        "`saelab probe`: held-out accuracy of probes for 8 token concepts (mean over concepts; 50 % is chance) "
+        "on the k latents that differ most, beside a dense probe on the residual stream; and the mean "
+        "first-letter absorption rate (Chanin et al. 2024; lower is better)."
+    )
+    ks = sorted({key for _, sae in probed for key in sae.probing if key != "dense"}, key=lambda key: int(key[1:]))
+    table = []
+    for run, sae in probed:
+        row = {"run": run.name, "SAE": sae.label, "dense probe %": _percent(sae.probing.get("dense"))}
+        row |= {f"{key[1:]}-sparse %": _percent(sae.probing.get(key)) for key in ks}
+        table.append(row | {"absorption %": _percent(sae.absorption_rate)})
+    percent_format = st.column_config.NumberColumn(format="%.1f")
+    st.dataframe(table, hide_index=True, column_config={key: percent_format for key in table[0] if "%" in key})
+
 for run in sel.runs:
     if not run.finished:
         st.caption(f"`{run.name}`: {run.status}; showing what it has written so far.")

@@ -23,7 +23,16 @@ from typing import Any
 from saelab.config import load_config
 from saelab.errors import SaelabError
 from saelab.harvest.manifest import MANIFEST_FILE
-from saelab.run_layout import CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, FEATURES_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE
+from saelab.run_layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    EVAL_FILE,
+    FEATURES_FILE,
+    METRICS_FILE,
+    PROBING_FILE,
+    SAE_DIR,
+    SUMMARY_FILE,
+)
 from saelab.sae.config import SAEConfig
 from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
 from saelab.train.config import TrainConfig
@@ -54,6 +63,8 @@ class SAEInfo:
     dead_fraction: float | None = None
     ce_loss_recovered: float | None = None
     metrics_from: str = "nothing yet"
+    probing: dict[str, float] = field(default_factory=dict)  # `saelab probe`'s mean accuracies: dense, k1, k5…
+    absorption_rate: float | None = None  # `saelab probe`'s mean first-letter absorption rate
 
     @property
     def folder(self) -> Path:
@@ -240,6 +251,10 @@ def _read_sae(
         info.ce_loss_recovered = evaluation.get("ce_loss_recovered")
         info.model, info.hook = info.model or evaluation.get("model"), info.hook or evaluation.get("hook")
         info.metrics_from = "eval (held-out text)"
+    probed = _attempt(run, lambda: _read_json(folder / PROBING_FILE), f"{SAE_DIR}/{label}/{PROBING_FILE}")
+    if probed:
+        info.probing = (probed.get("sparse_probing") or {}).get("mean") or {}
+        info.absorption_rate = (probed.get("absorption") or {}).get("mean_absorption_rate")
     return info
 
 
