@@ -15,12 +15,14 @@ from typing import Any
 import plotly.graph_objects as go
 import streamlit as st
 
+from saelab.analysis.explanations import Explanation, read_explanations
 from saelab.analysis.feature_store import FeatureStore
 from saelab.browse.feature_filter import SummaryRow
 from saelab.browse.highlight import tokens_html
 from saelab.browse.model_lock import MODEL_LOCK
 from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
 from saelab.errors import SaelabError
+from saelab.run_layout import EXPLANATIONS_FILE
 from saelab.sae.saelens_format import WEIGHTS_FILE
 
 FEATURE_PAGE = "views/feature.py"
@@ -173,6 +175,29 @@ def summary_table(store: FeatureStore) -> list[SummaryRow] | None:
     except (SaelabError, OSError) as error:
         st.error(f"The feature store `{store.path}` cannot be read: {error}")
         return None
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _explanations(path: str, stamp: tuple[int, int]) -> dict[int, Explanation]:
+    return read_explanations(path)
+
+
+def explanations(sae: SAEInfo) -> dict[int, Explanation]:
+    """The SAE's latent explanations (`saelab explain`), read again whenever the file grows; {} when none."""
+    path = sae.folder / EXPLANATIONS_FILE
+    return _explanations(str(path), _stamp(path)) if path.is_file() else {}
+
+
+def explanation_line(entry: Explanation) -> str:
+    """An explanation and its scores as one Markdown line."""
+    scores = entry.scores
+    shown = [
+        f"{key} {scores[key]:.0%} (shuffled {scores[key + '_shuffled']:.0%})"
+        for key in ("detection", "fuzzing")
+        if scores.get(key) is not None and scores.get(key + "_shuffled") is not None
+    ]
+    judged = f" · scored by {entry.scorer}: {', '.join(shown)}" if shown else " · not scored yet"
+    return f"**Explanation** ({entry.explainer}): {entry.text}{judged}"
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)

@@ -122,6 +122,30 @@ def _probe(args: argparse.Namespace) -> None:
     _print_table(columns, rows)
 
 
+def _explain(args: argparse.Namespace) -> None:
+    from saelab.analysis.config import ExplainConfig
+    from saelab.analysis.explain_job import explain
+    from saelab.config import load_config
+    from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE
+
+    cfg = load_config(ExplainConfig, args.config, args.overrides)
+    results = explain(cfg, progress=not args.quiet)
+    print(f"explained latents of {cfg.run} (saes/<name>/{EXPLANATIONS_FILE}, {AUTOINTERP_FILE})")
+    columns = [("sae", 24), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22), ("fuzzing", 22)]
+    rows = []
+    for label, r in results.items():
+        cells = [_interval(r.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
+        rows.append([label, str(r["n_latents"]), *cells])
+    _print_table(columns, rows)
+
+
+def _interval(score: dict | None) -> str:
+    if not score:
+        return "—"
+    low, high = score["ci95"]
+    return f"{score['mean']:.1%} [{low:.1%}, {high:.1%}]"
+
+
 def _fraction(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
@@ -237,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_command(commands, "eval", "FVU, L0, dead / dense latents and CE loss recovered on held-out text", _eval)
     _add_command(commands, "probe", "sparse probing of concepts and first-letter feature absorption", _probe)
+    _add_command(commands, "explain", "explain latents with an LLM and score the explanations", _explain)
     _add_command(commands, "analyze", "per-latent statistics, contexts and logit effects to a feature store", _analyze)
     dashboard = commands.add_parser("dashboard", help="browse runs, features and live text in a Streamlit app")
     dashboard.add_argument("--runs", default="runs", help="the folder to find training runs in (default: runs)")

@@ -5,7 +5,8 @@ dashboard, which must start without importing the model stack) reads them from.
     <run>/metrics.jsonl               one line per logged step and SAE (and per `saelab eval`)
     <run>/summary.json                each SAE's numbers over the last training steps
     <run>/checkpoints/                atomic training checkpoints
-    <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json and features.sqlite
+    <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json, features.sqlite,
+                                      explanations.jsonl and autointerp.json
 """
 
 CONFIG_FILE = "config.yaml"
@@ -16,3 +17,5 @@ SAE_DIR = "saes"
 EVAL_FILE = "eval.json"
 FEATURES_FILE = "features.sqlite"
 PROBING_FILE = "probing.json"
+EXPLANATIONS_FILE = "explanations.jsonl"
+AUTOINTERP_FILE = "autointerp.json"

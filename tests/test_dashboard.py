@@ -625,22 +625,54 @@ def test_eight_users_browse_while_one_steers_each_in_a_session_of_its_own(runs_r
     assert loads.read_text().splitlines() == ["loaded"]
 
 
-def test_runs_page_tables_probing_and_absorption_of_the_probed_saes(app, runs_root, tmp_path, monkeypatch):
+def test_runs_page_tables_probing_absorption_and_explanation_scores(app, runs_root, tmp_path, monkeypatch):
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")
+    folder = root / "tiny" / "train" / "saes" / TOPK
     probed = {
         "sparse_probing": {"mean": {"dense": 0.95, "k1": 0.7, "k5": 0.8}},
         "absorption": {"mean_absorption_rate": 0.12},
     }
-    (root / "tiny" / "train" / "saes" / TOPK / "probing.json").write_text(json.dumps(probed))
+    (folder / "probing.json").write_text(json.dumps(probed))
+    scored = {"n_latents": 100, "detection": {"mean": 0.61, "ci95": [0.57, 0.65], "n": 100}}
+    (folder / "autointerp.json").write_text(json.dumps(scored | {"detection_shuffled": {"mean": 0.5, "n": 100}}))
     monkeypatch.setenv("SAELAB_RUNS", str(root))
     at = app()
-    assert "Sparse probing and absorption" in [header.value for header in at.subheader]
+    assert "Judged by use: sparse probing, absorption, explanations" in [header.value for header in at.subheader]
     table = at.dataframe[1].value
-    assert list(table["SAE"]) == [TOPK]  # the SAE without a probing.json has no row
+    assert list(table["SAE"]) == [TOPK]  # the SAE with neither file has no row
     row = table.iloc[0]
     assert row["dense probe %"] == pytest.approx(95) and row["absorption %"] == pytest.approx(12)
     assert row["1-sparse %"] == pytest.approx(70) and row["5-sparse %"] == pytest.approx(80)
+    assert row["detection %"] == pytest.approx(61) and row["shuffled %"] == pytest.approx(50)
+    assert row["latents explained"] == 100
+
+
+def test_explanations_show_on_the_feature_page_and_are_searchable(app, runs_root, latent, tmp_path, monkeypatch):
+    from saelab.analysis.explanations import append_record
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    path = root / "tiny" / "train" / "saes" / TOPK / "explanations.jsonl"
+    append_record(path, {"latent": latent, "explanation": "Exceptions being raised", "explainer": "smollm2-135m"})
+    append_record(path, {"latent": 3, "explanation": "closing brackets", "explainer": "smollm2-135m"})
+    scores = {"detection": 0.75, "detection_shuffled": 0.5, "fuzzing": 0.6, "fuzzing_shuffled": 0.55}
+    append_record(path, {"latent": latent, "scores": scores, "scorer": "smollm2-135m"})
+    monkeypatch.setenv("SAELAB_RUNS", str(root))
+
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    (line,) = [m.value for m in at.markdown if m.value.startswith("**Explanation**")]
+    assert "Exceptions being raised" in line and "detection 75% (shuffled 50%)" in line
+    at = app("feature", run="tiny/train", sae=TOPK, feature=3)
+    assert any("closing brackets" in m.value and "not scored yet" in m.value for m in at.markdown)
+
+    at = app("features", run="tiny/train", sae=TOPK)
+    at.text_input(key="explanation_query").set_value("EXCEPTIONS raised").run()
+    links = [link.proto.label for link in at.get("page_link")]
+    assert f"latent {latent}: Exceptions being raised · detection 75%" in links
+    assert not any("closing brackets" in label for label in links)
+    table = at.dataframe[0].value
+    assert table.set_index("latent").loc[latent, "explanation"] == "Exceptions being raised"
 
 
 def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):

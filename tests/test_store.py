@@ -174,6 +174,17 @@ def test_token_ids_and_contexts_match_the_source(source):
         assert tokens[p] == source.token_ids[row]
 
 
+def test_context_rows_are_each_contexts_rows_in_position_order(source):
+    store = ActivationStore(source.path)
+    n_contexts = int(source.row_context.max()) + 1
+    for c in range(n_contexts):  # across shard boundaries
+        rows = store.context_rows(c)
+        context, position = store.context_of(rows)
+        assert (context == c).all() and position.tolist() == list(range(FIRST_POSITION, CONTEXT_SIZE))
+    with pytest.raises(StoreIndexError, match=f"context {n_contexts} is not in"):
+        store.context_rows(n_contexts)
+
+
 @pytest.mark.parametrize("bad", [60, -1, 10**9])
 def test_out_of_range_rows_name_the_valid_range(source, bad):
     store = ActivationStore(source.path)

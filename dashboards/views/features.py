@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import ui
 
+from saelab.analysis.explanations import search
 from saelab.browse.feature_filter import SORT_KEYS, FeatureFilter, random_live_latent
 from saelab.errors import SaelabError
 
@@ -59,6 +60,23 @@ if token.strip() and store is not None:
         link(latent, f": {direction} {shown} · density {ui.percent(effects.frequency)}")
     if len(found) > LINKS:
         st.caption(f"… and {len(found) - LINKS} more")
+
+explained = ui.explanations(sae)
+if explained:
+    query = st.text_input(
+        f"latents whose explanation says… ({len(explained):,} explained by `saelab explain`)",
+        placeholder="e.g. exceptions",
+        key="explanation_query",
+    )
+    if query.strip():
+        matches = search(explained, query)
+        if not matches:
+            st.info(f"No explanation holds every word of {query.strip()!r}.")
+        for entry in matches[:LINKS]:
+            detection = entry.scores.get("detection")
+            link(entry.latent, f": {entry.text}" + (f" · detection {detection:.0%}" if detection is not None else ""))
+        if len(matches) > LINKS:
+            st.caption(f"… and {len(matches) - LINKS} more")
 
 st.subheader("Latents that fire on a text")
 text = ui.text_to_run("search_text", "search_text_value", "Type a phrase: which latents fire on it?")
@@ -117,6 +135,7 @@ st.caption(f"{len(chosen):,} of {len(table):,} latents match; the first {min(len
 picked = st.dataframe(
     [
         {"latent": i, "density %": 100 * f, "max activation": m, "mean activation": mean}
+        | ({"explanation": explained[i].text if i in explained else ""} if explained else {})
         for i, f, m, mean in chosen[:SHOWN_ROWS]
     ],
     hide_index=True,

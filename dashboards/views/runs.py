@@ -54,20 +54,30 @@ st.dataframe(
         "CE recovered %": st.column_config.NumberColumn(format="%.1f"),
     },
 )
-probed = [(run, sae) for run in sel.runs for sae in run.saes if sae.probing or sae.absorption_rate is not None]
-if probed:
-    st.subheader("Sparse probing and absorption")
+judged = [
+    (run, sae)
+    for run in sel.runs
+    for sae in run.saes
+    if sae.probing or sae.absorption_rate is not None or sae.autointerp
+]
+if judged:
+    st.subheader("Judged by use: sparse probing, absorption, explanations")
     st.caption(
         "`saelab probe`: held-out accuracy of probes for 8 token concepts (mean over concepts; 50 % is chance) "
-        "on the k latents that differ most, beside a dense probe on the residual stream; and the mean "
-        "first-letter absorption rate (Chanin et al. 2024; lower is better)."
+        "on the k latents that differ most, beside a dense probe on the residual stream, and the mean "
+        "first-letter absorption rate (Chanin et al. 2024; lower is better). `saelab explain`: how well an "
+        "LLM's explanation of a latent tells held-out contexts where it fires from ones where it does not "
+        "(detection balanced accuracy, mean over the latents scored), beside another latent's explanation."
     )
-    ks = sorted({key for _, sae in probed for key in sae.probing if key != "dense"}, key=lambda key: int(key[1:]))
+    ks = sorted({key for _, sae in judged for key in sae.probing if key != "dense"}, key=lambda key: int(key[1:]))
     table = []
-    for run, sae in probed:
+    for run, sae in judged:
         row = {"run": run.name, "SAE": sae.label, "dense probe %": _percent(sae.probing.get("dense"))}
         row |= {f"{key[1:]}-sparse %": _percent(sae.probing.get(key)) for key in ks}
-        table.append(row | {"absorption %": _percent(sae.absorption_rate)})
+        row["absorption %"] = _percent(sae.absorption_rate)
+        for key, name in (("detection", "detection %"), ("detection_shuffled", "shuffled %"), ("fuzzing", "fuzzing %")):
+            row[name] = _percent((sae.autointerp.get(key) or {}).get("mean"))
+        table.append(row | {"latents explained": sae.autointerp.get("n_latents")})
     percent_format = st.column_config.NumberColumn(format="%.1f")
     st.dataframe(table, hide_index=True, column_config={key: percent_format for key in table[0] if "%" in key})
 

@@ -54,3 +54,38 @@ class AnalyzeConfig:
             )
         if len(set(self.saes)) != len(self.saes):
             raise ConfigError(f"saes: a label is given twice ({', '.join(self.saes)})")
+
+
+@dataclass
+class ExplainConfig:
+    """Explain and score latents of the SAEs `saes` (all when empty) of the training run `run` (`saelab explain`).
+
+    `latents` names the latents; empty: a random `n_latents` of those with enough contexts in the
+    feature store (`n_latents: 0`: all of them). The explainer reads `n_explain` top contexts; the
+    scorer judges `n_score` held-out activating and as many non-activating contexts. `explainer` and
+    `scorer` are chat-model specs (`saelab.analysis.chat_models`: `smollm2-135m`, a Hugging Face model
+    folder or name, or an OpenAI-compatible URL with `endpoint_model`); an empty scorer is the explainer.
+    """
+
+    run: str = "runs/smollm2-135m/train"
+    saes: list[str] = field(default_factory=list)
+    latents: list[int] = field(default_factory=list)
+    n_latents: int = 100
+    explainer: str = "smollm2-135m"
+    scorer: str = ""
+    endpoint_model: str = ""
+    n_explain: int = 10
+    n_score: int = 6
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.run.strip():
+            raise ConfigError("run: must name a training run's folder, got ''")
+        if self.n_latents < 0:
+            raise ConfigError(f"n_latents: must be 0 (all) or positive, got {self.n_latents}")
+        for key in ("n_explain", "n_score"):
+            if getattr(self, key) < 2:
+                raise ConfigError(f"{key}: at least 2 contexts are needed, got {getattr(self, key)}")
+        if min(self.latents, default=0) < 0:
+            raise ConfigError(f"latents: indices must be ≥ 0, got {min(self.latents)}")

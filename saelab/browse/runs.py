@@ -24,6 +24,7 @@ from saelab.config import load_config
 from saelab.errors import SaelabError
 from saelab.harvest.manifest import MANIFEST_FILE
 from saelab.run_layout import (
+    AUTOINTERP_FILE,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     EVAL_FILE,
@@ -65,6 +66,7 @@ class SAEInfo:
     metrics_from: str = "nothing yet"
     probing: dict[str, float] = field(default_factory=dict)  # `saelab probe`'s mean accuracies: dense, k1, k5…
     absorption_rate: float | None = None  # `saelab probe`'s mean first-letter absorption rate
+    autointerp: dict[str, Any] = field(default_factory=dict)  # `saelab explain`'s autointerp.json
 
     @property
     def folder(self) -> Path:
@@ -255,6 +257,8 @@ def _read_sae(
     if probed:
         info.probing = (probed.get("sparse_probing") or {}).get("mean") or {}
         info.absorption_rate = (probed.get("absorption") or {}).get("mean_absorption_rate")
+    autointerp = _attempt(run, lambda: _read_json(folder / AUTOINTERP_FILE), f"{SAE_DIR}/{label}/{AUTOINTERP_FILE}")
+    info.autointerp = autointerp or {}
     return info
 
 

@@ -139,15 +139,27 @@ class ActivationStore:
         context = self._first_contexts[shard] + local // per_context
         return context, self._manifest.first_position + local % per_context
 
+    def context_rows(self, context_index: int) -> torch.Tensor:
+        """The global rows `[rows_per_context]` of context `context_index`, positions `first_position`… in order."""
+        s = self._shard_holding(context_index)
+        per_context = self._manifest.rows_per_context
+        first = int(self._row_starts[s]) + (context_index - self._manifest.shards[s].first_context) * per_context
+        return torch.arange(first, first + per_context)
+
     def context_tokens(self, context_index: int) -> torch.Tensor:
         """The full token context `[context_size]` (int64) that rows of `context_index` come from."""
+        s = self._shard_holding(context_index)
+        return self._shard(s)["contexts"][context_index - self._manifest.shards[s].first_context].long()
+
+    def _shard_holding(self, context_index: int) -> int:
+        """The shard that holds context `context_index`; a StoreIndexError naming the range held if none."""
         shards = self._manifest.shards
         s = bisect.bisect_right(self._first_contexts.tolist(), context_index) - 1
         if s < 0 or context_index >= shards[s].first_context + shards[s].n_contexts:
             end = shards[-1].first_context + shards[-1].n_contexts if shards else 0
             held = f"[{shards[0].first_context}, {end})" if shards else "none"
             raise StoreIndexError(f"context {context_index} is not in {self.path}; it holds contexts {held}")
-        return self._shard(s)["contexts"][context_index - shards[s].first_context].long()
+        return s
 
     # ---- batches for training ---------------------------------------------------------------
 
