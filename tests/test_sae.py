@@ -77,6 +77,19 @@ def test_forward_is_the_documented_formula():
     assert torch.allclose(out.reconstruction, (out.latents @ sae.W_dec + sae.b_dec) / s, atol=1e-6)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "gba-scaled", "batchtopk"])
+def test_encode_rows_is_encode_in_chunks_on_the_cpu_in_float32(architecture):
+    sae = perturb(make(architecture), seed=3).eval()
+    x = randn(37, D_IN, seed=4)
+    with torch.no_grad():
+        expected = sae.encode(x)
+    chunked = sae.encode_rows(x.double(), chunk_rows=8)  # 5 chunks, the last short; another dtype in
+    assert chunked.dtype == torch.float32 and chunked.device.type == "cpu" and not chunked.requires_grad
+    torch.testing.assert_close(chunked, expected, rtol=1e-6, atol=1e-6)  # matmuls of 8 rows round as they round
+    assert (expected != 0).any()
+    assert sae.encode_rows(x[:0]).shape == (0, D_SAE)
+
+
 def test_normalize_decoder_gives_unit_rows_in_the_same_directions():
     sae = make("topk")
     with torch.no_grad():

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from saelab.analysis.chat_models import ChatModel
@@ -132,10 +131,7 @@ class NonFiringPool:
     def _silent(self, latent: int, window: ContextWindow) -> bool:
         rows = self.activations.context_rows(window.context)
         held = [p - self.first for p in range(window.start, window.start + len(window.tokens)) if p >= self.first]
-        x = self.activations.rows(rows[held]).float()
-        weight = self.sae.W_dec
-        with torch.no_grad():
-            z = self.sae.encode(x.to(weight.device, weight.dtype))[:, latent]
+        z = self.sae.encode_rows(self.activations.rows(rows[held]))[:, latent]
         return bool((z <= 0).all())
 
 
@@ -158,16 +154,17 @@ def scoring_examples(page: FeaturePage, pool: NonFiringPool, n_explain: int, n_s
 
 def score(scorer: ChatModel, explanation: str, examples: Examples) -> tuple[float | None, float | None]:
     """Detection and fuzzing balanced accuracy of `explanation` on `examples` (None: too few examples)."""
-    detection = fuzzing = None
-    truth = [t for _, t in examples.detection]
-    if any(truth) and not all(truth):
-        probabilities = scorer.yes_probabilities([detection_prompt(explanation, w) for w, _ in examples.detection])
-        detection = ranked_balanced_accuracy(probabilities, truth)
-    truth = [t for _, _, t in examples.fuzzing]
-    if any(truth) and not all(truth):
-        prompts = [fuzzing_prompt(explanation, w, marks) for w, marks, _ in examples.fuzzing]
-        fuzzing = ranked_balanced_accuracy(scorer.yes_probabilities(prompts), truth)
-    return detection, fuzzing
+    detection = [(detection_prompt(explanation, w), fires) for w, fires in examples.detection]
+    fuzzing = [(fuzzing_prompt(explanation, w, marks), right) for w, marks, right in examples.fuzzing]
+    return _judged(scorer, detection), _judged(scorer, fuzzing)
+
+
+def _judged(scorer: ChatModel, questions: list[tuple[str, bool]]) -> float | None:
+    """The ranked balanced accuracy of the scorer's P(yes) on (prompt, truth) pairs; None without both classes."""
+    truth = [t for _, t in questions]
+    if all(truth) or not any(truth):
+        return None
+    return ranked_balanced_accuracy(scorer.yes_probabilities([prompt for prompt, _ in questions]), truth)
 
 
 def derangement(latents: list[int], seed: int) -> dict[int, int]:

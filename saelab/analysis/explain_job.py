@@ -19,6 +19,7 @@ from saelab.analysis.config import ExplainConfig
 from saelab.analysis.feature_store import FeatureStore
 from saelab.atomic import atomic_write_json
 from saelab.errors import SaelabError
+from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.models import resolve_device
 from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE, FEATURES_FILE, SAE_DIR
@@ -37,17 +38,24 @@ def explain(cfg: ExplainConfig, progress: bool = True) -> dict[str, dict[str, An
     explainer = load_chat_model(cfg.explainer, cfg.endpoint_model, device)
     scorer = explainer if cfg.scorer in ("", cfg.explainer) else load_chat_model(cfg.scorer, cfg.endpoint_model, device)
     return {
-        label: _explain_sae(cfg, run / SAE_DIR / label, activations, explainer, scorer, progress) for label in labels
+        label: _explain_sae(cfg, run / SAE_DIR / label, activations, explainer, scorer, device, progress)
+        for label in labels
     }
 
 
 def _explain_sae(
-    cfg: ExplainConfig, folder: Path, activations: Any, explainer: ChatModel, scorer: ChatModel, progress: bool
+    cfg: ExplainConfig,
+    folder: Path,
+    activations: ActivationStore,
+    explainer: ChatModel,
+    scorer: ChatModel,
+    device: str,
+    progress: bool,
 ) -> dict[str, Any]:
     if not (folder / FEATURES_FILE).is_file():
         raise SaelabError(f"{folder} has no feature store; make it with `saelab analyze run={folder.parent.parent}`")
     with folder_lock(folder, what="explain job"), FeatureStore(folder / FEATURES_FILE) as store:
-        sae = load_sae(folder, resolve_device(cfg.device))
+        sae = load_sae(folder, device)
         latents = chosen_latents(store, cfg)
         path = folder / EXPLANATIONS_FILE
         explain_latents(path, store, latents, explainer, cfg.n_explain, progress)

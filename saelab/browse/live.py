@@ -125,9 +125,8 @@ def encode_tokens(
     x = cache[point.name][0]  # [n_tokens, d_model]
     if x.shape[-1] != sae.cfg.d_in:
         raise SaelabError(f"{hook} has width {x.shape[-1]} but the SAE reads {sae.cfg.d_in}")
-    sae_device = next(sae.parameters()).device
     latents = torch.zeros(len(ids), sae.cfg.d_sae)
     if len(ids) > first_position:
-        latents[first_position:] = sae.encode(x[first_position:].to(sae_device).float()).cpu()
+        latents[first_position:] = sae.encode_rows(x[first_position:])
     tokens = model.tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
     return TextActivations(list(ids), tokens, latents, first_position, truncated=False)

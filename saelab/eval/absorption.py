@@ -28,14 +28,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm, trange
 from transformer_lens.model_bridge import TransformerBridge
 
 from saelab.errors import SaelabError
-from saelab.eval.probing import encode_rows, top_latents
+from saelab.eval.probing import TEST_FRACTION, logistic_probe, top_latents
 from saelab.harvest.activations import activations
 from saelab.models import parse_hook
 from saelab.sae.base import SparseAutoencoder
@@ -43,7 +41,6 @@ from saelab.sae.base import SparseAutoencoder
 COS_THRESHOLD = 0.025
 FRACTION_THRESHOLD = 0.4
 MIN_TRUE_POSITIVES = 10
-TEST_FRACTION = 0.2
 _WORD = re.compile(r"^ [A-Za-z]{2,}$")
 
 
@@ -110,8 +107,7 @@ def absorbed(
 
 def letter_probe(x: np.ndarray, starts: np.ndarray) -> tuple[Pipeline, np.ndarray]:
     """A balanced logistic regression for `starts` on `x` (standardised), and its unit direction in x's space."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced"))
-    probe.fit(x, starts)
+    probe = logistic_probe(balanced=True).fit(x, starts)
     direction = probe[-1].coef_[0] / probe[0].scale_
     return probe, direction / np.linalg.norm(direction)
 
@@ -147,7 +143,7 @@ def fit_letter_probes(x: torch.Tensor, words: list[str], seed: int = 0) -> Lette
 
 def absorption(x: torch.Tensor, probes: LetterProbes, sae: SparseAutoencoder) -> list[LetterAbsorption]:
     """Per probed letter, the absorption counts of `sae` on the word activations `x` (see the module docstring)."""
-    z = encode_rows(sae, x)
+    z = sae.encode_rows(x)
     decoder = sae.W_dec.detach().float().cpu()
     found = []
     for letter, direction in probes.directions.items():

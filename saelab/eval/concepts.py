@@ -22,10 +22,9 @@ import keyword
 import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pydoc_data.topics import topics
 
 from saelab.errors import SaelabError
-from saelab.harvest.corpus import default_entries, stdlib_root
+from saelab.harvest.corpus import default_entries, default_entry_text
 
 CODE_CONCEPTS = ("keyword", "name", "string", "comment", "number", "operator", "docstring")
 CONCEPTS = (*CODE_CONCEPTS, "prose")
@@ -128,8 +127,7 @@ def labelled_contexts(tokenizer, n_code: int, n_prose: int, n_tokens: int = 127)
 
 
 def _documents_from_the_end() -> Iterator[tuple[str, str, str]]:
-    root = stdlib_root()
     for kind, name in reversed(default_entries()):
-        text = (root / name).read_text(encoding="utf-8", errors="replace") if kind == "file" else topics[name]
+        text = default_entry_text(kind, name)
         if text.strip():
             yield kind, name, text

@@ -27,7 +27,7 @@ from saelab.eval.absorption import (
 )
 from saelab.eval.concepts import labelled_contexts
 from saelab.eval.config import ProbeConfig
-from saelab.eval.probing import ConceptTokens, concept_tokens, encode_rows, sparse_probing, summary
+from saelab.eval.probing import ConceptTokens, concept_tokens, sparse_probing, summary
 from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
 from saelab.run_layout import PROBING_FILE, SAE_DIR
@@ -47,8 +47,8 @@ def probe(cfg: ProbeConfig, model: TransformerBridge | None = None, progress: bo
         device = next(model.parameters()).device
         saes = {label: load_sae(run / SAE_DIR / label, device) for label in labels}
         hooks = {label: sae_hook(sae, train_cfg, store) for label, sae in saes.items()}
-        contexts = labelled_contexts(model.tokenizer, cfg.n_code, cfg.n_prose) if _runs(cfg, "sparse_probing") else []
-        words = single_token_words(model.tokenizer, cfg.max_words, cfg.seed) if _runs(cfg, "absorption") else []
+        contexts = labelled_contexts(model.tokenizer, cfg.n_code, cfg.n_prose) if "sparse_probing" in cfg.tasks else []
+        words = single_token_words(model.tokenizer, cfg.max_words, cfg.seed) if "absorption" in cfg.tasks else []
         results = {}
         for hook in dict.fromkeys(hooks.values()):
             first = store.manifest.first_position
@@ -67,11 +67,7 @@ def probe(cfg: ProbeConfig, model: TransformerBridge | None = None, progress: bo
     return results
 
 
-def _runs(cfg: ProbeConfig, task: str) -> bool:
-    return task in cfg.tasks
-
-
 def _sparse_probing(cfg: ProbeConfig, tokens: ConceptTokens, sae: SparseAutoencoder, n_contexts: int) -> dict:
-    latents = encode_rows(sae, tokens.x)
+    latents = sae.encode_rows(tokens.x)
     concepts = sparse_probing(tokens, latents, cfg.ks, cfg.max_per_class, cfg.seed)
     return {"concepts": concepts, "mean": summary(concepts, cfg.ks), "n_contexts": n_contexts}

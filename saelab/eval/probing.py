@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -29,11 +29,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from saelab.eval.concepts import CONCEPTS, LabelledContext
 from saelab.harvest.activations import activations
 from saelab.models import parse_hook
-from saelab.sae.base import SparseAutoencoder
 
 TEST_FRACTION = 0.2
 DEFAULT_KS = (1, 2, 5, 20)
-ENCODE_ROWS = 4096  # rows encoded at a time: all the tokens' latents at once would be large
 
 
 @dataclass
@@ -69,14 +67,6 @@ def concept_tokens(
     return ConceptTokens(torch.cat(rows), {c: torch.cat(v) for c, v in labels.items()}, torch.cat(owners))
 
 
-def encode_rows(sae: SparseAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """The SAE's latents of rows `x: [n, d_in]` (on the CPU, float32), `ENCODE_ROWS` at a time."""
-    weight = sae.W_dec
-    with torch.no_grad():
-        chunks = [sae.encode(rows.to(weight.device, weight.dtype)).float().cpu() for rows in x.split(ENCODE_ROWS)]
-    return torch.cat(chunks)
-
-
 def balanced_split(
     labels: torch.Tensor, contexts: torch.Tensor, max_per_class: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -97,10 +87,15 @@ def balanced_split(
     return sides[0], sides[1]
 
 
+def logistic_probe(balanced: bool = False) -> Pipeline:
+    """An unfitted probe: standardise, then an L2 logistic regression (classes reweighted when `balanced`)."""
+    weights = "balanced" if balanced else None
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=weights))
+
+
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
     """Held-out accuracy of a logistic regression fitted on `features[train]` (standardised)."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(features[train], labels[train])
+    probe = logistic_probe().fit(features[train], labels[train])
     return float(probe.score(features[test], labels[test]))
 
 

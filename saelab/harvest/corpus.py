@@ -92,16 +92,19 @@ def _stdlib_files(root: Path) -> list[str]:
     return [n for n in names if n not in DUPLICATE_FILES]
 
 
-def _default_documents(seed: int) -> Iterator[tuple[str, str]]:
-    """Yield ("kind:name", text) for the non-empty documents of the default corpus."""
+def default_entry_text(kind: str, name: str) -> str:
+    """The text of one default-corpus entry: a stdlib file (undecodable bytes as U+FFFD) or a pydoc topic."""
     from pydoc_data.topics import topics
 
-    root = stdlib_root()
+    if kind == "file":
+        return (stdlib_root() / name).read_text(encoding="utf-8", errors="replace")
+    return topics[name]
+
+
+def _default_documents(seed: int) -> Iterator[tuple[str, str]]:
+    """Yield ("kind:name", text) for the non-empty documents of the default corpus."""
     for kind, name in default_entries(seed):
-        if kind == "file":
-            text = (root / name).read_text(encoding="utf-8", errors="replace")
-        else:
-            text = topics[name]
+        text = default_entry_text(kind, name)
         if text.strip():
             yield f"{kind}:{name}", text
 
