@@ -125,9 +125,11 @@ class SparseAutoencoder(nn.Module):
     def encode_rows(self, x: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
         """`encode` of rows `x: [n, d_in]` from any device or dtype, `chunk_rows` at a time, as float32 on the
         CPU: how evaluations and analyses hold the latents of many rows without a [n, d_sae] peak on the GPU."""
+        if len(x) == 0:  # no rows: nothing to normalise (a token norm of none would warn)
+            return torch.zeros(0, self.cfg.d_sae)
         weight = self.W_dec
         chunks = [self.encode(rows.to(weight.device, weight.dtype)).float().cpu() for rows in x.split(chunk_rows)]
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.cfg.d_sae)
+        return torch.cat(chunks)
 
     def forward(self, x: torch.Tensor, gradient: torch.Tensor | None = None) -> SAEOutput:
         norm = self.token_norm(x)
