@@ -193,6 +193,19 @@ def _dashboard(args: argparse.Namespace) -> None:
         raise SaelabError(f"streamlit exited with status {code}")
 
 
+def _import_sae(args: argparse.Namespace) -> None:
+    from saelab.sae.pretrained import import_pretrained_sae
+
+    imported = import_pretrained_sae(args.release, args.sae_id, args.store, args.out, args.releases, args.label)
+    source = imported.source
+    print(
+        f"imported {source['release']} / {source['sae_id']} ({source['repo_id']}, {imported.architecture}, "
+        f"d_in {imported.d_in}, {imported.d_sae:,} latents) as run {imported.run}\n"
+        f"  saes/{imported.label}/ reads {imported.hook} of {imported.model} from the store {args.store}\n"
+        f"  next: saelab eval run={imported.run}; saelab analyze run={imported.run}; saelab dashboard"
+    )
+
+
 def _steer(args: argparse.Namespace) -> None:
     from saelab.config import load_config
     from saelab.steer.config import SteerConfig
@@ -270,6 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--headless", action="store_true", help="do not open a browser")
     dashboard.set_defaults(run=_dashboard)
     _add_command(commands, "steer", "steering sweeps: add / clamp / ablate SAE features over prompts", _steer)
+    imported = commands.add_parser(
+        "import-sae", help="a shared SAELens SAE (release + id) as a run that eval, analyze and the dashboard read"
+    )
+    imported.add_argument("--release", required=True, help="a SAELens release, e.g. gpt2-small-res-jb")
+    imported.add_argument("--id", required=True, dest="sae_id", help="the SAE's id in it, e.g. blocks.8.hook_resid_pre")
+    imported.add_argument("--store", required=True, help="an activation store of the SAE's model at its hook")
+    imported.add_argument("--out", required=True, help="the run folder to make (new or empty)")
+    imported.add_argument("--releases", help="a YAML file of more releases: name: {repo_id, model, saes: {id: folder}}")
+    imported.add_argument("--label", help="the SAE's name in the run (default: <release>__<id>)")
+    imported.set_defaults(run=_import_sae)
     return parser
 
 
