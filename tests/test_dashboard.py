@@ -31,9 +31,10 @@ from streamlit.testing.v1 import AppTest
 import saelab.models
 from saelab.analysis.feature_store import FeatureStore
 from saelab.browse.feature_filter import FeatureFilter, random_live_latent
+from saelab.browse.frontier import sae_frontier
 from saelab.browse.highlight import token_text, tokens_html
 from saelab.browse.live import encode_text, encode_tokens
-from saelab.browse.runs import find_runs, group_frequency_curves, read_metrics, training_curves
+from saelab.browse.runs import SAEInfo, find_runs, group_frequency_curves, read_metrics, training_curves
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.sae import load_sae
@@ -73,7 +74,15 @@ def app(runs_root, smollm2, monkeypatch):
 
 
 def charts(at: AppTest) -> list[dict]:
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    """The page's plotly figures but the run page's frontier (see `frontier_chart`)."""
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart") if not chart.proto.id.endswith("frontier")]
+
+
+def frontier_chart(at: AppTest) -> dict | None:
+    """The run page's frontier figure (its chart key is `frontier`), None when the page has none."""
+    found = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart") if chart.proto.id.endswith("frontier")]
+    assert len(found) <= 1
+    return found[0] if found else None
 
 
 def spans(fragment: str) -> list[tuple[str, str, str]]:
@@ -148,6 +157,33 @@ def test_gba_group_curves_follow_each_group_from_its_first_measurement():
         1: {"tokens": [300], "freq": [0.0], "target": [0.01]},
     }
     assert group_frequency_curves(records, "topk") == {}
+
+
+def test_frontier_groups_evaluated_saes_by_architecture_sorted_by_l0_and_names_the_rest():
+    def sae(label: str, architecture: str | None, evaluation: dict | None = None) -> SAEInfo:
+        return SAEInfo(Path("run"), label, architecture=architecture, evaluation=evaluation or {})
+
+    rows = [
+        sae("topk-k32", "topk", {"architecture": "topk", "l0": 32.0, "fvu": 0.2, "ce_loss_recovered": 0.95}),
+        sae("gba-l016", "gba"),  # trained, no eval.json
+        sae("topk-k8", "topk", {"architecture": "topk", "l0": 8.5, "fvu": 0.4, "ce_loss_recovered": 0.8}),
+        sae("tc-k16", None, {"architecture": "skip_transcoder", "l0": 16, "fvu": 0.3, "ce_loss_recovered": None}),
+        sae("batchtopk-k16", "batchtopk", {"l0": 17.25, "fvu": 0.35, "ce_loss_recovered": 0.9}),  # no architecture
+        sae("broken", "topk", {"architecture": "topk", "fvu": 0.5}),  # an eval.json without L0 cannot be placed
+    ]
+    frontier = sae_frontier(rows)
+    assert frontier.not_evaluated == ["gba-l016", "broken"]
+    assert list(frontier.by_architecture) == ["topk", "skip_transcoder", "batchtopk"]
+    topk = frontier.by_architecture["topk"]
+    assert [(p.label, p.l0, p.fvu, p.ce_loss_recovered) for p in topk] == [
+        ("topk-k8", 8.5, 0.4, 0.8),
+        ("topk-k32", 32.0, 0.2, 0.95),
+    ]
+    (transcoder,) = frontier.by_architecture["skip_transcoder"]
+    assert transcoder.is_transcoder and transcoder.ce_loss_recovered is None and transcoder.l0 == 16.0
+    assert not any(p.is_transcoder for p in topk) and frontier.has_transcoders
+    assert frontier.by_architecture["batchtopk"][0].architecture == "batchtopk"
+    assert not sae_frontier(rows[:3]).has_transcoders and sae_frontier([rows[1]]).by_architecture == {}
 
 
 def test_feature_filter_equals_brute_force():
@@ -263,7 +299,9 @@ def test_runs_page_tables_every_sae_and_overlays_the_ticked_curves(app, runs_roo
     assert [len(f["data"]) for f in charts(at)] == [1, 1, 1, 1]
     assert charts(at)[0]["data"][0]["x"] == [512, 1024, 1536]
     at.multiselect[0].set_value([]).run()
-    assert "Tick one or more SAEs" in texts(at.info) and not at.get("plotly_chart")
+    assert "Tick one or more SAEs" in texts(at.info) and not charts(at)
+    frontier = frontier_chart(at)  # the sidebar run's SAEs, both evaluated, stay on their frontier
+    assert sorted(trace["customdata"][0][0] for trace in frontier["data"]) == sorted([TOPK, TOPK, BATCHTOPK, BATCHTOPK])
 
 
 def test_feature_page_shows_the_latents_contexts_histogram_and_logit_effects(app, runs_root, smollm2, latents, latent):
@@ -690,3 +728,62 @@ def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, 
     assert len(groups) == 1
     trace = groups[0]["data"][0]
     assert trace["x"] == [4608, 5120] and trace["y"] == pytest.approx([1.5, 1.25])
+
+
+FRONTIER_CONFIG = """store: activations
+saes:
+- {architecture: topk, d_sae: 64, k: 8}
+- {architecture: batchtopk, d_sae: 64, k: 16}
+- {architecture: topk, d_sae: 64, k: 32}
+- {architecture: batchtopk, d_sae: 64, k: 4}
+"""
+
+
+def test_runs_page_plots_the_frontier_of_l0_against_fvu_and_ce_recovered(tmp_path, monkeypatch):
+    """Three evaluated SAEs of two architectures and a transcoder on the frontier, joined per architecture in
+    order of L0; the configured SAE with no eval.json is named in the caption instead."""
+    run = tmp_path / "runs" / "sweep" / "train"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(FRONTIER_CONFIG)
+    evaluations = {
+        "topk-64-k32": {"architecture": "topk", "l0": 31.75, "fvu": 0.21, "ce_loss_recovered": 0.962},
+        "batchtopk-64-k16": {"architecture": "batchtopk", "l0": 16.5, "fvu": 0.29, "ce_loss_recovered": 0.931},
+        "topk-64-k8": {"architecture": "topk", "l0": 8.0, "fvu": 0.37, "ce_loss_recovered": 0.874},
+        "skip_transcoder-64-l1c5": {
+            "architecture": "skip_transcoder",
+            "l0": 12.3,
+            "fvu": 0.18,
+            "ce_loss_recovered": 0.9,
+        },
+    }
+    for label, evaluation in evaluations.items():
+        (run / "saes" / label).mkdir(parents=True)
+        (run / "saes" / label / "eval.json").write_text(json.dumps({"sae": label, "dead_fraction": 0.0} | evaluation))
+    monkeypatch.setenv("SAELAB_RUNS", str(tmp_path / "runs"))
+
+    at = open_page()
+    frontier = frontier_chart(at)
+    assert frontier is not None
+    traces = {(trace["name"], trace["xaxis"]): trace for trace in frontier["data"]}
+    assert sorted(traces) == sorted(
+        (name, axis) for name in ("topk", "batchtopk", "skip_transcoder") for axis in ("x", "x2")
+    )
+    for (architecture, axis), trace in traces.items():
+        labels = sorted((e["l0"], label) for label, e in evaluations.items() if e["architecture"] == architecture)
+        metric = "fvu" if axis == "x" else "ce_loss_recovered"
+        assert [row[0] for row in trace["customdata"]] == [label for _, label in labels]
+        assert trace["x"] == [evaluations[label]["l0"] for _, label in labels]
+        assert trace["y"] == [evaluations[label][metric] for _, label in labels]
+        assert trace["mode"] == "lines+markers" and trace["legendgroup"] == architecture
+        assert trace["showlegend"] == (axis == "x")
+        assert trace["marker"]["symbol"] == ("diamond" if architecture == "skip_transcoder" else "circle")
+    assert traces[("topk", "x")]["x"] == [8.0, 31.75]  # sorted by L0, not by the config's order
+    assert traces[("topk", "x")]["line"]["color"] == traces[("topk", "x2")]["line"]["color"]
+    assert traces[("topk", "x")]["line"]["color"] != traces[("batchtopk", "x")]["line"]["color"]
+    assert frontier["layout"]["xaxis"]["type"] == frontier["layout"]["xaxis2"]["type"] == "log"
+    assert traces[("topk", "x")]["customdata"][0] == ["topk-64-k8", "0.3700", "87.4%"]
+    assert "%{customdata[0]}" in traces[("topk", "x")]["hovertemplate"]
+
+    caption = texts(at.caption)
+    assert "`batchtopk-64-k4`" in caption and "saelab eval" in caption and "no eval.json" in caption
+    assert "topk-64-k8`" not in caption and "transcoders" in caption and "another hook's output" in caption

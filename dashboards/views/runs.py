@@ -1,19 +1,88 @@
-"""Runs: every SAE of every run under the runs folder, and training curves of the ones ticked."""
+"""Runs: every SAE of every run under the runs folder, the sidebar run's SAEs on the L0–FVU and L0–CE-recovered
+frontier, and training curves of the ones ticked."""
 
 from __future__ import annotations
 
 import plotly.graph_objects as go
 import streamlit as st
 import ui
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
-from saelab.browse.runs import group_frequency_curves, read_metrics, training_curves
+from saelab.browse.frontier import Frontier, sae_frontier
+from saelab.browse.runs import RunInfo, group_frequency_curves, read_metrics, training_curves
+
+CURVES = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
+FRONTIER_METRICS = {  # the y of each panel of the frontier plot, and its title
+    "fvu": "L0 against FVU (lower is better)",
+    "ce_loss_recovered": "L0 against CE loss recovered (higher is better)",
+}
+FRONTIER_HOVER = (
+    "<b>%{customdata[0]}</b><br>L0 %{x:.1f}<br>FVU %{customdata[1]}<br>CE loss recovered %{customdata[2]}"
+    "<extra>%{fullData.name}</extra>"
+)
 
 
 def _percent(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * fraction
 
 
-CURVES = {"loss": "loss", "fvu": "FVU", "l0": "L0", "dead_fraction": "dead fraction"}
+def _shown(value: float | None, format_spec: str) -> str:
+    return "—" if value is None else format(value, format_spec)
+
+
+def frontier_section(run: RunInfo) -> None:
+    """The frontier plot of `run`'s SAEs, with a caption naming those left out and saying what ◆ means."""
+    if not run.saes:
+        return
+    st.subheader(f"Sparsity against fidelity: `{run.name}`")
+    frontier = sae_frontier(run.saes)
+    notes = [
+        "One marker per SAE from its eval.json (held-out text); SAEs of one architecture are joined in order "
+        "of L0. Left is sparser; down is better for FVU, up for CE loss recovered."
+    ]
+    if frontier.not_evaluated:
+        left_out = ", ".join(f"`{label}`" for label in frontier.not_evaluated)
+        notes.append(f"Not plotted, no eval.json yet: {left_out}; `saelab eval run={run.path}` measures them.")
+    if frontier.has_transcoders:
+        notes.append(
+            "◆ marks transcoders: they reconstruct another hook's output, not this hook's input, so their FVU "
+            "and CE loss recovered are not the same task as an SAE's (●)."
+        )
+    if not frontier.by_architecture:
+        st.info(" ".join(notes[1:]))
+        return
+    st.plotly_chart(frontier_figure(frontier), key="frontier")
+    st.caption(" ".join(notes))
+
+
+def frontier_figure(frontier: Frontier) -> go.Figure:
+    """L0 (log) against FVU and against CE loss recovered, one trace per architecture and panel; the two
+    traces of an architecture share colour and legend entry, so a legend click hides it in both panels."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=list(FRONTIER_METRICS.values()), horizontal_spacing=0.08)
+    for i, (architecture, points) in enumerate(frontier.by_architecture.items()):
+        for col, metric in enumerate(FRONTIER_METRICS, start=1):
+            placed = [p for p in points if getattr(p, metric) is not None]  # a None would break the line
+            trace = go.Scatter(
+                x=[p.l0 for p in placed],
+                y=[getattr(p, metric) for p in placed],
+                mode="lines+markers",
+                name=architecture,
+                legendgroup=architecture,
+                showlegend=col == 1,
+                line={"color": qualitative.Plotly[i % len(qualitative.Plotly)]},
+                marker={"size": 10, "symbol": "diamond" if points[0].is_transcoder else "circle"},
+                customdata=[[p.label, _shown(p.fvu, ".4f"), _shown(p.ce_loss_recovered, ".1%")] for p in placed],
+                hovertemplate=FRONTIER_HOVER,
+            )
+            figure.add_trace(trace, row=1, col=col)
+    figure.update_xaxes(type="log", title_text="L0 (latents active per token)", tickformat="~g")
+    figure.update_yaxes(title_text="FVU", row=1, col=1)
+    figure.update_yaxes(title_text="CE loss recovered", tickformat=".0%", row=1, col=2)
+    figure.update_layout(height=400, **ui.CHART_LAYOUT, legend={"orientation": "h", "y": -0.25})
+    figure.update_layout(margin={"t": 60})  # room for the panel titles
+    return figure
+
 
 sel = ui.selection()
 st.title("Runs")
@@ -88,6 +157,9 @@ for run in sel.runs:
         st.warning(f"`{run.name}`: cannot read {problem}")
     if not run.saes:
         st.info(f"`{run.name}` names no SAE yet.")
+
+if sel.run:
+    frontier_section(sel.run)
 
 st.subheader("Training curves")
 choices = [f"{run.name} / {sae.label}" for run in sel.runs for sae in run.saes]

@@ -34,7 +34,7 @@ from saelab.run_layout import (
     SAE_DIR,
     SUMMARY_FILE,
 )
-from saelab.sae.config import SAEConfig
+from saelab.sae.config import PENALISED, SAEConfig
 from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
 from saelab.train.config import TrainConfig
 
@@ -56,6 +56,7 @@ class SAEInfo:
     d_sae: int | None = None
     k: int | None = None  # TopK-style selection only
     target_l0: float | None = None  # GBA only
+    penalty: str | None = None  # penalised SAEs: "L1 coefficient 5", "L0 coefficient 3"
     model: str | None = None
     hook: str | None = None
     tokens: int | None = None  # tokens trained on
@@ -64,6 +65,7 @@ class SAEInfo:
     dead_fraction: float | None = None
     ce_loss_recovered: float | None = None
     metrics_from: str = "nothing yet"
+    evaluation: dict[str, Any] = field(default_factory=dict)  # `saelab eval`'s eval.json, whole ({} when none)
     probing: dict[str, float] = field(default_factory=dict)  # `saelab probe`'s mean accuracies: dense, k1, k5…
     absorption_rate: float | None = None  # `saelab probe`'s mean first-letter absorption rate
     autointerp: dict[str, Any] = field(default_factory=dict)  # `saelab explain`'s autointerp.json
@@ -86,9 +88,12 @@ class SAEInfo:
 
     @property
     def sparsity(self) -> str:
-        """`k 32` for TopK-style selection, `L0 target 32` for GBA, else empty."""
+        """`k 32` for TopK-style selection, `L0 target 32` for GBA, `L1 coefficient 5` for a penalised SAE,
+        else empty."""
         if self.architecture == "gba":
             return f"L0 target {self.target_l0:g}" if self.target_l0 is not None else "per-group targets"
+        if self.penalty:
+            return self.penalty
         return f"k {self.k}" if self.k is not None else ""
 
 
@@ -223,6 +228,7 @@ def _read_sae(
     if configured is not None:
         info.architecture, info.d_sae, info.target_l0 = configured.architecture, configured.d_sae, configured.target_l0
         info.k = configured.k
+        info.penalty = _penalty(configured.architecture, vars(configured))
     folder = run.path / SAE_DIR / label
     cfg = _attempt(run, lambda: _read_json(folder / CFG_FILE), f"{SAE_DIR}/{label}/{CFG_FILE}")
     if cfg:
@@ -232,9 +238,10 @@ def _read_sae(
         info.d_sae = cfg.get("d_sae", info.d_sae)
         info.k = saelab_cfg.get("k", cfg.get("k"))
         info.target_l0 = saelab_cfg.get("target_l0", info.target_l0)
+        info.penalty = _penalty(info.architecture, saelab_cfg) if saelab_cfg else info.penalty
         info.model = metadata.get("model_name") or cfg.get("model_name") or None
         info.hook = metadata.get("hook_name") or cfg.get("hook_name") or None
-    if info.architecture == "gba":
+    if info.architecture == "gba" or info.penalty:
         info.k = None
     hooks = store.get("hooks") or []
     info.model = info.model or store.get("model")
@@ -248,6 +255,7 @@ def _read_sae(
             info.metrics_from = source
     evaluation = _attempt(run, lambda: _read_json(folder / EVAL_FILE), f"{SAE_DIR}/{label}/{EVAL_FILE}")
     if evaluation:
+        info.evaluation = evaluation
         info.fvu, info.l0 = evaluation.get("fvu"), evaluation.get("l0")
         info.dead_fraction = evaluation.get("dead_fraction")
         info.ce_loss_recovered = evaluation.get("ce_loss_recovered")
@@ -276,6 +284,15 @@ def _store_manifest(run: Path, store: str) -> dict[str, Any]:
         if manifest is not None:
             return manifest
     return {}
+
+
+def _penalty(architecture: str | None, fields: dict[str, Any]) -> str | None:
+    """The coefficient that sets a penalised SAE's sparsity, in words; None for the others."""
+    if architecture == "jumprelu":
+        return f"L0 coefficient {fields.get('l0_coefficient', SAEConfig.l0_coefficient):g}"
+    if architecture in PENALISED:
+        return f"L1 coefficient {fields.get('l1_coefficient', SAEConfig.l1_coefficient):g}"
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
