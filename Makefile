@@ -32,12 +32,14 @@ demo: $(STAMP)
 # The dashboard's browser test needs Chromium; where apt cannot install it, that one test is skipped and says why.
 CHROMIUM := $(shell command -v chromium 2>/dev/null)
 
-test: $(STAMP)
+test: $(STAMP) bench-env
 ifeq ($(CHROMIUM),)
 	-(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: the browser test will be skipped"
 endif
 	$(VENV)/bin/ruff check saelab tests benchmarks dashboards tools
 	$(PY) -m pytest -q
+	# Round trips with the real sae-lens, which lives in the peers' environment (not a saelab dependency).
+	$(BENCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_saelens_interop.py
 
 # benchmarks/kernels.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.
 BENCH_VENV ?= .venv-bench
@@ -48,7 +50,7 @@ bench-env: $(BENCH_VENV)/.peers-installed
 $(BENCH_VENV)/.peers-installed: Makefile
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) pytest "$(TORCH_SPEC)"
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.kernels import AboveThreshold, BatchTopK, RowTopK, sparse_decode, sparse_encode, sparse_ops
+from saelab.kernels import AboveThreshold, BatchTopK, RowTopK, selection, sparse_decode, sparse_encode, sparse_ops
 from saelab.kernels import reference as ref
 from saelab.kernels.backend import triton_available
 from saelab.kernels.selection import GROUP, row_topk
@@ -97,6 +97,45 @@ def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dt
     for got, want in checks:
         assert got.dtype == dtype and got.shape == want.shape
         assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_rows_are_multiplied_densely_and_equal_their_dense_definitions(dtype):
+    """Rows that hold every latent in order (what a mostly-passing selection returns) take the dense path."""
+    gen = torch.Generator().manual_seed(4)
+    batch, d, n = 13, 7, 29
+    indices = sparse_ops.full_rows(batch, n, torch.device("cpu"))
+    assert sparse_ops.is_full(indices, n) and not sparse_ops.is_full(indices.contiguous(), n)
+    values, left = torch.randn(batch, n, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    dense_n, dense_b = torch.randn(n, d, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    checks = [
+        (sparse_ops.rows_matmul(indices, values, dense_n), ref.rows_matmul(indices, values, dense_n)),
+        (
+            sparse_ops.rows_transpose_matmul(indices, values, dense_b, n),
+            ref.rows_transpose_matmul(indices, values, dense_b, n),
+        ),
+        (sparse_ops.sampled_dot(indices, left, dense_n), ref.sampled_dot(indices, left, dense_n)),
+        (sparse_ops.latent_sums(indices, values, n), values.sum(0)),
+        (sparse_ops.gather_latents(dense_n[:, 0], indices), dense_n[:, 0][indices]),
+    ]
+    for got, want in checks:
+        assert got.dtype == dtype and got.shape == want.shape
+        assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tile", [None, 10])
+def test_a_mostly_passing_threshold_rule_returns_full_rows_equal_to_its_sparse_result(tile, monkeypatch):
+    u = torch.randn(21, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    results = {}
+    for fraction in (1.0, 0.0):  # never dense, always dense
+        monkeypatch.setattr(selection, "DENSE_FRACTION", fraction)
+        rule = AboveThreshold(-0.3)
+        for start in range(0, 40, tile or 40):
+            rule.update(u[:, start : start + (tile or 40)], start)
+        results[fraction] = rule.result()
+    assert sparse_ops.is_full(results[0.0].indices, 40) and not sparse_ops.is_full(results[1.0].indices, 40)
+    for got in results.values():
+        torch.testing.assert_close(ref.dense_rows(got.indices, got.pre_activations * got.valid, 40), u * (u > -0.3))
 
 
 def test_gradient_score_hook_selects_by_score_and_passes_u_on():

@@ -15,8 +15,10 @@ from saelab.sae import (
     GBASAE,
     BatchTopKSAE,
     GradientTopKSAE,
+    JumpReLUSAE,
     SAEConfig,
     SparseAutoencoder,
+    StandardSAE,
     TopKSAE,
     build_sae,
     load_sae,
@@ -26,6 +28,15 @@ from saelab.sae.topk import THRESHOLD_DECAY
 
 D_IN, D_SAE, K = 16, 64, 4
 ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu", "topk-layer_norm", "batchtopk-scaled", "gba-scaled"]
+FAMILY = [
+    "standard",
+    "standard-layer_norm",
+    "jumprelu",
+    "gated",
+    "matryoshka_batchtopk",
+    "transcoder",
+    "skip_transcoder",
+]
 
 
 def rng(seed: int) -> torch.Generator:
@@ -485,6 +496,14 @@ def trained_looking(architecture: str) -> SparseAutoencoder:
         sae.threshold.fill_(0.3)
     if isinstance(sae, GBASAE):
         sae.observe(randn(50, D_SAE, seed=3))
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            if name in ("threshold", "r_mag", "b_mag", "W_skip"):  # the family's own parameters, non-trivial
+                parameter.copy_(
+                    0.2 * torch.rand(parameter.shape, generator=rng(7)) + (0.1 if name == "threshold" else -0.1)
+                )
+        if hasattr(sae, "target_scale"):
+            sae.target_scale.fill_(2.3)
     return sae
 
 
@@ -509,7 +528,7 @@ def sae_lens_forward(
     return z, (z @ weights["W_dec"] + weights["b_dec"]) * std + mu
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES + FAMILY)
 def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
     sae = trained_looking(architecture).eval()
     save_sae(sae, tmp_path / "sae")
@@ -656,7 +675,7 @@ def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_wi
     torch.testing.assert_close(loaded(x).reconstruction, sae(x).reconstruction)
 
 
-@pytest.mark.parametrize("architecture, cls", [("standard", GBASAE), ("jumprelu", BatchTopKSAE)])
+@pytest.mark.parametrize("architecture, cls", [("standard", StandardSAE), ("jumprelu", JumpReLUSAE)])
 def test_relu_and_jumprelu_saes_written_by_saelens_load(tmp_path, architecture, cls):
     weights = write_sae_lens_folder(tmp_path / "sae", architecture, seed=1)
     sae = load_sae(tmp_path / "sae")
@@ -713,7 +732,7 @@ def corrupt(folder: Path, how: str) -> Path:
     if how == "unknown architecture":
         cfg = json.loads(cfg_path.read_text())
         del cfg["metadata"]["saelab_config"]
-        cfg["architecture"] = "gated"
+        cfg["architecture"] = "matching_pursuit"
         cfg_path.write_text(json.dumps(cfg))
         return cfg_path
     if how == "bad saelab config":

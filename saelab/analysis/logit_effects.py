@@ -36,8 +36,9 @@ class LogitEffects:
 
 
 def decoder_directions(sae: SparseAutoencoder) -> torch.Tensor:
-    """Each latent's decoder direction in model units, `W_dec / s`: `[d_sae, d_in]`."""
-    return (sae.W_dec / sae.input_scale).detach().float()
+    """Each latent's decoder direction in model units, `W_dec / s`: `[d_sae, d_out]` float32 (a transcoder's
+    are in its output hook's units; they add to the residual stream all the same)."""
+    return sae.decoder_directions().float()
 
 
 def final_norm_weight(model: Any) -> tuple[torch.Tensor, bool]:

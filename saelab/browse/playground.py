@@ -123,7 +123,7 @@ def compare_steering(
     own_hook = sae.cfg.hook_name
     if not own_hook:
         raise SaelabError(f"{sae.cfg.label} does not record the hook it was trained on")
-    hook = hook or own_hook
+    hook = hook or sae.cfg.hook_name_out or own_hook  # a transcoder's direction lives at its output hook
     if positions not in POSITIONS:
         raise SaelabError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:

@@ -18,6 +18,11 @@ Gradient-aware SAEs (g-SAE) select latents with g = ∂L/∂x, which the clean p
 (`saelab.models.gradients`, one backward per batch, the harvest's definition of L): each such SAE
 gets a second spliced pass whose reconstruction of row r is made with g_r (`gradient_reconstructions`).
 
+A transcoder replaces one hook (an MLP's output) with a prediction from another hook of the same pass
+(what enters the MLP): `Transcoding(reads, predict)` in place of a reconstruction; the spliced pass
+then records the rows at `reads` and replaces `hook` with predict(those rows), and L_zero ablates `hook`
+(the MLP's output), so CE loss recovered is the transcoder's as a replacement MLP.
+
 Position 0 is left as the model computed it in all three passes: it is the BOS token, an attention
 sink whose residual norm is ~100× the others', and the activation store never holds it, so the SAE
 never saw one. Every position's prediction is averaged, as in SAELens; the prediction made at
@@ -67,6 +72,16 @@ def next_token_kl_sum(clean_log_probs: torch.Tensor, logits: torch.Tensor) -> to
     return F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="sum")
 
 
+@dataclass
+class Transcoding:
+    """A splice whose replacement of `hook`'s rows is predicted from `reads`'s rows of the same pass.
+
+    predict(inputs: [n, d_in] at `reads`, target: [n, d_out] at the hook, what is replaced) → [n, d_out]."""
+
+    reads: str
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def zero_ablation(x: torch.Tensor) -> torch.Tensor:
     """The "reconstruction" that gives L_zero: x: [n, d] → zeros."""
     return torch.zeros_like(x)
@@ -83,7 +98,7 @@ def spliced_logits(
     model: TransformerBridge,
     tokens: torch.Tensor,
     hook: str,
-    reconstruct: SparseAutoencoder | Reconstruct | None,
+    reconstruct: SparseAutoencoder | Reconstruct | Transcoding | None,
     first_position: int = FIRST_POSITION,
     upper: UpperLayers | None = None,
 ) -> torch.Tensor:
@@ -94,16 +109,32 @@ def spliced_logits(
     forward = upper if upper is not None else (lambda: model(tokens))
     if reconstruct is None:
         return forward()
-    reconstruct = as_reconstruct(reconstruct)
+    if isinstance(reconstruct, Transcoding):
+        record, rows_of = _transcoding_hooks(reconstruct, first_position)
+        hooks = [(reconstruct.reads, record)]
+    else:
+        hooks, rows_of = [], as_reconstruct(reconstruct)
 
     def replace(x: torch.Tensor, hook: Any) -> torch.Tensor:
         tail = x[:, first_position:]
         patched = x.clone()
-        patched[:, first_position:] = reconstruct(tail.reshape(-1, x.shape[-1])).reshape(tail.shape).to(x.dtype)
+        patched[:, first_position:] = rows_of(tail.reshape(-1, x.shape[-1])).reshape(tail.shape).to(x.dtype)
         return patched
 
-    with model.hooks(fwd_hooks=[(hook, replace)]):
+    with model.hooks(fwd_hooks=[*hooks, (hook, replace)]):
         return forward()
+
+
+def _transcoding_hooks(transcoding: Transcoding, first_position: int) -> tuple[Callable, Reconstruct]:
+    """A hook that records the rows at `transcoding.reads` in a pass, and target rows → their prediction
+    from what it recorded (the hook it reads fires first in the pass)."""
+    read: dict[str, torch.Tensor] = {}
+
+    def record(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        read["rows"] = x[:, first_position:].reshape(-1, x.shape[-1])
+        return x
+
+    return record, lambda target: transcoding.predict(read["rows"], target)
 
 
 def spliced_loss_sum(
@@ -161,15 +192,18 @@ class CELossAccumulator:
         self,
         model: TransformerBridge,
         hook: str,
-        reconstructions: Mapping[str, SparseAutoencoder | Reconstruct],
+        reconstructions: Mapping[str, SparseAutoencoder | Reconstruct | Transcoding],
         first_position: int = FIRST_POSITION,
         gradient_reconstructions: Mapping[str, GradientReconstruct] | None = None,
         resume: bool = True,
     ) -> None:
         self.model, self.hook, self.first_position = model, hook, first_position
-        self.upper = _upper_layers(model, hook) if resume else None
+        read = [r.reads for r in reconstructions.values() if isinstance(r, Transcoding)]
+        self.upper = _upper_layers(model, [hook, *read]) if resume else None
         self._upper_checked = False
-        self.reconstructions = {label: as_reconstruct(r) for label, r in reconstructions.items()}
+        self.reconstructions = {
+            label: r if isinstance(r, Transcoding) else as_reconstruct(r) for label, r in reconstructions.items()
+        }
         self.gradient_reconstructions = dict(gradient_reconstructions or {})
         labels = [*self.reconstructions, *self.gradient_reconstructions, "zero"]
         self.clean_sum = 0.0
@@ -226,12 +260,13 @@ class CELossAccumulator:
         return CELossResult(self.clean_sum / n, zero, losses, n, kl)
 
 
-def _upper_layers(model: TransformerBridge, hook: str) -> UpperLayers | None:
-    """The blocks from `hook`'s on, for a hook inside a block (`blocks.<layer>.<kind>`); else None: full passes."""
+def _upper_layers(model: TransformerBridge, hooks: list[str]) -> UpperLayers | None:
+    """The blocks from the first of `hooks`'s on, for hooks inside blocks (`blocks.<layer>.<kind>`); else
+    None: full passes."""
     if not has_block_stack(model):
         return None
     try:
-        return UpperLayers(model, parse_hook(hook, len(model.blocks)).layer)
+        return UpperLayers(model, min(parse_hook(hook, len(model.blocks)).layer for hook in hooks))
     except SaelabError:
         return None
 

@@ -8,7 +8,9 @@ next ones are evaluated: text that no SAE of the run was trained on. (A harvest 
 skipped up to the contexts it plans to store.)
 
 One pass per batch of contexts: the model runs clean, with the hook zero-ablated, and once per
-SAE with the hook's activation at positions ≥ 1 replaced by the SAE's reconstruction; inside that
+SAE with the hook's activation at positions ≥ 1 replaced by the SAE's reconstruction (SAEs of several
+hooks: clean and zero-ablated passes per hook; a transcoder replaces the hook it predicts, its
+`hook_name_out`, by its prediction from the hook it reads in the same pass, and L_zero ablates that); inside that
 last pass the SAE's input, reconstruction and latents also feed its `MetricsAccumulator`, so the
 activation metrics are computed on exactly the tokens the losses are. Only the clean pass runs the
 blocks below the hook's; the others resume from the hook's block (`saelab.eval.ce_loss`).
@@ -39,7 +41,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from saelab.atomic import atomic_write_json
 from saelab.config import config_from_dict
 from saelab.errors import SaelabError
-from saelab.eval.ce_loss import CELossAccumulator
+from saelab.eval.ce_loss import CELossAccumulator, Transcoding
 from saelab.eval.config import EvalConfig
 from saelab.eval.metrics import MetricsAccumulator
 from saelab.harvest.config import CorpusConfig
@@ -50,7 +52,7 @@ from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
 from saelab.run_layout import EVAL_FILE, METRICS_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
-from saelab.train.config import TrainConfig
+from saelab.sae.config import TRANSCODERS
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
 
 
@@ -68,34 +70,45 @@ def evaluate(
         model = model if model is not None else load_model(manifest.model, resolve_device(cfg.device))
         device = next(model.parameters()).device
         saes = {label: load_sae(run / SAE_DIR / label, device) for label in labels}
-        hook = _common_hook(saes, train_cfg, store)
+        reads = {label: sae_hook(sae, train_cfg, store) for label, sae in saes.items()}
+        spliced = {label: sae.cfg.hook_name_out or reads[label] for label, sae in saes.items()}
         first_context = max(manifest.n_contexts, manifest.n_contexts_planned)
         first = manifest.first_position  # earlier positions (the BOS, sinks) were never stored nor trained on
         n_contexts = math.ceil(cfg.n_tokens / (manifest.context_size - first))
         contexts = held_out_contexts(store, model.tokenizer, n_contexts)
 
-        metrics = {label: MetricsAccumulator(sae.cfg.d_in, sae.cfg.d_sae, device) for label, sae in saes.items()}
+        metrics = {
+            label: MetricsAccumulator(sae.cfg.output_width, sae.cfg.d_sae, device) for label, sae in saes.items()
+        }
         gradient_aware = {label: _GradientSelection(sae, device) for label, sae in saes.items() if _uses_gradient(sae)}
-        losses = CELossAccumulator(
-            model,
-            hook,
-            {label: _measured(sae, metrics[label]) for label, sae in saes.items()},
-            first,
-            {label + WITH_GRADIENT: selection.reconstruct for label, selection in gradient_aware.items()},
-        )
+        losses = {  # one set of clean and zero-ablated passes per hook that is spliced
+            hook: CELossAccumulator(
+                model,
+                hook,
+                {label: _splice(saes[label], metrics[label], reads[label]) for label in saes if spliced[label] == hook},
+                first,
+                {
+                    label + WITH_GRADIENT: gradient_aware[label].reconstruct
+                    for label in gradient_aware
+                    if spliced[label] == hook
+                },
+            )
+            for hook in dict.fromkeys(spliced.values())
+        }
         tokens_per_context = manifest.context_size - first
         bar = tqdm(
             total=len(contexts) * tokens_per_context,
             unit="tok",
             unit_scale=True,
-            desc=f"eval {len(saes)} SAE(s) at {hook}",
+            desc=f"eval {len(saes)} SAE(s) at {', '.join(losses)}",
             disable=not progress,
         )
         with bar:
             for batch in contexts.split(cfg.batch_size):
-                losses.update(batch.to(device))
+                for accumulator in losses.values():
+                    accumulator.update(batch.to(device))
                 bar.update(len(batch) * tokens_per_context)
-        ce = losses.result()
+        ce = {hook: accumulator.result() for hook, accumulator in losses.items()}
 
         step = train_cfg.n_steps
         held_out = {
@@ -109,19 +122,21 @@ def evaluate(
         }
         results = {}
         for label, sae in saes.items():
+            hook = spliced[label]
             results[label] = {
                 "sae": label,
                 "architecture": sae.cfg.architecture,
                 "d_sae": sae.cfg.d_sae,
                 "model": manifest.model,
                 "hook": hook,
+                **({"hook_in": reads[label]} if hook != reads[label] else {}),
                 "step": step,
                 "held_out": held_out,
                 **metrics[label].result(),
-                **ce.summary(label),
+                **ce[hook].summary(label),
             }
             if label in gradient_aware:
-                results[label] |= gradient_aware[label].result() | ce.summary(label, WITH_GRADIENT)
+                results[label] |= gradient_aware[label].result() | ce[hook].summary(label, WITH_GRADIENT)
             atomic_write_json(run / SAE_DIR / label / EVAL_FILE, results[label])
         _append_metrics(run, step, results)
     return results
@@ -155,15 +170,23 @@ def held_out_contexts(store: ActivationStore, tokenizer: Any, n_contexts: int) -
     return torch.tensor(contexts, dtype=torch.long)
 
 
-def _measured(sae: SparseAutoencoder, metrics: MetricsAccumulator) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x → x̂ through `sae`, feeding x, x̂ and the latents to `metrics` on the way."""
+def _splice(
+    sae: SparseAutoencoder, metrics: MetricsAccumulator, reads: str
+) -> Callable[[torch.Tensor], torch.Tensor] | Transcoding:
+    """`sae` spliced in, feeding what it reconstructs, its reconstruction and its latents to `metrics` on the
+    way: x → x̂ at its hook, or, for a transcoder, the rows at `reads` → its prediction of its target's."""
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         out = sae(x)
         metrics.update(x, out.reconstruction, out.latents)
         return out.reconstruction
 
-    return reconstruct
+    def predict(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = sae(inputs)
+        metrics.update(target, out.reconstruction, out.latents)
+        return out.reconstruction
+
+    return Transcoding(reads, predict) if sae.cfg.architecture in TRANSCODERS else reconstruct
 
 
 WITH_GRADIENT = "_with_gradient"
@@ -196,15 +219,6 @@ class _GradientSelection:
         measured = self.metrics.result()
         found = {f"{key}{WITH_GRADIENT}": measured[key] for key in _GRADIENT_METRICS}
         return found | {"selections_changed": self.changed / max(self.fired, 1)}
-
-
-def _common_hook(saes: dict[str, SparseAutoencoder], train_cfg: TrainConfig, store: ActivationStore) -> str:
-    """The one hook every SAE reads (see `sae_hook`): SAEs of several hooks cannot share the passes."""
-    hooks = {label: sae_hook(sae, train_cfg, store) for label, sae in saes.items()}
-    if len(set(hooks.values())) != 1:
-        described = ", ".join(f"{label}: {hook}" for label, hook in hooks.items())
-        raise SaelabError(f"the SAEs must read one hook to be evaluated together ({described}); name some in `saes`")
-    return next(iter(hooks.values()))
 
 
 def _append_metrics(run: Path, step: int, results: dict[str, dict[str, Any]]) -> None:

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 
 from saelab.kernels.selection import Selected
-from saelab.kernels.sparse_ops import rows_matmul, rows_transpose_matmul, sampled_dot
+from saelab.kernels.sparse_ops import latent_sums, rows_matmul, rows_transpose_matmul, sampled_dot
 
 # observe(u_tile: [batch, T], start): sees every tile of pre-activations (GBA's firing statistics).
 TileObserver = Callable[[torch.Tensor, int], None]
@@ -65,6 +65,7 @@ class Encoded:
 
     indices: list[torch.Tensor]
     values: list[torch.Tensor]  # differentiable w.r.t. x, W_enc, b_enc, b_dec; 0 at padded slots
+    valid: list[torch.Tensor | None]  # [batch, k_rule] bool where a rule pads its rows; None: every slot is real
 
 
 def sparse_encode(
@@ -86,8 +87,12 @@ def sparse_encode(
         centered = x - b_dec
         _scan(centered, W_enc, b_enc, rules, tile, matmul_dtype, observe, workspace)
         selected = [rule.result() for rule in rules]
-        indices = torch.cat([s.indices for s in selected], dim=-1)
-        pre = torch.cat([s.pre_activations for s in selected], dim=-1).to(W_enc.dtype)
+        # one rule: its own tensors (a cat would copy a `full_rows` view, which the products take as dense)
+        indices, pre = selected[0].indices, selected[0].pre_activations
+        if len(rules) > 1:
+            indices = torch.cat([s.indices for s in selected], dim=-1)
+            pre = torch.cat([s.pre_activations for s in selected], dim=-1)
+        pre = pre.to(W_enc.dtype)
         if matmul_dtype is not None and matmul_dtype != W_enc.dtype:
             pre = sampled_dot(indices, centered, W_enc.T) + b_enc[indices]
         valid = _valid_mask(selected)
@@ -95,7 +100,7 @@ def sparse_encode(
             pre = pre * valid
     values = _GatheredPreactivations.apply(x, W_enc, b_enc, b_dec, indices, pre, valid, centered)
     widths = [s.indices.shape[-1] for s in selected]
-    return Encoded([s.indices for s in selected], list(values.split(widths, dim=-1)))
+    return Encoded([s.indices for s in selected], list(values.split(widths, dim=-1)), [s.valid for s in selected])
 
 
 def _scan(
@@ -147,7 +152,7 @@ class _GatheredPreactivations(torch.autograd.Function):
             grad = grad * valid
         n = W_enc.shape[1]
         grad = grad.to(W_enc.dtype)
-        per_latent = W_enc.new_zeros(n).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        per_latent = latent_sums(indices, grad, n)
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[0]:
             grad_x = rows_matmul(indices, grad, W_enc.T.contiguous())

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 
 import torch
 
+from saelab.kernels.sparse_ops import full_rows
+
 # score(u_tile: [batch, T], start) -> [batch, T]: larger is kept first.
 ScoreHook = Callable[[torch.Tensor, int], torch.Tensor]
 GROUP = 16  # latents per group in row_topk's first pass
+# AboveThreshold keeps a tile dense when more than this fraction of its pairs pass (the class docstring).
+DENSE_FRACTION = 1 / 8
 
 
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,23 +112,50 @@ class BatchTopK:
 
 
 class AboveThreshold:
-    """Every (token, latent) with u > θ; θ is a number or a per-latent tensor [n]."""
+    """Every (token, latent) with u > θ; θ is a number or a per-latent tensor [n].
+
+    A tile in which more than DENSE_FRACTION of the pairs pass is kept dense; if any tile is, the result
+    is dense too: `full_rows` indices (every latent of every token), u where it passes and 0 elsewhere,
+    and `valid` the pass mask. Early in training a ReLU SAE keeps about half its latents, and padded
+    rows that wide cost several times the dense product; the sparse products take full rows as dense.
+    """
 
     def __init__(self, threshold: float | torch.Tensor = 0.0) -> None:
         self.threshold = threshold
-        self._found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row, latent, u) triples
+        self._dense: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (start, u masked, mask) of dense tiles
+        self._n = 0
 
     def update(self, pre: torch.Tensor, start: int) -> None:
         threshold = self.threshold
         if isinstance(threshold, torch.Tensor):
             threshold = threshold[start : start + pre.shape[1]]
-        rows, latents = (pre > threshold).nonzero(as_tuple=True)
+        passed = pre > threshold
+        self._batch, self._n = pre.shape[0], max(self._n, start + pre.shape[1])
+        if int(passed.sum()) > DENSE_FRACTION * passed.numel():
+            self._dense.append((start, torch.where(passed, pre, 0), passed))
+            return
+        rows, latents = passed.nonzero(as_tuple=True)
         self._found.append((rows, latents + start, pre[rows, latents]))
-        self._batch = pre.shape[0]
 
     def result(self) -> Selected:
+        if self._dense:
+            return self._dense_result()
         rows, latents, values = (torch.cat(parts) for parts in zip(*self._found, strict=True))
         return padded_rows(rows, latents, values, self._batch)
+
+    def _dense_result(self) -> Selected:
+        start, values, passed = self._dense[0]
+        if values.shape[1] == self._n:  # one tile of every latent: it is the result
+            return Selected(full_rows(self._batch, self._n, values.device), values, passed)
+        pre = values.new_zeros(self._batch, self._n)
+        valid = torch.zeros(self._batch, self._n, dtype=torch.bool, device=values.device)
+        for start, values, passed in self._dense:
+            pre[:, start : start + values.shape[1]] = values
+            valid[:, start : start + values.shape[1]] = passed
+        for rows, latents, values in self._found:
+            pre[rows, latents], valid[rows, latents] = values, True
+        return Selected(full_rows(self._batch, self._n, pre.device), pre, valid)
 
 
 def padded_rows(rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, batch: int) -> Selected:

@@ -10,6 +10,10 @@ in a space of n latents (duplicate indices add up). With `dense` a matrix:
 Each costs batch·k·d multiply-adds instead of the batch·n·d of the dense product. On CUDA with
 Triton they run as Triton kernels (`triton_ops.py`); elsewhere as torch's sparse CSR products (MKL
 on x86), which never materialise a [batch, k, d] tensor. `reference.py` holds the dense definitions.
+
+Rows that hold every latent in order (`full_rows`: what a selection returns when most pairs are kept,
+as a ReLU SAE's early in training) are a dense matrix, and each product is then one dense matmul:
+sparse formats cost more than the dense product at such densities.
 """
 
 from __future__ import annotations
@@ -25,8 +29,34 @@ from saelab.kernels.backend import use_triton
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+def full_rows(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    """indices [batch, n] whose every row is 0, 1, …, n − 1 (a view: no batch·n memory)."""
+    return torch.arange(n, device=device).expand(batch, n)
+
+
+def is_full(indices: torch.Tensor, n: int) -> bool:
+    """Whether `indices` are `full_rows` of n latents, so that the sparse rows are a dense [batch, n] matrix."""
+    return indices.shape[-1] == n and indices.stride() == (0, 1) and int(indices[0, -1]) == n - 1
+
+
+def gather_latents(per_latent: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """per_latent[indices]: a per-latent quantity [n] at the kept slots [batch, k] (full rows: a view)."""
+    if is_full(indices, per_latent.shape[0]):
+        return per_latent.expand(indices.shape)
+    return per_latent[indices]
+
+
+def latent_sums(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j], [n]."""
+    if is_full(indices, n):
+        return values.sum(0)
+    return values.new_zeros(n).index_add_(0, indices.reshape(-1), values.reshape(-1))
+
+
 def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_j values[b, j] · dense[indices[b, j]]; dense: [n, d] → [batch, d]."""
+    if is_full(indices, dense.shape[0]):
+        return values.to(dense.dtype) @ dense
     if use_triton(dense):
         from saelab.kernels import triton_ops
 
@@ -36,6 +66,8 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
 
 def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
     """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]; dense: [batch, d] → [n, d]."""
+    if is_full(indices, n):
+        return values.to(dense.dtype).T @ dense
     if use_triton(dense):
         from saelab.kernels import triton_ops
 
@@ -47,6 +79,8 @@ def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: to
 
 def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """out[b, j] = left[b] · dense[indices[b, j]]; left: [batch, d], dense: [n, d] → [batch, k]."""
+    if is_full(indices, dense.shape[0]):
+        return left @ dense.T
     if use_triton(dense):
         from saelab.kernels import triton_ops
 

@@ -1,9 +1,10 @@
 """The shared base of every SAE variant: pre-activations → selection → decode.
 
-A variant overrides only `select` (which latents fire, with which values) and, for GBA, how its
-encoder bias moves. Inputs are in the model's units; inside, each token x is mapped into the SAE's
-space by a `TokenNorm`, x' = (x − μ)·c, and the reconstruction is mapped back, so callers never see
-the normalised space:
+A variant overrides only `select` (which latents fire, with which values) and what else differs:
+GBA how its encoder bias moves, the penalised variants their `penalty`, transcoders the space they
+decode into (`output_norm`, `input_bias`, `skip`). Inputs are in the model's units; inside, each
+token x is mapped into the SAE's space by a `TokenNorm`, x' = (x − μ)·c, and the reconstruction is
+mapped back, so callers never see the normalised space:
 
     input_norm none:        μ = 0,           c = s = `input_scale` (set by the trainer so that E‖x·s‖² = d_in)
     input_norm layer_norm:  μ = mean_j x_j,  c = 1 / (std_j x_j + ε)    (per token; SAELens's "layer_norm")
@@ -32,6 +33,8 @@ from saelab.kernels.encode import SelectionRule, TileObserver, Workspace
 from saelab.sae.config import SAEConfig
 
 LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
+# Parameters that hold one scalar per latent and set whether it fires (`parameter_groups`).
+PER_LATENT_SCALARS = ("b_enc", "threshold", "r_mag", "b_mag")
 
 
 @dataclass
@@ -62,31 +65,60 @@ class SAEOutput:
 
 @dataclass
 class SparseOutput:
-    reconstruction: torch.Tensor  # [batch, d_in], model units
+    reconstruction: torch.Tensor  # [batch, d_out], model units (d_out = d_in but for transcoders)
     indices: torch.Tensor  # [batch, k'] the latents kept per token
     values: torch.Tensor  # [batch, k'] their activations (≥ 0; 0 at padded slots)
-    aux_reconstruction: torch.Tensor | None  # [batch, d_in] the AuxK latents' decoding (no b_dec), model units
+    aux_reconstruction: torch.Tensor | None  # [batch, d_out] the AuxK latents' decoding (no b_dec), model units
+    pre_activations: torch.Tensor | None = None  # [batch, k'] u at the kept pairs (differentiable; 0 at padding)
+    valid: torch.Tensor | None = None  # [batch, k'] bool, False at padded slots; None: every slot is real
+    inputs: torch.Tensor | None = None  # [batch, d_in] x', the tokens in the SAE's space, detached (Gated's aux loss)
+    nested: list[torch.Tensor] | None = None  # Matryoshka: the inner prefixes' reconstructions, model units
 
 
 class SparseAutoencoder(nn.Module):
-    """Encoder/decoder weights in SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_in]."""
+    """Encoder/decoder weights in SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_out] (d_out = d_in
+    but for transcoders).
+
+    Class attributes a variant may change: `unit_norm_decoder` (the trainer keeps decoder rows at unit
+    norm; penalised variants weigh the norms instead), `decoder_init_norm` and `fast_per_latent`
+    (`parameter_groups`).
+    """
+
+    unit_norm_decoder = True
+    decoder_init_norm = 1.0
+    fast_per_latent = False
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        decoder = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
-        decoder /= decoder.norm(dim=1, keepdim=True)
+        decoder = torch.randn(cfg.d_sae, cfg.output_width, generator=generator)
+        decoder *= self.decoder_init_norm / decoder.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(decoder)
-        self.W_enc = nn.Parameter(decoder.T.clone())  # Gao et al.: encoder starts as the decoder's transpose
+        self.W_enc = nn.Parameter(self._initial_encoder(decoder, generator))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in), requires_grad=cfg.train_b_dec)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.output_width), requires_grad=cfg.train_b_dec)
         self.register_buffer("input_scale", torch.ones(()))
         self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
 
+    def _initial_encoder(self, decoder: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update)."""
+        return decoder.T.clone()
+
     def parameter_groups(self) -> list[dict]:
-        """The trainable parameters as optimiser groups; each group's `lr_scale` multiplies the run's lr."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+        """The trainable parameters as optimiser groups; each group's `lr_scale` multiplies the run's lr.
+
+        With `fast_per_latent`, the per-latent scalars (`PER_LATENT_SCALARS`) train at √d_in × the lr: Adam
+        moves every parameter by about lr a step, a weight entry is ~1/√d_in of the pre-activations' scale
+        and a bias or threshold is of that scale, so at one lr the sparsity-setting scalars move √d_in
+        times slower, relative to their size, than the weights (GBA's a_i, same argument). Measured on
+        SmolLM2 (150 steps): at one lr the penalised SAEs still kept ~1,700–2,100 of 4,608 latents a token
+        after 15 steps with their penalty warmed up."""
+        trainable = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        fast = [p for name, p in trainable if self.fast_per_latent and name in PER_LATENT_SCALARS]
+        rest = [p for name, p in trainable if not (self.fast_per_latent and name in PER_LATENT_SCALARS)]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        return groups + ([{"params": fast, "lr_scale": self.cfg.d_in**0.5}] if fast else [])
 
     def token_norm(self, x: torch.Tensor) -> TokenNorm:
         """The map of the tokens x: [batch, d_in] into this SAE's space (`input_norm`, module docstring)."""
@@ -99,20 +131,36 @@ class SparseAutoencoder(nn.Module):
         """The map with no tokens at hand, x·s: exact for input_norm none, the typical token's for layer_norm."""
         return TokenNorm(0.0, self.input_scale)
 
+    def output_norm(self, norm: TokenNorm) -> TokenNorm:
+        """The map of the reconstructed side, given the input's: the same one, but for transcoders."""
+        return norm
+
+    def input_bias(self) -> torch.Tensor:
+        """What the encoder subtracts from x' first: b_dec (SAELens's apply_b_dec_to_input), [d_in]."""
+        return self.b_dec
+
+    def skip(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """A linear term of the input added to the decoding (skip transcoders); None for the others."""
+        return None
+
+    def decoder_directions(self) -> torch.Tensor:
+        """W_dec [d_sae, d_out] in model units: what one unit of each latent adds to the output, detached."""
+        return self.output_norm(self.scale_norm()).direction(self.W_dec).detach()
+
     def pre_activations(self, x: torch.Tensor, norm: TokenNorm | None = None) -> torch.Tensor:
         """u = (x' − b_dec) W_enc + b_enc; x: [batch, d_in] → [batch, d_sae]. `norm`: x's `token_norm`, if
         the caller already has it."""
-        return ((norm or self.token_norm(x)).into(x) - self.b_dec) @ self.W_enc + self.b_enc
+        return ((norm or self.token_norm(x)).into(x) - self.input_bias()) @ self.W_enc + self.b_enc
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """The variant's rule: which latents fire and with which values; [batch, d_sae] → same."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor, norm: TokenNorm | None = None) -> torch.Tensor:
-        """x̂ = (z W_dec + b_dec) / c + μ; latents: [batch, d_sae] → [batch, d_in] in model units.
+        """x̂ = (z W_dec + b_dec) / c + μ; latents: [batch, d_sae] → [batch, d_out] in model units.
 
         `norm`: the tokens' `token_norm`; without it, `scale_norm`."""
-        return (norm or self.scale_norm()).out_of(latents @ self.W_dec + self.b_dec)
+        return self.output_norm(norm or self.scale_norm()).out_of(latents @ self.W_dec + self.b_dec)
 
     def encode(
         self, x: torch.Tensor, gradient: torch.Tensor | None = None, norm: TokenNorm | None = None
@@ -135,7 +183,11 @@ class SparseAutoencoder(nn.Module):
         norm = self.token_norm(x)
         pre = self.pre_activations(x, norm)
         latents = self.select(pre, gradient)
-        return SAEOutput(self.decode(latents, norm), latents, pre)
+        reconstruction = self.decode(latents, norm)
+        skip = self.skip(norm.into(x))
+        if skip is not None:
+            reconstruction = reconstruction + self.output_norm(norm).direction(skip)
+        return SAEOutput(reconstruction, latents, pre)
 
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
         """The kernels' form of `select` for this batch (training mode): a rule fed tiles of u."""
@@ -145,9 +197,19 @@ class SparseAutoencoder(nn.Module):
         """A callback that sees every tile of u during `sparse_forward` (GBA's statistics); None by default."""
         return None
 
-    def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
-        """The activations of the kept latents from their u ([batch, k'] each; padded slots hold 0): relu(u)."""
+    def kept_values(
+        self, indices: torch.Tensor, pre_activations: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The activations of the kept latents from their u ([batch, k'] each; padded slots, False in
+        `valid`, hold 0): relu(u)."""
         return pre_activations.relu()
+
+    def penalty(self, out: SparseOutput, coefficient_scale: float = 1.0) -> torch.Tensor:
+        """The variant's training terms beyond reconstruction (a sparsity penalty, Gated's auxiliary loss),
+        summed over a token and averaged over the batch, in the SAE space's squared-error units (the
+        trainer divides them by the batch's variance, as it does the squared error). `coefficient_scale`:
+        the warm-up's fraction of the coefficient. None but for penalised variants."""
+        return out.reconstruction.new_zeros(())
 
     def selected_(self, values: torch.Tensor) -> None:
         """Called with the kept values after a training-mode selection (BatchTopK moves its threshold)."""
@@ -170,24 +232,35 @@ class SparseAutoencoder(nn.Module):
         if dead is not None and k_aux > 0 and bool(dead.any()):
             rules.append(RowTopK(min(k_aux, self.cfg.d_sae), allowed=dead))
         norm = self.token_norm(x)
+        inputs = norm.into(x)
         encoded = sparse_encode(
-            norm.into(x),
+            inputs,
             self.W_enc,
             self.b_enc,
-            self.b_dec,
+            self.input_bias(),
             rules,
             tile,
             matmul_dtype,
             self.tile_observer(),
             self.workspace,
         )
-        values = self.kept_values(encoded.indices[0], encoded.values[0])
+        indices, pre, valid = encoded.indices[0], encoded.values[0], encoded.valid[0]
+        values = self.kept_values(indices, pre, valid)
         self.selected_(values.detach())
-        reconstruction = norm.out_of(sparse_decode(encoded.indices[0], values, self.W_dec) + self.b_dec)
+        decoded = sparse_decode(indices, values, self.W_dec) + self.b_dec
+        skip = self.skip(inputs)
+        out_norm = self.output_norm(norm)
+        reconstruction = out_norm.out_of(decoded if skip is None else decoded + skip)
         aux = None
         if len(rules) > 1:
-            aux = norm.direction(sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec))
-        return SparseOutput(reconstruction, encoded.indices[0], values, aux)
+            aux = out_norm.direction(sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec))
+        return SparseOutput(reconstruction, indices, values, aux, pre, valid, inputs.detach())
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Restore the variant's constraints after an optimiser step: unit decoder rows where it keeps them."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder_()
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -196,8 +269,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def remove_decoder_parallel_grad_(self) -> None:
-        """Drop the gradient component along each decoder row, which renormalisation would undo."""
-        if self.W_dec.grad is None:
+        """Drop the gradient component along each decoder row, which renormalisation would undo (a variant
+        whose decoder rows are free keeps its whole gradient)."""
+        if self.W_dec.grad is None or not self.unit_norm_decoder:
             return
         # g ← g − (g·w / ‖w‖²) w, in place and without [d_sae, d_in] temporaries (this runs every step)
         along = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec) / self.W_dec.pow(2).sum(dim=1).clamp_min(1e-24)

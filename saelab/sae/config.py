@@ -8,12 +8,28 @@ from typing import Literal
 
 from saelab.errors import ConfigError
 
-Architecture = Literal["topk", "batchtopk", "gsae", "gba"]
+# Spelled as SAELens spells them where SAELens has the architecture (its `cfg.json` "architecture").
+Architecture = Literal[
+    "topk",
+    "batchtopk",
+    "gsae",
+    "gba",
+    "standard",
+    "jumprelu",
+    "gated",
+    "matryoshka_batchtopk",
+    "transcoder",
+    "skip_transcoder",
+]
+# Trained with a sparsity penalty whose coefficient warms up (`l1_coefficient` / `l0_coefficient`).
+PENALISED = ("standard", "jumprelu", "gated", "transcoder", "skip_transcoder")
+# Read one hook and predict another (`hook_name_out`).
+TRANSCODERS = ("transcoder", "skip_transcoder")
 GBAActivation = Literal["jumprelu", "relu"]
 GBABiasRule = Literal["balanced", "paper"]
 InputNorm = Literal["none", "layer_norm"]
 # Architectures whose tokens are layer-normalised unless `input_norm` says otherwise (SAEConfig docstring).
-NORMALISED_BY_DEFAULT = ("batchtopk", "gba")
+NORMALISED_BY_DEFAULT = ("batchtopk", "gba", "matryoshka_batchtopk")
 # A latent firing on more than this fraction of tokens is dense (eval counts them, analysis sets them aside).
 DENSE_THRESHOLD = 0.1
 
@@ -35,6 +51,18 @@ class SAEConfig:
       fires on) instead of all fitting x together; it finds features, but x̂ is not a reconstruction
       (FVU near 1). Use it with `train_b_dec: false`: trained against a small a·Σ z w, b_dec drifts far
       from the data and every latent fires.
+    - standard, transcoder, skip_transcoder (ReLU, Anthropic's April 2024 recipe) and gated: an L1 penalty
+      `l1_coefficient` · Σ_i z_i‖d_i‖ (gated: on the gate's relu(π)), warmed up linearly over the first
+      `penalty_warmup` of the steps; the decoder rows are free (the penalty weighs their norms).
+    - jumprelu: per-latent thresholds θ (from `jumprelu_init_threshold`), an L0 penalty `l0_coefficient`
+      · Σ_i H(u_i − θ_i) trained through the straight-through estimator of bandwidth `jumprelu_bandwidth`.
+      Coefficients are SAELens's: the loss is SAELens's (summed squared error + penalty) divided by the
+      batch's variance, and inputs are scaled to E‖x‖² = d_in as SAELens's `expected_average_only_in`.
+    - matryoshka_batchtopk: BatchTopK whose nested prefixes `matryoshka_widths` (unset: d_sae/16, /8, /4,
+      /2, d_sae) each reconstruct x on their own; the loss is their mean FVU.
+    - transcoder / skip_transcoder: read `hook_name`, predict `hook_name_out` (d_out wide; set from the
+      store); skip_transcoder adds a linear skip x W_skipᵀ. Their `input_norm` is "none": a per-token
+      map of the input cannot be undone on another hook's output.
     - every architecture: `train_b_dec: false` keeps b_dec (the paper's b_pre) where the trainer starts
       it, the geometric median of the data, as GBA's model has it.
     - every architecture: `input_norm` maps each token into the SAE's space (`saelab/sae/base.py`): "none"
@@ -67,7 +95,15 @@ class SAEConfig:
     bias_max: float = 0.0
     input_norm: InputNorm | None = None
     train_b_dec: bool = True
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+    penalty_warmup: float = 0.05
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    matryoshka_widths: list[int] | None = None
+    d_out: int | None = None
     hook_name: str = ""
+    hook_name_out: str = ""
     model_name: str = ""
 
     def __post_init__(self) -> None:
@@ -92,14 +128,53 @@ class SAEConfig:
             raise ConfigError("bias_min: must be ≤ bias_max")
         if self.input_norm not in ("none", "layer_norm"):
             raise ConfigError(f"input_norm: must be 'none' or 'layer_norm', got {self.input_norm!r}")
+        for key in ("l1_coefficient", "l0_coefficient", "jumprelu_init_threshold"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"{key}: must be ≥ 0, got {getattr(self, key)}")
+        if not self.jumprelu_bandwidth > 0:
+            raise ConfigError(f"jumprelu_bandwidth: must be positive, got {self.jumprelu_bandwidth}")
+        if not 0 <= self.penalty_warmup <= 1:
+            raise ConfigError(f"penalty_warmup: must be a fraction of the run in [0, 1], got {self.penalty_warmup}")
+        if self.architecture == "matryoshka_batchtopk":
+            widths = self.nested_widths()
+            if any(b <= a for a, b in zip([0, *widths], widths, strict=False)) or widths[-1] != self.d_sae:
+                raise ConfigError(
+                    f"matryoshka_widths: must increase strictly and end at d_sae {self.d_sae}, got {widths}"
+                )
+        if self.architecture in TRANSCODERS and self.input_norm != "none":
+            raise ConfigError(
+                f"input_norm: a {self.architecture} predicts another hook, so its tokens cannot be layer-normalised "
+                "(the output would be un-normalised with the input's statistics); use input_norm: none"
+            )
 
     @property
     def label(self) -> str:
         """The SAE's name in a run: `name`, else e.g. `topk-4608-k32`."""
         if self.name:
             return self.name
-        sparsity = f"l0{self.target_l0:g}" if self.architecture == "gba" and self.target_l0 else f"k{self.k}"
-        return f"{self.architecture}-{self.d_sae}-{sparsity}"
+        return f"{self.architecture}-{self.d_sae}-{self.sparsity_label}"
+
+    @property
+    def sparsity_label(self) -> str:
+        """What sets the SAE's sparsity, in a label: k32, l032 (GBA's target L0), l1c5 / l0c1 (a penalty)."""
+        if self.architecture == "gba" and self.target_l0:
+            return f"l0{self.target_l0:g}"
+        if self.architecture == "jumprelu":
+            return f"l0c{self.l0_coefficient:g}"
+        if self.architecture in PENALISED:
+            return f"l1c{self.l1_coefficient:g}"
+        return f"k{self.k}"
+
+    @property
+    def output_width(self) -> int:
+        """The width of what the SAE reconstructs: d_in, or a transcoder's d_out."""
+        return self.d_out if self.architecture in TRANSCODERS and self.d_out else self.d_in
+
+    def nested_widths(self) -> list[int]:
+        """Matryoshka's prefix widths, the last one d_sae."""
+        if self.matryoshka_widths:
+            return list(self.matryoshka_widths)
+        return [self.d_sae // 2**level for level in (4, 3, 2, 1) if self.d_sae // 2**level > 0] + [self.d_sae]
 
     def group_targets(self) -> list[float]:
         """GBA's per-group target firing frequencies, highest first."""

@@ -169,7 +169,9 @@ class GBASAE(SparseAutoencoder):
         """JumpReLU: z = a·(u − b_enc)·1[u > 0]; ReLU: z = a·relu(u) (a = 1 untied). [..., d_sae] → same shape."""
         return self._activate(pre_activations, slice(None))
 
-    def kept_values(self, indices: torch.Tensor, pre_activations: torch.Tensor) -> torch.Tensor:
+    def kept_values(
+        self, indices: torch.Tensor, pre_activations: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # kept pairs have u > 0; padded slots hold exactly 0 and stay 0 (b_enc takes no gradient)
         return self._activate(pre_activations, indices)
 

@@ -15,8 +15,14 @@ One with input_norm "layer_norm" is saved unfolded with normalize_activations "l
 applies the same way per token (x − μ)/(σ + 1e-5), and back x̂·σ + μ (saelab: x̂·(σ + 1e-5) + μ); s, its
 typical scale for token-free uses, is kept in the metadata only.
 
+A transcoder has two scales, its input's s and its target's t: W_enc' = s·W_enc, W_dec' = W_dec/t,
+b_dec' = b_dec/t, W_skip' = W_skip·s/t; it is saved with apply_b_dec_to_input false, as SAELens's are,
+d_out, and `hook_name_out` in the metadata.
+
 What SAELens sees (the closest architecture it runs at inference):
     topk      → "topk"
+    standard, jumprelu, gated, transcoder, skip_transcoder → the same name, the same forward
+    matryoshka_batchtopk → "jumprelu" with threshold θ, as BatchTopK (SAELens saves it so too)
     gsae      → "topk"      its gradient-aware selection exists only in training; inference is TopK
     gba       → "jumprelu"  (activation jumprelu, the default) exactly: b_enc 0, threshold −a·b and a folded
                 into W_enc, since a·(u − b)·1[u > 0] = h·1[h > −a·b] with h = a·(u − b), the scaled
@@ -26,9 +32,8 @@ What SAELens sees (the closest architecture it runs at inference):
                 BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
                 `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
                 only as a training class (sae_lens/saes/batchtopk_sae.py, sae_lens/__init__.py).
-Folders SAELens wrote load too (input scale 1; normalize_activations "none" or "layer_norm"): topk → TopKSAE,
-standard → GBASAE (1 group, same ReLU forward), jumprelu → BatchTopKSAE with its per-latent thresholds
-(exact in eval mode).
+Folders SAELens wrote load too (input scale 1; normalize_activations "none" or "layer_norm") as the saelab
+class of the same name (`FROM_SAELENS`).
 """
 
 from __future__ import annotations
@@ -50,28 +55,49 @@ from saelab.atomic import atomic_write_bytes, atomic_write_json
 from saelab.config import config_from_dict, config_to_dict
 from saelab.errors import SaelabError
 from saelab.sae.base import SparseAutoencoder
-from saelab.sae.config import SAEConfig
+from saelab.sae.config import TRANSCODERS, SAEConfig
+from saelab.sae.gated import GatedSAE
 from saelab.sae.gba import GBASAE
+from saelab.sae.jumprelu import JumpReLUSAE
 from saelab.sae.registry import build_sae
 from saelab.sae.topk import BatchTopKSAE
+from saelab.sae.transcoder import SkipTranscoder, Transcoder
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 BUFFERS_FILE = "saelab_buffers.safetensors"
+FOLDED_BUFFERS = ("input_scale", "target_scale")  # kept in the metadata and folded into the weights
 
-SAELENS_ARCHITECTURE = {"topk": "topk", "gsae": "topk", "gba": "jumprelu", "batchtopk": "jumprelu"}
+SAELENS_ARCHITECTURE = {
+    "topk": "topk",
+    "gsae": "topk",
+    "gba": "jumprelu",
+    "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
+    **{same: same for same in ("standard", "jumprelu", "gated", "transcoder", "skip_transcoder")},
+}
+# The tensors of each SAELens architecture beyond W_enc, W_dec and b_dec.
+SAELENS_TENSORS = {
+    "topk": ("b_enc",),
+    "standard": ("b_enc",),
+    "jumprelu": ("b_enc", "threshold"),
+    "gated": ("b_gate", "r_mag", "b_mag"),
+    "transcoder": ("b_enc",),
+    "skip_transcoder": ("b_enc", "W_skip"),
+}
 NOTES = {
     "gsae": "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK.",
     "gba": "GBA: a JumpReLU SAE whose thresholds (−b_enc) were adapted to per-group firing targets.",
     "gba-relu": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
     "batchtopk": "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens.",
+    "matryoshka_batchtopk": "Matryoshka BatchTopK: at inference a JumpReLU with the threshold learned in training.",
 }
 NORM_NOTES = {
     "none": "The input scale is folded into the weights.",
     "layer_norm": "Each token is layer-normalised on the way in (normalize_activations layer_norm).",
 }
 # A SAELens folder without saelab metadata becomes this saelab architecture.
-FROM_SAELENS = {"topk": "topk", "standard": "gba", "jumprelu": "batchtopk"}
+FROM_SAELENS = {name: name for name in ("topk", "standard", "jumprelu", "gated", "transcoder", "skip_transcoder")}
 
 
 def saelens_architecture(cfg: SAEConfig) -> str:
@@ -90,8 +116,42 @@ def _folded_scale(cfg: SAEConfig, input_scale: float) -> float:
     return input_scale if cfg.input_norm == "none" else 1.0
 
 
-def _has_threshold(cfg: SAEConfig) -> bool:
-    return saelens_architecture(cfg) == "jumprelu"
+def _is_transcoder(cfg: SAEConfig) -> bool:
+    return cfg.architecture in TRANSCODERS
+
+
+def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the SAELens architecture `cfg` is saved as, by name, with its shape."""
+    d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.output_width
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "W_skip": (d_out, d_in)}
+    extra = SAELENS_TENSORS[saelens_architecture(cfg)]
+    return {name: shapes.get(name, (d_sae,)) for name in ("W_enc", "W_dec", "b_dec", *extra)}
+
+
+def _scales(sae: SparseAutoencoder) -> tuple[float, float]:
+    """(input side, output side) factors folded into the saved weights (module docstring)."""
+    fold_in = _folded_scale(sae.cfg, float(sae.input_scale))
+    return fold_in, float(sae.target_scale) if isinstance(sae, Transcoder) else fold_in
+
+
+def _saved_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+    """The tensors SAELens reads, in float64, the scales folded in."""
+    fold_in, fold_out = _scales(sae)
+    weights = {
+        "W_enc": sae.W_enc.double() * fold_in,
+        "W_dec": sae.W_dec.double() / fold_out,
+        "b_enc": sae.b_enc.double(),
+        "b_dec": sae.b_dec.double() / fold_out,
+    }
+    if isinstance(sae, BatchTopKSAE | JumpReLUSAE):
+        weights["threshold"] = sae.threshold.double()
+    if isinstance(sae, GBASAE):
+        weights |= _gba_weights(sae, fold_in)
+    if isinstance(sae, GatedSAE):
+        weights |= {"b_gate": weights.pop("b_enc"), "r_mag": sae.r_mag.double(), "b_mag": sae.b_mag.double()}
+    if isinstance(sae, SkipTranscoder):
+        weights["W_skip"] = sae.W_skip.double() * fold_in / fold_out
+    return weights
 
 
 def _gba_weights(sae: GBASAE, scale: float) -> dict[str, torch.Tensor]:
@@ -113,22 +173,11 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     _check_replaceable(folder)
     cfg = sae.cfg
     scale = float(sae.input_scale)
-    fold = _folded_scale(cfg, scale)
     architecture = saelens_architecture(cfg)
     dtype = sae.W_enc.dtype
     with torch.no_grad():
-        weights = {
-            "W_enc": sae.W_enc.double() * fold,
-            "W_dec": sae.W_dec.double() / fold,
-            "b_enc": sae.b_enc,
-            "b_dec": sae.b_dec.double() / fold,
-        }
-        if isinstance(sae, BatchTopKSAE):
-            weights["threshold"] = sae.threshold
-        if isinstance(sae, GBASAE):
-            weights |= _gba_weights(sae, fold)
-        weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in weights.items()}
-        buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name != "input_scale"}
+        weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in _saved_weights(sae).items()}
+        buffers = {name: b.detach().cpu().contiguous() for name, b in sae.named_buffers() if name not in FOLDED_BUFFERS}
 
     metadata = {
         "hook_name": cfg.hook_name,
@@ -144,11 +193,15 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         "d_sae": cfg.d_sae,
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not _is_transcoder(cfg),
         "normalize_activations": cfg.input_norm,
         "reshape_activations": "none",
         "metadata": metadata,
     }
+    if isinstance(sae, Transcoder):
+        sae_lens_cfg["d_out"] = cfg.output_width
+        metadata["hook_name_out"] = cfg.hook_name_out
+        metadata["saelab_target_scale"] = float(sae.target_scale)
     if architecture == "topk":
         sae_lens_cfg["k"] = cfg.k
     sae_lens_cfg["rescale_acts_by_decoder_norm"] = False
@@ -193,40 +246,56 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
     _verify_checksums(folder, metadata.get("saelab_sha256"), cfg_path)
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0))  # weights are overwritten below
     tensors = _read_tensors(weights_path)
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_enc": (cfg.d_sae,),
-        "b_dec": (cfg.d_in,),
-    }
-    if _has_threshold(cfg):
-        expected["threshold"] = (cfg.d_sae,)
-    for name, shape in expected.items():
+    for name, shape in _expected_shapes(cfg).items():
         if name not in tensors:
             raise SaelabError(f"{weights_path}: no tensor {name!r} (found {sorted(tensors)})")
         if tuple(tensors[name].shape) != shape:
             raise SaelabError(
                 f"{weights_path}: {name} has shape {list(tensors[name].shape)}, "
-                f"but {CFG_FILE} (d_in {cfg.d_in}, d_sae {cfg.d_sae}) needs {list(shape)}"
+                f"but {CFG_FILE} (d_in {cfg.d_in}, d_sae {cfg.d_sae}, d_out {cfg.output_width}) needs {list(shape)}"
             )
-    W_enc, W_dec, b_enc, b_dec = (tensors[name].double() for name in ("W_enc", "W_dec", "b_enc", "b_dec"))
-    if not raw.get("apply_b_dec_to_input", True):  # SAELens's u = x W_enc + b_enc = (x − b_dec) W_enc + b_enc'
-        b_enc = b_enc + b_dec @ W_enc
-    fold = _folded_scale(cfg, scale)
+    tensors = {name: tensor.double() for name, tensor in tensors.items()}
+    if isinstance(sae, GatedSAE):
+        tensors["b_enc"] = tensors.pop("b_gate")
+    if not raw.get("apply_b_dec_to_input", True) and not _is_transcoder(cfg):
+        _fold_input_bias(tensors)
     with torch.no_grad():
-        sae.W_dec.copy_(W_dec * fold)
-        sae.b_enc.copy_(b_enc)
-        sae.b_dec.copy_(b_dec * fold)
         sae.input_scale.fill_(scale)
-        if isinstance(sae, GBASAE):
-            _load_gba_encoder(sae, W_enc / fold, b_enc, tensors.get("threshold"))
-        else:
-            sae.W_enc.copy_(W_enc / fold)
-        if isinstance(sae, BatchTopKSAE):
-            sae.threshold.copy_(tensors["threshold"])
+        if isinstance(sae, Transcoder):
+            target_scale = metadata.get("saelab_target_scale", 1.0)
+            sae.target_scale.fill_(_positive_number(target_scale, "saelab_target_scale", cfg_path))
+        _copy_weights(sae, tensors)
         if (folder / BUFFERS_FILE).exists():
             _load_buffers(sae, folder / BUFFERS_FILE)
     return sae.to(device).eval()
+
+
+def _fold_input_bias(tensors: dict[str, torch.Tensor]) -> None:
+    """SAELens's apply_b_dec_to_input false: u = x W_enc + b_enc = (x − b_dec) W_enc + (b_enc + b_dec W_enc),
+    and Gated's magnitude path likewise (its W_enc ⊙ exp(r_mag))."""
+    shift = tensors["b_dec"] @ tensors["W_enc"]
+    tensors["b_enc"] = tensors["b_enc"] + shift
+    if "b_mag" in tensors:
+        tensors["b_mag"] = tensors["b_mag"] + shift * tensors["r_mag"].exp()
+
+
+def _copy_weights(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> None:
+    """Undo `_saved_weights`: the saved tensors, unfolded, into `sae`."""
+    fold_in, fold_out = _scales(sae)
+    sae.W_dec.copy_(tensors["W_dec"] * fold_out)
+    sae.b_enc.copy_(tensors["b_enc"])
+    sae.b_dec.copy_(tensors["b_dec"] * fold_out)
+    if isinstance(sae, GBASAE):
+        _load_gba_encoder(sae, tensors["W_enc"] / fold_in, tensors["b_enc"], tensors.get("threshold"))
+    else:
+        sae.W_enc.copy_(tensors["W_enc"] / fold_in)
+    if isinstance(sae, BatchTopKSAE | JumpReLUSAE):
+        sae.threshold.copy_(tensors["threshold"])
+    if isinstance(sae, GatedSAE):
+        sae.r_mag.copy_(tensors["r_mag"])
+        sae.b_mag.copy_(tensors["b_mag"])
+    if isinstance(sae, SkipTranscoder):
+        sae.W_skip.copy_(tensors["W_skip"] * fold_out / fold_in)
 
 
 def _load_gba_encoder(sae: GBASAE, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None) -> None:
@@ -252,15 +321,15 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
         cfg = config_from_dict(SAEConfig, fields, prefix="metadata.saelab_config")
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error
-    scale = metadata.get("saelab_input_scale")
-    if not isinstance(scale, int | float) or isinstance(scale, bool) or not (math.isfinite(scale) and scale > 0):
-        raise SaelabError(f"{cfg_path}: metadata.saelab_input_scale must be a positive number, got {scale!r}")
+    scale = _positive_number(metadata.get("saelab_input_scale"), "saelab_input_scale", cfg_path)
     # saelab wrote every one of these; a value that disagrees is an edit that would be silently ignored.
     written = {key: getattr(cfg, key) for key in ("d_in", "d_sae")}
     if saelens_architecture(cfg) == "topk":
         written["k"] = cfg.k
+    if _is_transcoder(cfg):
+        written["d_out"] = cfg.output_width
     written |= {
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not _is_transcoder(cfg),
         "normalize_activations": cfg.input_norm,
         "rescale_acts_by_decoder_norm": False,
     }
@@ -281,7 +350,13 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
             f"{cfg_path}: architecture is {raw.get('architecture')!r} but a saelab {cfg.architecture} SAE "
             f"is saved as {saelens_architecture(cfg)!r}"
         )
-    return cfg, float(scale)
+    return cfg, scale
+
+
+def _positive_number(value: Any, key: str, cfg_path: Path) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise SaelabError(f"{cfg_path}: metadata.{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> SAEConfig:
@@ -303,19 +378,12 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
             f"{cfg_path}: rescale_acts_by_decoder_norm true is not supported (fold the decoder norms first)"
         )
     sizes = {key: _positive_int(raw, key, cfg_path) for key in ("d_in", "d_sae")}
+    if architecture in TRANSCODERS:
+        sizes["d_out"] = _positive_int(raw, "d_out", cfg_path)
     k = _positive_int(raw, "k", cfg_path) if architecture == "topk" else min(SAEConfig.k, sizes["d_sae"])
-    names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "model_name")}
-    try:  # n_groups 1: GBA's equal groups need not divide a foreign d_sae; k is unused by ReLU/JumpReLU
-        gba_form = {"activation": "relu", "tied": False} if FROM_SAELENS[architecture] == "gba" else {}
-        cfg = SAEConfig(
-            architecture=FROM_SAELENS[architecture],
-            k=k,
-            n_groups=1,
-            input_norm=input_norm,
-            **sizes,
-            **names,
-            **gba_form,
-        )
+    names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "hook_name_out", "model_name")}
+    try:  # k is unused by the architectures without one
+        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, input_norm=input_norm, **sizes, **names)
         cfg.validate()
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error
@@ -374,7 +442,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_buffers(sae: SparseAutoencoder, path: Path) -> None:
     tensors = _read_tensors(path)
-    buffers = {name: b for name, b in sae.named_buffers() if name != "input_scale"}
+    buffers = {name: b for name, b in sae.named_buffers() if name not in FOLDED_BUFFERS}
     if set(tensors) != set(buffers):
         raise SaelabError(f"{path}: holds {sorted(tensors)}, but a {sae.cfg.architecture} SAE has {sorted(buffers)}")
     for name, tensor in tensors.items():

@@ -77,7 +77,7 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
         store = open_run_store(run, train_cfg, verify=False)
         model_spec, own_hook = model_spec or store.manifest.model, own_hook or sae_hook(sae, train_cfg, store)
     model = model if model is not None else load_model(model_spec, device)
-    hook = cfg.hook or own_hook
+    hook = cfg.hook or sae.cfg.hook_name_out or own_hook  # a transcoder's direction lives at its output hook
     try:
         check_hook(model, hook)
     except SaelabError as error:

@@ -106,6 +106,12 @@ class SAEEdit(Intervention):
     keep_error: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.sae.cfg.hook_name_out:
+            raise SaelabError(
+                f"{self.sae.cfg.label} is a transcoder: it reads {self.sae.cfg.hook_name} and writes "
+                f"{self.sae.cfg.hook_name_out}, so its latents cannot be edited in place at one hook; steer with "
+                "add_feature (its decoder direction, added at the hook it writes)"
+            )
         for index in self.latents:
             check_feature(self.sae, index)
 
@@ -129,7 +135,8 @@ def check_feature(sae: SparseAutoencoder, index: int) -> None:
 
 
 def _hook_of(sae: SparseAutoencoder, hook: str | None) -> str:
-    hook = hook or sae.cfg.hook_name
+    """`hook`, else the hook the SAE writes: its own, or a transcoder's output hook."""
+    hook = hook or sae.cfg.hook_name_out or sae.cfg.hook_name
     if not hook:
         raise SaelabError(f"{sae.cfg.label} does not record the hook it was trained on; pass hook=")
     return hook
@@ -144,11 +151,11 @@ def add_feature(
     include_first_position: bool = False,
 ) -> AddDirection:
     """Add `coefficient × W_dec[feature] / s` (the latent's decoder direction in model units, as
-    `decoder_directions` gives it) at `hook` (default: the SAE's own hook). A coefficient of c is the
-    decoder's output for the latent firing at c; multiply by the latent's max activation to mean
-    "c times its usual strength"."""
+    `decoder_directions` gives it) at `hook` (default: the hook the SAE writes, a transcoder's output).
+    A coefficient of c is the decoder's output for the latent firing at c; multiply by the latent's max
+    activation to mean "c times its usual strength"."""
     check_feature(sae, feature)
-    direction = (sae.W_dec[feature] / sae.input_scale).detach().float()
+    direction = sae.decoder_directions()[feature].float()
     return AddDirection(
         _hook_of(sae, hook),
         direction=direction,

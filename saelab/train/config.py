@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from saelab.errors import ConfigError
-from saelab.sae.config import SAEConfig
+from saelab.sae.config import TRANSCODERS, SAEConfig
 
 
 @dataclass
@@ -78,6 +78,18 @@ class TrainConfig:
                 sae.validate()
             except ConfigError as error:
                 raise ConfigError(f"saes[{index}].{error}") from None
+        for index, sae in enumerate(self.saes):
+            if sae.architecture == "gsae" and sae.hook_name and self.hook and sae.hook_name != self.hook:
+                raise ConfigError(
+                    f"saes[{index}].hook_name: a gsae reads the store's gradients, which are the run's hook's "
+                    f"({self.hook}); train it on that hook or make it the run's `hook`"
+                )
+            if sae.architecture in TRANSCODERS and not sae.hook_name_out:
+                raise ConfigError(
+                    f"saes[{index}].hook_name_out: a {sae.architecture} predicts another hook; name it, e.g. "
+                    "{architecture: transcoder, hook_name: blocks.15.hook_resid_mid, "
+                    "hook_name_out: blocks.15.hook_mlp_out}"
+                )
         labels = [sae.label for sae in self.saes]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"saes: two SAEs share a label ({', '.join(labels)}); give them distinct `name`s")

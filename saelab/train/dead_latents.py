@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saelab.kernels.sparse_ops import is_full
+
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
@@ -24,8 +26,12 @@ class DeadLatentTracker:
 
     def update(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """A batch of sparse rows (indices, values: [batch, k]): the latents with a value > 0 fired."""
-        fired = torch.zeros(self.tokens_since_fired.shape, dtype=torch.bool, device=indices.device)
-        fired[indices[values > 0]] = True
+        n = self.tokens_since_fired.shape[0]
+        if is_full(indices, n):  # every latent's slot, in order: a dense [batch, n]
+            fired = (values > 0).any(0)
+        else:
+            fired = torch.zeros(n, dtype=torch.bool, device=indices.device)
+            fired[indices[values > 0]] = True
         tokens = indices.shape[0]
         if self.data_parallel is not None:  # reduced where the latents are (nccl needs GPU tensors)
             fired = self.data_parallel.max_(fired.to(torch.int32)).bool()

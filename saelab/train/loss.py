@@ -22,8 +22,18 @@ def normalized_mse(
     if data_parallel is not None:
         return _global_normalized_mse(reconstruction, target, data_parallel)
     error = (reconstruction - target).pow(2).sum(-1).mean()
-    baseline = (target - target.mean(0)).pow(2).sum(-1).mean()
-    return error / baseline.clamp_min(1e-12)
+    return error / batch_variance(target)
+
+
+def batch_variance(target: torch.Tensor, data_parallel: DataParallel | None = None) -> torch.Tensor:
+    """‖y − ȳ‖² per token of the batch `target: [batch, d]` (data-parallel: the global batch's), detached,
+    at least 1e-12: the denominator of FVU, which the trainer also divides a variant's penalty by."""
+    target = target.detach()
+    if data_parallel is None:
+        return (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    n = len(target) * data_parallel.world_size
+    mean = data_parallel.sum(target.sum(0)) / n
+    return (data_parallel.sum((target - mean).pow(2).sum()) / n).clamp_min(1e-12)
 
 
 def _global_normalized_mse(
@@ -37,9 +47,7 @@ def _global_normalized_mse(
     """
     target = target.detach()
     n = len(target) * data_parallel.world_size
-    mean = data_parallel.sum(target.sum(0)) / n
-    baseline = data_parallel.sum((target - mean).pow(2).sum()) / n
-    return (reconstruction - target).pow(2).sum() / n / baseline.clamp_min(1e-12)
+    return (reconstruction - target).pow(2).sum() / n / batch_variance(target, data_parallel)
 
 
 def auxk_loss(

@@ -7,17 +7,21 @@ must be a deterministic function of (seed, batch index) so that a resumed run se
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
 
 from saelab.harvest.store import ActivationStore
 
-Batch = tuple[torch.Tensor, torch.Tensor | None]  # activations [batch, d_in], gradients or None
+# activations [batch, d_in], gradients or None; a source asked for `other_hooks` adds a third item, the same
+# rows at those hooks ({hook: [batch, width]}: a transcoder's target, an SAE of the sweep on another hook).
+Batch = tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
 
 
 class BatchSource(Protocol):
+    """A source of rows at several hooks (a third batch item) also has `width(hook)`, each hook's width."""
+
     d_in: int
 
     def batches(
@@ -28,16 +32,24 @@ class BatchSource(Protocol):
 
 
 class StoreSource:
-    """One hook of an activation store, shuffled per epoch with the epoch's seed."""
+    """One hook of an activation store (and the same rows at `other_hooks`), shuffled per epoch with its seed."""
 
-    def __init__(self, store: ActivationStore, hook: str | None = None) -> None:
+    def __init__(self, store: ActivationStore, hook: str | None = None, other_hooks: Sequence[str] = ()) -> None:
         self.store = store
         self.hook = store.hook_name(hook)
+        self.other_hooks = [store.hook_name(other) for other in other_hooks if other != self.hook]
         self.d_in = store.d_model
+
+    def width(self, hook: str) -> int:
+        """The width of the rows at `hook` (every hook of a store has the model's width)."""
+        return self.store.d_model
 
     def batches(
         self, batch_size: int, seed: int, start_batch: int = 0, with_gradients: bool = False
     ) -> Iterator[Batch]:
+        if self.other_hooks:
+            yield from self.batch_slices(batch_size, seed, slice(None), start_batch, with_gradients)
+            return
         if with_gradients:
             yield from self.store.batches(
                 batch_size, hook=self.hook, seed=seed, start_batch=start_batch, with_gradients=True
@@ -54,19 +66,33 @@ class StoreSource:
         for index in epoch:
             part = index[rows]
             gradients = self.store.gradient_rows(part, self.hook).float() if with_gradients else None
-            yield self.store.rows(part, self.hook).float(), gradients
+            x = self.store.rows(part, self.hook).float()
+            if not self.other_hooks:
+                yield x, gradients
+                continue
+            yield x, gradients, {hook: self.store.rows(part, hook).float() for hook in self.other_hooks}
 
     def n_batches(self, batch_size: int) -> int:
         return self.store.n_batches(batch_size)
 
 
 class TensorSource:
-    """Activations (and optionally gradients) held in memory: for notebooks, tests and small experiments."""
+    """Activations (and optionally gradients, and the same rows at other hooks) held in memory: for
+    notebooks, tests and small experiments."""
 
-    def __init__(self, activations: torch.Tensor, gradients: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None = None,
+        other_hooks: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.activations = activations
         self.gradients = gradients
+        self.other_hooks = other_hooks or {}
         self.d_in = activations.shape[1]
+
+    def width(self, hook: str) -> int:
+        return self.other_hooks[hook].shape[1] if hook in self.other_hooks else self.d_in
 
     def batches(
         self, batch_size: int, seed: int, start_batch: int = 0, with_gradients: bool = False
@@ -76,7 +102,11 @@ class TensorSource:
         order = torch.randperm(len(self.activations), generator=torch.Generator().manual_seed(seed))
         for index in range(start_batch, self.n_batches(batch_size)):
             rows = order[index * batch_size : (index + 1) * batch_size]
-            yield self.activations[rows], self.gradients[rows] if with_gradients else None
+            gradients = self.gradients[rows] if with_gradients else None
+            if not self.other_hooks:
+                yield self.activations[rows], gradients
+                continue
+            yield self.activations[rows], gradients, {hook: rows_of[rows] for hook, rows_of in self.other_hooks.items()}
 
     def n_batches(self, batch_size: int) -> int:
         return len(self.activations) // batch_size

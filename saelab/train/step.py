@@ -1,9 +1,14 @@
 """One training step of one SAE: sparse forward, loss, backward, the decoder-norm constraint, Adam.
 
-loss = FVU(x̂, x) + α · AuxK         (TopK family; GBA trains on FVU alone)
+loss = FVU(x̂, y) + α · AuxK + P / Var(y)   y: x, or a transcoder's target; AuxK: TopK family;
+                                         P: the variant's penalty (L1, L0, Gated's auxiliary loss)
 ∇W_dec ← ∇W_dec − (∇W_dec · d̂) d̂   (no gradient along a decoder row…)
-Adam step; W_dec rows ← unit norm     (…because the renormalisation would undo it)
+Adam step; W_dec rows ← unit norm     (…because the renormalisation would undo it; variants whose
+                                       penalty weighs the decoder norms leave them free)
 GBA: the forward pass counts firings; adapt the encoder biases every `update_tokens` tokens
+
+Var(y) is the batch's ‖y − ȳ‖² per token in the SAE's space, so FVU + P / Var(y) is SAELens's loss
+(summed squared error + penalty) over the variance: a coefficient means what it means in SAELens.
 
 The forward and backward run through `saelab.kernels` (`SparseAutoencoder.sparse_forward`): one
 dense encoder product, and gradients over the kept (token, latent) pairs only.
@@ -22,12 +27,12 @@ import torch
 
 from saelab.sae.base import SparseAutoencoder
 from saelab.train.dead_latents import DeadLatentTracker
-from saelab.train.loss import normalized_mse
+from saelab.train.loss import batch_variance, normalized_mse
 
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
-TOPK_FAMILY = ("topk", "batchtopk", "gsae")
+TOPK_FAMILY = ("topk", "batchtopk", "gsae", "matryoshka_batchtopk")
 
 
 @dataclass
@@ -48,17 +53,30 @@ def train_step(
     k_aux: int,
     kernels: KernelOptions | None = None,
     data_parallel: DataParallel | None = None,
+    target: torch.Tensor | None = None,
+    penalty_scale: float = 1.0,
 ) -> dict[str, float]:
-    """x, gradient: [batch, d_in]. Returns the step's metrics (data-parallel: this rank's shares)."""
+    """x, gradient: [batch, d_in]; target: [batch, d_out], what a transcoder predicts (None: x itself);
+    penalty_scale: the penalty's warm-up fraction. Returns the step's metrics (data-parallel: this
+    rank's shares)."""
     kernels = kernels or KernelOptions()
+    target = x if target is None else target
     dead = tracker.dead.to(x.device) if sae.cfg.architecture in TOPK_FAMILY else None
     out = sae.sparse_forward(x, gradient, dead, k_aux, kernels.tile, kernels.matmul_dtype)
-    fvu = normalized_mse(out.reconstruction, x, data_parallel)
+    fvu = normalized_mse(out.reconstruction, target, data_parallel)
+    reconstruction_loss = fvu
+    if out.nested:  # Matryoshka: every prefix reconstructs on its own; the loss is their mean FVU
+        inner = [normalized_mse(prefix, target, data_parallel) for prefix in out.nested]
+        reconstruction_loss = torch.stack([*inner, fvu]).mean()
     aux = torch.zeros((), device=x.device)
     if out.aux_reconstruction is not None:
-        residual = (x - out.reconstruction).detach()
+        residual = (target - out.reconstruction).detach()
         aux = normalized_mse(out.aux_reconstruction, residual, data_parallel)
-    loss = fvu + aux_alpha * aux
+    penalty = sae.penalty(out, penalty_scale)
+    if penalty.requires_grad:
+        share = 1 / data_parallel.world_size if data_parallel is not None else 1.0
+        penalty = penalty * share / batch_variance(sae.output_norm(sae.scale_norm()).into(target), data_parallel)
+    loss = reconstruction_loss + aux_alpha * aux + penalty
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -66,11 +84,13 @@ def train_step(
         data_parallel.sum_gradients_(sae)
     sae.remove_decoder_parallel_grad_()
     optimizer.step()
-    sae.normalize_decoder_()
+    sae.constrain_()
 
     tracker.update(out.indices, out.values)
     l0 = float((out.values > 0).sum(-1).float().mean())
     metrics = {"loss": loss.item(), "fvu": fvu.item(), "aux_loss": aux.item(), "l0": l0}
+    if penalty.requires_grad:
+        metrics["penalty"] = penalty.item()
     if sae.cfg.architecture == "gba":  # every step logs each group's last measured frequency
         metrics.update(sae.adapt_biases())  # adapts the groups whose window is full, if any
     return metrics

@@ -42,7 +42,8 @@ from saelab.harvest.store import ActivationStore
 from saelab.locking import folder_lock
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, load_sae, save_sae
-from saelab.sae.config import default_lr
+from saelab.sae.config import TRANSCODERS, default_lr
+from saelab.sae.transcoder import Transcoder
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
 from saelab.train.config import TrainConfig
 from saelab.train.dead_latents import DeadLatentTracker
@@ -99,7 +100,7 @@ def train(
 
         latest = distributed.run_on_main(prepare, "preparing the run folder")
         device = torch.device(distributed.device_for(cfg.device))
-        states = _build_states(cfg, source.d_in, provenance, device, parallel, mine)
+        states = _build_states(cfg, source.d_in, provenance, device, parallel, mine, source)
         position = _restore_or_initialize(cfg, source, states, latest)
         finished_before = position["step"] >= cfg.n_steps
         if parallel is not None:
@@ -175,8 +176,14 @@ def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSou
             f"{store.manifest.n_contexts_planned:,} contexts): its harvest is running or was stopped; "
             "finish it (rerun the same saelab harvest), then train"
         )
-    store_source = StoreSource(store, cfg.hook)
+    store_source = StoreSource(store, cfg.hook, _other_hooks(cfg))
     return store_source, {"hook_name": store_source.hook, "model_name": store.manifest.model}
+
+
+def _other_hooks(cfg: TrainConfig) -> list[str]:
+    """Hooks beyond the run's that the sweep reads: SAEs on another hook, transcoders' inputs and targets."""
+    hooks = [hook for sae in cfg.saes for hook in (sae.hook_name, sae.hook_name_out) if hook and hook != cfg.hook]
+    return list(dict.fromkeys(hooks))
 
 
 def _has_results(out: Path) -> bool:
@@ -217,14 +224,19 @@ def _build_states(
     device: torch.device,
     parallel: DataParallel | None = None,
     indices: list[int] | None = None,
+    source: BatchSource | None = None,
 ) -> list[SAEState]:
-    """The states of the SAEs `indices` of the sweep (all by default); SAE i's weights are seeded by i."""
+    """The states of the SAEs `indices` of the sweep (all by default); SAE i's weights are seeded by i.
+    Widths come from `source` (each SAE's hook), else every SAE is `d_in` wide."""
     states = []
     for index, sae_cfg in enumerate(cfg.saes):
         if indices is not None and index not in indices:
             continue
-        sae_cfg.d_in = d_in
         sae_cfg.hook_name = sae_cfg.hook_name or provenance["hook_name"]
+        width = getattr(source, "width", lambda hook: d_in)  # a source of one hook's rows: d_in
+        sae_cfg.d_in = width(sae_cfg.hook_name)
+        if sae_cfg.architecture in TRANSCODERS:
+            sae_cfg.d_out = width(sae_cfg.hook_name_out)
         sae_cfg.model_name = sae_cfg.model_name or provenance["model_name"]
         generator = torch.Generator().manual_seed(_init_seed(cfg.seed, index))
         sae = build_sae(sae_cfg, generator=generator).to(device)
@@ -287,27 +299,45 @@ def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -
     calibrate GBA's biases."""
     if source.n_batches(cfg.batch_size) == 0:
         raise SaelabError(f"the data has fewer rows than one batch of {cfg.batch_size}; lower batch_size")
-    rows, sample = 0, []
-    for x, _ in source.batches(cfg.batch_size, seed=cfg.seed + _INIT_SEED_OFFSET):
-        sample.append(x.float())
-        rows += len(x)
-        if rows >= cfg.init_sample_rows:
-            break
-    sample = torch.cat(sample)[: cfg.init_sample_rows]
-    scale = input_scale(sample) if cfg.normalize_activations else 1.0
-    medians: dict[str, torch.Tensor] = {}  # per input_norm: b_dec's start, the geometric median in the SAE's space
+    samples = _initialization_sample(cfg, source)
+    medians: dict[tuple[str, str], torch.Tensor] = {}  # b_dec's start per (hook, input_norm): the geometric median
     for state in states:
         sae = state.sae
+        sample = samples[sae.cfg.hook_name] if sae.cfg.hook_name in samples else samples[""]
         if sae.cfg.input_norm == "layer_norm":  # per-token scales; `input_scale` is their typical one
             typical_std = (1 / sae.token_norm(sample).scale).mean()
             sae.input_scale.fill_(float(1 / typical_std))
         else:
-            sae.input_scale.fill_(scale)
-        if sae.cfg.input_norm not in medians:
-            medians[sae.cfg.input_norm] = geometric_median(sae.token_norm(sample).into(sample))
-        sae.b_dec.copy_(medians[sae.cfg.input_norm])
+            sae.input_scale.fill_(input_scale(sample) if cfg.normalize_activations else 1.0)
+        if isinstance(sae, Transcoder):  # b_dec lives in the target's space, scaled by its own factor
+            sample = samples[sae.cfg.hook_name_out]
+            sae.target_scale.fill_(input_scale(sample) if cfg.normalize_activations else 1.0)
+        key = (sae.cfg.hook_name_out or sae.cfg.hook_name, sae.cfg.input_norm)
+        if key not in medians:
+            medians[key] = geometric_median(sae.output_norm(sae.token_norm(sample)).into(sample))
+        sae.b_dec.copy_(medians[key])
         if isinstance(sae, GBASAE):
             sae.calibrate_biases(sample)
+
+
+def _initialization_sample(cfg: TrainConfig, source: BatchSource) -> dict[str, torch.Tensor]:
+    """`init_sample_rows` rows drawn apart from the training epochs, by hook ("" and the run's hook: its own)."""
+    rows, parts = 0, []
+    for batch in source.batches(cfg.batch_size, seed=cfg.seed + _INIT_SEED_OFFSET):
+        x, _, *others = batch
+        parts.append({"": x, **(others[0] if others else {})})
+        rows += len(x)
+        if rows >= cfg.init_sample_rows:
+            break
+    samples = {hook: torch.cat([part[hook] for part in parts])[: cfg.init_sample_rows].float() for hook in parts[0]}
+    samples[cfg.hook or getattr(source, "hook", "")] = samples[""]
+    return samples
+
+
+def _penalty_scale(warmup: float, step: int, cfg: TrainConfig) -> float:
+    """The sparsity penalty's share at `step`: linear from 1/(warm-up steps) to 1 over the first `warmup` of the run."""
+    warmup_steps = warmup * cfg.n_steps
+    return 1.0 if warmup_steps < 1 else min(1.0, (step + 1) / warmup_steps)
 
 
 def _learning_rate(base: float, step: int, cfg: TrainConfig) -> float:
@@ -347,14 +377,27 @@ def _run_steps(
                 position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
                 batches = _batches(source, cfg, position["epoch"], 0, needs_gradients, parallel)
                 continue
-            x, gradient = batch[0].to(device), None if batch[1] is None else batch[1].to(device)
+            x, gradient, *others = batch
+            gradient = None if gradient is None else gradient.to(device)
+            rows = {"": x.to(device)} | {hook: rows.to(device) for hook, rows in (others[0] if others else {}).items()}
             metrics = []
             for state in states:
                 for group in state.optimizer.param_groups:
                     scale = group.get("lr_scale", 1.0)  # absent from optimisers saved before groups had scales
                     group["lr"] = _learning_rate(state.lr, position["step"], cfg) * scale
+                sae_cfg = state.sae.cfg
                 step_metrics = train_step(
-                    state.sae, state.optimizer, x, gradient, state.tracker, cfg.aux_alpha, k_aux, kernels, parallel
+                    state.sae,
+                    state.optimizer,
+                    rows.get(sae_cfg.hook_name, rows[""]),
+                    gradient,
+                    state.tracker,
+                    cfg.aux_alpha,
+                    k_aux,
+                    kernels,
+                    parallel,
+                    target=rows[sae_cfg.hook_name_out] if sae_cfg.architecture in TRANSCODERS else None,
+                    penalty_scale=_penalty_scale(sae_cfg.penalty_warmup, position["step"], cfg),
                 )
                 if parallel is not None:
                     step_metrics = _global_metrics(step_metrics, parallel, device)
@@ -387,10 +430,14 @@ def _batches(
     rows = parallel.slice_of(cfg.batch_size)
     if isinstance(source, StoreSource):  # reads only this rank's rows
         return source.batch_slices(cfg.batch_size, seed, rows, start_batch, with_gradients)
-    return (
-        (x[rows], None if g is None else g[rows])
-        for x, g in source.batches(cfg.batch_size, seed, start_batch, with_gradients)
-    )
+    return (_slice(batch, rows) for batch in source.batches(cfg.batch_size, seed, start_batch, with_gradients))
+
+
+def _slice(batch: Batch, rows: slice) -> Batch:
+    """The rows `rows` of every tensor of a batch."""
+    x, gradient, *others = batch
+    sliced = (x[rows], None if gradient is None else gradient[rows])
+    return (*sliced, {hook: tensor[rows] for hook, tensor in others[0].items()}) if others else sliced
 
 
 def _global_metrics(metrics: dict[str, float], parallel: DataParallel, device: torch.device) -> dict[str, float]:
