@@ -194,7 +194,7 @@ def _dashboard(args: argparse.Namespace) -> None:
 
 
 def _import_sae(args: argparse.Namespace) -> None:
-    from saelab.sae.pretrained import import_pretrained_sae
+    from saelab.train.pretrained import import_pretrained_sae
 
     imported = import_pretrained_sae(args.release, args.sae_id, args.store, args.out, args.releases, args.label)
     source = imported.source

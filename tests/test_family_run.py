@@ -38,8 +38,8 @@ SWEEP = [
     SAEConfig(architecture="jumprelu", d_sae=576, l0_coefficient=0.5),
     SAEConfig(architecture="gated", d_sae=576, l1_coefficient=2.0),
     SAEConfig(architecture="matryoshka_batchtopk", d_sae=576, k=8),
-    SAEConfig(architecture="transcoder", d_sae=576, hook_name=MLP_IN, hook_name_out=MLP_OUT, l1_coefficient=2.0),
-    SAEConfig(architecture="skip_transcoder", d_sae=576, hook_name=MLP_IN, hook_name_out=MLP_OUT, l1_coefficient=2.0),
+    SAEConfig(architecture="transcoder", d_sae=576, hook_name=MLP_IN, hook_name_out=MLP_OUT, l1_coefficient=0.5),
+    SAEConfig(architecture="skip_transcoder", d_sae=576, hook_name=MLP_IN, hook_name_out=MLP_OUT, l1_coefficient=0.5),
 ]
 
 

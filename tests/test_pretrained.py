@@ -16,7 +16,7 @@ from saelab.cli import main
 from saelab.errors import SaelabError
 from saelab.run_layout import CONFIG_FILE, EVAL_FILE, FEATURES_FILE
 from saelab.sae import load_sae
-from saelab.sae.pretrained import import_pretrained_sae, read_releases, same_model, write_pretrained_sae
+from saelab.train.pretrained import import_pretrained_sae, read_releases, same_model, write_pretrained_sae
 
 HOOK = "blocks.15.hook_resid_post"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
