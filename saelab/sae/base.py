@@ -139,8 +139,9 @@ class SparseAutoencoder(nn.Module):
         """What the encoder subtracts from x' first: b_dec (SAELens's apply_b_dec_to_input), [d_in]."""
         return self.b_dec
 
-    def skip(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """A linear term of the input added to the decoding (skip transcoders); None for the others."""
+    def skip(self, x: torch.Tensor, norm: TokenNorm) -> torch.Tensor | None:
+        """A linear term of the tokens x (mapped by `norm`) added to the decoding, in the SAE's output space
+        (skip transcoders); None for the others, which then map nothing."""
         return None
 
     def decoder_directions(self) -> torch.Tensor:
@@ -184,7 +185,7 @@ class SparseAutoencoder(nn.Module):
         pre = self.pre_activations(x, norm)
         latents = self.select(pre, gradient)
         reconstruction = self.decode(latents, norm)
-        skip = self.skip(norm.into(x))
+        skip = self.skip(x, norm)
         if skip is not None:
             reconstruction = reconstruction + self.output_norm(norm).direction(skip)
         return SAEOutput(reconstruction, latents, pre)
@@ -248,7 +249,7 @@ class SparseAutoencoder(nn.Module):
         values = self.kept_values(indices, pre, valid)
         self.selected_(values.detach())
         decoded = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        skip = self.skip(inputs)
+        skip = self.skip(x, norm)
         out_norm = self.output_norm(norm)
         reconstruction = out_norm.out_of(decoded if skip is None else decoded + skip)
         aux = None

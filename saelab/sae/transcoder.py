@@ -53,5 +53,5 @@ class SkipTranscoder(Transcoder):
         super().__init__(cfg, generator)
         self.W_skip = nn.Parameter(torch.zeros(cfg.output_width, cfg.d_in))
 
-    def skip(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs @ self.W_skip.T
+    def skip(self, x: torch.Tensor, norm: TokenNorm) -> torch.Tensor:
+        return norm.into(x) @ self.W_skip.T
