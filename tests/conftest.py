@@ -15,13 +15,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from saelab.models import SMOLLM2_SPEC, load_model
-from saelab.models.smollm2 import converted_smollm2_dir
-
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real offline default model as saelab loads it (a TransformerBridge on the CPU)."""
+    """The real offline default model as saelab loads it (a TransformerBridge on the CPU).
+
+    saelab.models is imported here, not at the top: the kernel and trainer tests also run on a GPU
+    machine that has torch but not transformer-lens (benchmarks/gpu_check.sh)."""
+    from saelab.models import SMOLLM2_SPEC, load_model
+
     return load_model(SMOLLM2_SPEC, device="cpu")
 
 
@@ -32,6 +34,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It goes through the same loading path as any hub model a user names, without a network.
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from saelab.models.smollm2 import converted_smollm2_dir
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(converted_smollm2_dir())
@@ -55,6 +59,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
+    from saelab.models import load_model
+
     return load_model(str(tiny_model_dir), device="cpu")
 
 

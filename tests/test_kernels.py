@@ -1,7 +1,8 @@
 """saelab.kernels against their dense references (saelab/kernels/reference.py) on random inputs.
 
 Tolerances are relative to the largest reference entry: float64 < 1e-6, float32 < 1e-4.
-The Triton kernels run under TRITON_INTERPRET=1 on the CPU (small sizes), and natively on a GPU.
+The Triton kernels run under TRITON_INTERPRET=1 on the CPU (small sizes), and natively on a GPU; where
+a GPU is present, the tests marked with DEVICES also run there (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from saelab.kernels.selection import GROUP, row_topk
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 # (batch, d, n, k, tile): k = 1, k = n, a batch of 1, tiles that do not divide n.
 SHAPES = [(37, 24, 300, 5, None), (37, 24, 300, 5, 64), (1, 16, 50, 1, 7), (9, 8, 40, 40, 16), (64, 33, 129, 8, 128)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def random_sae(batch: int, d: int, n: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_sae(
+    batch: int, d: int, n: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     tensors = {
         "x": torch.randn(batch, d, generator=gen, dtype=dtype),
@@ -39,21 +43,21 @@ def random_sae(batch: int, d: int, n: int, dtype: torch.dtype, seed: int = 0) ->
         "b_dec": torch.randn(d, generator=gen, dtype=dtype) * 0.1,
         "W_dec": torch.randn(n, d, generator=gen, dtype=dtype) / d**0.5,
     }
-    return {name: t.requires_grad_() for name, t in tensors.items()}
+    return {name: t.to(device).requires_grad_() for name, t in tensors.items()}
 
 
 def kernel_loss(p: dict[str, torch.Tensor], rule: object, tile: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A loss through sparse_encode → relu → sparse_decode with a random linear read-out."""
     encoded = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [rule], tile)
     out = sparse_decode(encoded.indices[0], encoded.values[0].relu(), p["W_dec"])
-    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     return encoded.indices[0], (out * readout).sum() + (out**2).sum()
 
 
 def reference_loss(p: dict[str, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     indices, values = ref.dense_topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k)
     out = ref.dense_decode(indices, values.relu(), p["W_dec"])
-    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    readout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     return indices, (out * readout).sum() + (out**2).sum()
 
 
@@ -67,11 +71,12 @@ def assert_grads_match(p: dict[str, torch.Tensor], loss: torch.Tensor, want_loss
         assert relative_error(g, w) < TOLERANCE[dtype], name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-n{}-k{}-tile{}".format(*s))
-def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype):
+def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype, device):
     batch, d, n, k, tile = shape
-    p = random_sae(batch, d, n, dtype)
+    p = random_sae(batch, d, n, dtype, device=device)
     indices, loss = kernel_loss(p, RowTopK(k), tile)
     want_indices, want_loss = reference_loss(p, k)
     assert torch.equal(indices.sort(-1).values, want_indices.sort(-1).values), "same latents as torch.topk"
@@ -80,11 +85,12 @@ def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype):
 
 def check_products(indices: torch.Tensor, k: int, n: int, dtype: torch.dtype, seed: int) -> None:
     """Every sparse product (and `latent_sums`, `gather_latents`) of `indices` [batch, k] over n latents on random
-    inputs against its dense definition."""
+    inputs (on `indices`'s device) against its dense definition."""
     gen = torch.Generator().manual_seed(seed)
     batch, d = indices.shape[0], 11
     values, left = torch.randn(batch, k, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
     dense_n, dense_b = torch.randn(n, d, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
+    values, left, dense_n, dense_b = (t.to(indices.device) for t in (values, left, dense_n, dense_b))
     checks = [
         (sparse_ops.rows_matmul(indices, values, dense_n), ref.rows_matmul(indices, values, dense_n)),
         (
@@ -100,26 +106,29 @@ def check_products(indices: torch.Tensor, k: int, n: int, dtype: torch.dtype, se
         assert relative_error(got, want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dtype):
+def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dtype, device):
     batch, n, k = 17, 23, 9
     indices = torch.randint(0, n, (batch, k), generator=torch.Generator().manual_seed(3))
     indices[:, 1] = indices[:, 0]  # a latent listed twice in a row adds up
-    check_products(indices, k, n, dtype, seed=3)
+    check_products(indices.to(device), k, n, dtype, seed=3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_full_rows_are_multiplied_densely_and_equal_their_dense_definitions(dtype):
+def test_full_rows_are_multiplied_densely_and_equal_their_dense_definitions(dtype, device):
     """Rows that hold every latent in order (what a mostly-passing selection returns) take the dense path."""
     batch, n = 13, 29
-    indices = sparse_ops.full_rows(batch, n, torch.device("cpu"))
+    indices = sparse_ops.full_rows(batch, n, torch.device(device))
     assert sparse_ops.is_full(indices, n) and not sparse_ops.is_full(indices.contiguous(), n)
     check_products(indices, n, n, dtype, seed=4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile", [None, 10])
-def test_a_mostly_passing_threshold_rule_returns_full_rows_equal_to_its_sparse_result(tile, monkeypatch):
-    u = torch.randn(21, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+def test_a_mostly_passing_threshold_rule_returns_full_rows_equal_to_its_sparse_result(tile, device, monkeypatch):
+    u = torch.randn(21, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     results = {}
     for fraction in (1.0, 0.0):  # never dense, always dense
         monkeypatch.setattr(selection, "DENSE_FRACTION", fraction)
@@ -164,11 +173,12 @@ def test_auxk_rule_picks_only_allowed_latents_and_pads_when_too_few():
         assert (got.pre_activations[~got.valid] == 0).all() if got.valid is not None else n_allowed >= 5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile", [None, 17])
-def test_batch_topk_and_threshold_rules_equal_dense_selection(tile):
-    p = random_sae(19, 10, 70, torch.float64)
+def test_batch_topk_and_threshold_rules_equal_dense_selection(tile, device):
+    p = random_sae(19, 10, 70, torch.float64, device=device)
     u = ((p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]).detach()
-    threshold = torch.rand(70, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.3
+    threshold = torch.rand(70, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device) * 0.3
     flat = u.relu().flatten()
     batch_dense = torch.zeros_like(flat).scatter(0, flat.topk(19 * 4).indices, flat.topk(19 * 4).values).view_as(u)
     for rule, want in ((BatchTopK(4), batch_dense), (AboveThreshold(threshold), u * (u > threshold))):
@@ -179,9 +189,10 @@ def test_batch_topk_and_threshold_rules_equal_dense_selection(tile):
         torch.testing.assert_close(dense, want)
 
 
-def test_padded_rules_give_no_gradient_to_padded_slots():
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_rules_give_no_gradient_to_padded_slots(device):
     """GBA's ReLU through the kernels: gradients equal the dense ReLU SAE's."""
-    p = random_sae(15, 12, 80, torch.float64)
+    p = random_sae(15, 12, 80, torch.float64, device=device)
     encoded = sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [AboveThreshold(0.0)], tile=30)
     loss = (sparse_decode(encoded.indices[0], encoded.values[0].relu(), p["W_dec"]) ** 2).sum()
     u = (p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]

@@ -133,8 +133,8 @@ def test_a_training_step_has_the_papers_loss_and_gradients(architecture, selecti
         W = reference.W_dec
         want["W_dec"] = want["W_dec"] - (want["W_dec"] * W).sum(1, keepdim=True) * W
 
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-9)
-    assert 0 < metrics["l0"] < D_SAE
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-9)
+    assert 0 < float(metrics["l0"]) < D_SAE
     assert set(got) == set(want)
     for name in want:
         assert want[name].abs().max() > 0, f"{name}: the reference gives no gradient, so the test could not fail"
@@ -202,8 +202,8 @@ def test_matryoshka_nested_losses_are_each_prefix_reconstructing_alone():
     sae.threshold.zero_(), sae.threshold_weight.zero_()
     metrics = train_step(sae, optimizer, x, None, tracker, 0.0, 0)
     want = torch.stack([fvu(n, x) for n in out.nested] + [fvu(out.reconstruction, x)]).mean()
-    assert metrics["loss"] == pytest.approx(want.item(), rel=1e-9)
-    assert metrics["fvu"] == pytest.approx(fvu(out.reconstruction, x).item(), rel=1e-9)
+    assert float(metrics["loss"]) == pytest.approx(want.item(), rel=1e-9)
+    assert float(metrics["fvu"]) == pytest.approx(fvu(out.reconstruction, x).item(), rel=1e-9)
 
 
 def test_matryoshka_with_one_level_is_batchtopk():

@@ -1,6 +1,9 @@
-"""The trainer's parts against simple references: losses, initialisation, dead latents, checkpoints."""
+"""The trainer's parts against simple references: losses, initialisation, dead latents, checkpoints, prefetching."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
@@ -10,7 +13,11 @@ from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.loss import normalized_mse
+from saelab.train.prefetch import Prefetcher
 from saelab.train.sources import TensorSource
+from saelab.train.step import read_metrics
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def test_normalized_mse_matches_a_hand_computation():
@@ -52,6 +59,62 @@ def test_dead_tracker_counts_tokens_since_firing():
     assert tracker.dead.tolist() == [True, False, True, False] and tracker.dead_fraction() == 0.5
     tracker.update(torch.tensor([[0]]), torch.tensor([[3.0]]))
     assert tracker.tokens_since_fired.tolist() == [0, 1, 11, 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_dead_latent_bound_never_misses_a_dead_latent(device):
+    """`may_have_dead` is kept without waiting for the device; it may say yes with none dead, never no with one."""
+    generator = torch.Generator().manual_seed(0)
+    tracker = DeadLatentTracker(d_sae=50, dead_tokens=40, device=device)
+    steps_with_dead = 0
+    for _ in range(80):
+        indices = torch.randint(0, 50, (8, 3), generator=generator)
+        values = torch.rand(8, 3, generator=generator) - 0.3  # a slot with value ≤ 0 is no firing
+        tracker.update(indices.to(device), values.to(device))
+        any_dead = bool(tracker.dead.any())
+        steps_with_dead += any_dead
+        assert tracker.may_have_dead() or not any_dead
+        if device == "cpu":  # there the bound is the exact maximum
+            assert tracker.may_have_dead() == any_dead
+    assert 0 < steps_with_dead < 80, "the run should pass through both states"
+
+
+def test_read_metrics_reads_every_step_in_order():
+    steps = [{"loss": torch.tensor(float(i)), "l0": torch.tensor(i * 2.0)} for i in range(3)]
+    steps[1]["penalty"] = torch.tensor(7.0, dtype=torch.float64)
+    assert read_metrics(steps) == [
+        {"loss": 0.0, "l0": 0.0},
+        {"loss": 1.0, "l0": 2.0, "penalty": 7.0},
+        {"loss": 2.0, "l0": 4.0},
+    ]
+    assert read_metrics([]) == []
+
+
+def test_the_prefetcher_keeps_the_order_and_passes_errors_on():
+    with Prefetcher(iter(range(50)), lambda item: item * 2, depth=3) as prefetched:
+        assert list(prefetched) == [2 * i for i in range(50)]
+
+    def failing():
+        yield 1
+        raise ValueError("shard 3 is damaged")
+
+    with Prefetcher(failing(), lambda item: item) as prefetched:
+        assert next(prefetched) == 1
+        with pytest.raises(ValueError, match="shard 3 is damaged"):
+            next(prefetched)
+
+
+def test_closing_the_prefetcher_stops_its_thread_while_the_queue_is_full():
+    def endless():
+        while True:
+            yield torch.zeros(4)
+
+    before = threading.active_count()
+    prefetcher = Prefetcher(endless(), lambda item: item, depth=2)
+    next(prefetcher)
+    time.sleep(0.05)  # the thread fills the queue and waits for room
+    prefetcher.close()
+    assert threading.active_count() == before
 
 
 def test_checkpoints_are_verified_and_pruned(tmp_path):

@@ -85,6 +85,19 @@ def test_every_variant_learns_and_saves(tmp_path):
     assert any("group0/freq" in m for m in gba_rows), "GBA logs each group's frequency against its target"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it on one)")
+def test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does(tmp_path):
+    """On CUDA: pinned batches read ahead, dead-latent counters on the device, metrics read only to log."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        train(run_config(tmp_path / device, device=device, dtype="float32"), source=sparse_data(), progress=False)
+        runs[device] = json.loads((tmp_path / device / "summary.json").read_text())
+    for label, cpu in runs["cpu"].items():
+        gpu = runs["cuda"][label]
+        assert gpu["fvu"] == pytest.approx(cpu["fvu"], rel=0.2, abs=0.02), label
+        assert gpu["l0"] == pytest.approx(cpu["l0"], rel=0.2), label
+
+
 def test_each_step_keeps_decoder_rows_unit_norm():
     sae = build_sae(SAEConfig(d_in=D_IN, d_sae=32, k=3), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
@@ -132,6 +145,30 @@ def test_resume_from_a_middle_checkpoint_is_bit_for_bit(tmp_path):
         return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows if row["step"] > 20]
 
     assert without_speed(read_metrics(resumed_run)) == without_speed(read_metrics(tmp_path / "full"))
+
+
+def test_dtype_auto_is_float32_on_the_cpu_and_resumes_a_float32_run(tmp_path):
+    cfg = run_config(tmp_path / "run", saes=sweep()[:1], n_tokens=256 * 20, dtype="float32")
+    assert TrainConfig(dtype="auto").resolved_dtype("cpu") == "float32"
+    assert TrainConfig(dtype="auto").resolved_dtype("cuda:1") == "bfloat16"
+    assert TrainConfig(dtype="float32").resolved_dtype("cuda") == "float32"
+    first = train(cfg, source=sparse_data(), progress=False)
+    (tmp_path / "run" / "saes").rename(tmp_path / "first-saes")
+    again = train(
+        run_config(tmp_path / "run", saes=sweep()[:1], n_tokens=256 * 20, dtype="auto"),
+        source=sparse_data(),
+        resume=True,
+        progress=False,
+    )
+    for label, sae in first.items():
+        assert torch.equal(sae.W_enc, again[label].W_enc)
+    with pytest.raises(SaelabError, match="dtype: 'float32' → 'bfloat16'"):
+        train(
+            run_config(tmp_path / "run", saes=sweep()[:1], n_tokens=256 * 20, dtype="bfloat16"),
+            source=sparse_data(),
+            resume=True,
+            progress=False,
+        )
 
 
 def test_resuming_a_finished_run_keeps_its_saes_and_the_files_later_stages_wrote(tmp_path):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,7 @@ class ActivationStore:
         if self._manifest.dtype not in _DTYPES:
             raise SaelabError(f"{self.path}: activation dtype {self._manifest.dtype!r} is not one of {list(_DTYPES)}")
         check_layout(self.path, self._manifest)
-        for record in self._manifest.shards:
-            verify_shard(self.path, record, checksum=verify)
+        verify_shards(self.path, self._manifest.shards, checksum=verify)
         _check_no_unlisted_shards(self.path, self._manifest)
         shards = self._manifest.shards
         # starts[s] = global index of shard s's first row; searchsorted over it finds a row's shard.
@@ -314,6 +315,14 @@ def _mix(
             buffer = buffer[:keep]
     if buffer is not None and len(buffer):
         yield from buffer[torch.randperm(len(buffer), generator=generator)].split(batch_size)
+
+
+def verify_shards(store: Path, records: list[ShardRecord], checksum: bool) -> None:
+    """`verify_shard` for every shard, on several threads (hashlib releases the GIL: opening a store of
+    many shards takes its sha256s at the disk's pace, not one core's); the first bad shard in order raises."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(lambda record: verify_shard(store, record, checksum), records):
+            pass
 
 
 def check_layout(store: Path, manifest: StoreManifest) -> None:

@@ -1,9 +1,12 @@
 """Triton versions of the three sparse products in `sparse_ops.py` (same names, same contracts).
 
-One program per (row, block of d) for the two row products, per (row, block of k) for the sampled
-dot; they accumulate in float32 (float64 for float64 inputs). `rows_transpose_matmul` scatters with
-atomic adds, so on a GPU its float32 sums are not bit-reproducible run to run (the order of additions
-varies); the tests hold it to the reference within float tolerance. Imported only when Triton is installed.
+One program per (row, block of d) for `rows_matmul`, per (row, block of k) for the sampled dot, and
+per (latent, block of d) for `rows_transpose_matmul`; they accumulate in float32 (float64 for float64
+inputs). `rows_transpose_matmul` first sorts the batch's (token, slot) pairs by latent (one sort of
+batch·k keys, and `searchsorted` for where each latent's pairs start, which needs no host sync), so
+each program sums its latent's pairs and writes its output row once: the dense [n, d] result is
+written at memory speed, with no zero-fill before it and no atomic adds, and the same inputs give the
+same bits on every run. Imported only when Triton is installed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import triton.language as tl
 
 BLOCK_D = 64
 BLOCK_K = 16
+BLOCK_LATENT_D = 256  # columns per program of rows_transpose_matmul: its programs are many (n · d/256) and short
 
 
 @triton.jit
@@ -30,15 +34,20 @@ def _rows_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.co
 
 
 @triton.jit
-def _rows_transpose_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0)
+def _rows_transpose_matmul_kernel(
+    starts_ptr, pairs_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
+    latent = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < d
-    source = tl.load(dense_ptr + row * d + cols, mask=inside, other=0.0).to(ACC)
-    for j in range(k):
-        latent = tl.load(idx_ptr + row * k + j)
-        weight = tl.load(val_ptr + row * k + j).to(ACC)
-        tl.atomic_add(out_ptr + latent * d + cols, weight * source, mask=inside)
+    begin = tl.load(starts_ptr + latent)
+    end = tl.load(starts_ptr + latent + 1)
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for position in range(begin, end):  # this latent's (token, slot) pairs, as flat indices token·k + slot
+        pair = tl.load(pairs_ptr + position)
+        weight = tl.load(val_ptr + pair).to(ACC)
+        acc += weight * tl.load(dense_ptr + (pair // k) * d + cols, mask=inside, other=0.0).to(ACC)
+    tl.store(out_ptr + latent * d + cols, acc, mask=inside)
 
 
 @triton.jit
@@ -69,9 +78,15 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
 
 
 def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, dense.shape[1], device=dense.device, dtype=_accumulator(dense))
-    blocks = triton.cdiv(dense.shape[1], BLOCK_D)
-    return _launch(_rows_transpose_matmul_kernel, blocks, indices, values, dense, out, BLOCK_D)
+    batch, k = indices.shape
+    d = dense.shape[1]
+    out = torch.empty(n, d, device=dense.device, dtype=_accumulator(dense))  # every row is written
+    latents, pairs = torch.sort(indices.reshape(-1), stable=True)
+    starts = torch.searchsorted(latents, torch.arange(n + 1, device=latents.device))
+    if n and d:
+        args = (starts, pairs, values.contiguous(), dense.contiguous(), out, k, d)
+        _rows_transpose_matmul_kernel[(n, triton.cdiv(d, BLOCK_LATENT_D))](*args, BLOCK_LATENT_D, _triton_dtype(dense))
+    return out.to(dense.dtype)
 
 
 def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,10 @@ class SparseAutoencoder(nn.Module):
         the warm-up's fraction of the coefficient. None but for penalised variants."""
         return out.reconstruction.new_zeros(())
 
+    def logged_metrics(self) -> dict[str, float]:
+        """What a variant logs beside the losses, read when the trainer logs (GBA: each group's frequency)."""
+        return {}
+
     def selected_(self, values: torch.Tensor) -> None:
         """Called with the kept values after a training-mode selection (BatchTopK moves its threshold)."""
 
@@ -227,10 +231,11 @@ class SparseAutoencoder(nn.Module):
         """`forward` through the sparse kernels, plus AuxK's selection when `dead` [d_sae] bool is given.
 
         AuxK (Gao et al. 2024): the `k_aux` dead latents with the largest u per token, decoded without
-        b_dec, so that the trainer can ask them to explain the main reconstruction's residual.
+        b_dec, so that the trainer can ask them to explain the main reconstruction's residual. With no
+        latent dead that decoding is zero (the host never asks the device whether any is: it would wait).
         """
         rules = [self.selection_rule(x, gradient)]
-        if dead is not None and k_aux > 0 and bool(dead.any()):
+        if dead is not None and k_aux > 0:
             rules.append(RowTopK(min(k_aux, self.cfg.d_sae), allowed=dead))
         norm = self.token_norm(x)
         inputs = norm.into(x)

@@ -117,7 +117,9 @@ class GBASAE(SparseAutoencoder):
         self.register_buffer("max_pre_activation", torch.full((cfg.d_sae,), -torch.inf))
         self.register_buffer("tokens_observed", torch.zeros(cfg.n_groups, dtype=torch.long))
         self.register_buffer("group_frequency", torch.full((cfg.n_groups,), -1.0))
-        self._windows = [self._window(target) for target in cfg.group_targets()]
+        windows = torch.tensor([self._window(target) for target in cfg.group_targets()])
+        # [n_groups] tokens each group's window must hold before its biases adapt (`_window`)
+        self.register_buffer("window", windows, persistent=False)
 
     def parameter_groups(self) -> list[dict]:
         """Tied: a_i learns √d_in times faster than the weights. Adam moves every parameter by about lr a
@@ -214,11 +216,6 @@ class GBASAE(SparseAutoencoder):
         if start == 0:
             self.tokens_observed += tokens
 
-    @property
-    def window(self) -> torch.Tensor:
-        """[n_groups] tokens each group's window must hold before its biases adapt (`_window`)."""
-        return torch.tensor(self._windows, device=self.tokens_observed.device)
-
     def adaptation_due(self) -> bool:
         return bool(self._due_groups().any())
 
@@ -227,13 +224,14 @@ class GBASAE(SparseAutoencoder):
         return self.tokens_observed >= self.window
 
     @torch.no_grad()
-    def adapt_biases(self) -> dict[str, float]:
-        """Apply the update rule above to the groups whose window is full and start their new windows; returns
-        `group_metrics()`."""
+    def adapt_biases(self) -> None:
+        """Apply the update rule above to the groups whose window is full and start their new windows.
+
+        Every step computes the rule for every latent and keeps it where a window is full: asking the
+        device whether any is would make the host wait for it each step.
+        """
         cfg = self.cfg
         due_groups = self._due_groups()
-        if not bool(due_groups.any()):
-            return self.group_metrics()
         due = due_groups[self.group]
         freq = self.fires / self.tokens_observed[self.group].clamp_min(1)  # p̂_i
         reach = self.max_pre_activation  # r_i
@@ -261,6 +259,8 @@ class GBASAE(SparseAutoencoder):
         self.fires.masked_fill_(due, 0)
         self.max_pre_activation.masked_fill_(due, -torch.inf)
         self.tokens_observed.masked_fill_(due_groups, 0)
+
+    def logged_metrics(self) -> dict[str, float]:
         return self.group_metrics()
 
     def group_metrics(self) -> dict[str, float]:

@@ -27,8 +27,10 @@ class TrainConfig:
     `lr: null` uses Gao et al.'s 2e-4 / sqrt(d_sae / 2^14) per SAE; `dead_tokens: null` means
     min(10M, n_tokens / 10): a latent is dead after that many tokens without firing.
     `dtype: bfloat16` runs the encoder's dense product in bf16 (float32 accumulation; the kept values
-    are recomputed in float32). `encoder_tile: N` computes pre-activations N latents at a time, so
-    peak memory is O(batch · (k + N)) instead of O(batch · d_sae): for wide SAEs on small devices.
+    are recomputed in float32; the weights and Adam stay float32); `auto` (the default) is bfloat16 on
+    a GPU, as sparsify trains, and float32 on the CPU. `encoder_tile: N` computes pre-activations N
+    latents at a time, so peak memory is O(batch · (k + N)) instead of O(batch · d_sae): for wide SAEs
+    on small devices.
     """
 
     store: str = "runs/smollm2-135m/activations"
@@ -50,7 +52,7 @@ class TrainConfig:
     checkpoint_every_tokens: int = 204_800
     keep_checkpoints: int = 2
     log_every_steps: int = 5
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     encoder_tile: int | None = None
     device: str = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -97,6 +99,12 @@ class TrainConfig:
             raise ConfigError(f"encoder_tile: must be positive or null (all latents at once), got {self.encoder_tile}")
         if not 0 <= self.lr_decay_fraction <= 1:
             raise ConfigError(f"lr_decay_fraction: must be in [0, 1], got {self.lr_decay_fraction}")
+
+    def resolved_dtype(self, device: str) -> Literal["float32", "bfloat16"]:
+        """The encoder product's dtype on `device` (a torch device string)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
 
     @property
     def n_steps(self) -> int:

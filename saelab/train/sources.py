@@ -7,7 +7,7 @@ must be a deterministic function of (seed, batch index) so that a resumed run se
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -16,7 +16,15 @@ from saelab.harvest.store import ActivationStore
 
 # activations [batch, d_in], gradients or None; a source asked for `other_hooks` adds a third item, the same
 # rows at those hooks ({hook: [batch, width]}: a transcoder's target, an SAE of the sweep on another hook).
+# Rows may come in the store's dtype (half the bytes to move for a 16-bit store); the trainer makes them float32.
 Batch = tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
+
+
+def map_batch(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """`fn` applied to every tensor of a batch."""
+    x, gradient, *others = batch
+    mapped = (fn(x), None if gradient is None else fn(gradient))
+    return (*mapped, {hook: fn(rows) for hook, rows in others[0].items()}) if others else mapped
 
 
 class BatchSource(Protocol):
@@ -32,7 +40,8 @@ class BatchSource(Protocol):
 
 
 class StoreSource:
-    """One hook of an activation store (and the same rows at `other_hooks`), shuffled per epoch with its seed."""
+    """One hook of an activation store (and the same rows at `other_hooks`), shuffled per epoch with its seed,
+    in the store's dtype."""
 
     def __init__(self, store: ActivationStore, hook: str | None = None, other_hooks: Sequence[str] = ()) -> None:
         self.store = store
@@ -50,12 +59,13 @@ class StoreSource:
         if self.other_hooks:
             yield from self.batch_slices(batch_size, seed, slice(None), start_batch, with_gradients)
             return
+        batches = self.store.batches(
+            batch_size, self.hook, seed, dtype=self.store.dtype, start_batch=start_batch, with_gradients=with_gradients
+        )
         if with_gradients:
-            yield from self.store.batches(
-                batch_size, hook=self.hook, seed=seed, start_batch=start_batch, with_gradients=True
-            )
+            yield from batches
             return
-        for activations in self.store.batches(batch_size, hook=self.hook, seed=seed, start_batch=start_batch):
+        for activations in batches:
             yield activations, None
 
     def batch_slices(
@@ -65,12 +75,12 @@ class StoreSource:
         epoch = itertools.islice(self.store.batch_indices(batch_size, seed), start_batch, None)
         for index in epoch:
             part = index[rows]
-            gradients = self.store.gradient_rows(part, self.hook).float() if with_gradients else None
-            x = self.store.rows(part, self.hook).float()
+            gradients = self.store.gradient_rows(part, self.hook) if with_gradients else None
+            x = self.store.rows(part, self.hook)
             if not self.other_hooks:
                 yield x, gradients
                 continue
-            yield x, gradients, {hook: self.store.rows(part, hook).float() for hook in self.other_hooks}
+            yield x, gradients, {hook: self.store.rows(part, hook) for hook in self.other_hooks}
 
     def n_batches(self, batch_size: int) -> int:
         return self.store.n_batches(batch_size)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
 TOPK_FAMILY = ("topk", "batchtopk", "gsae", "matryoshka_batchtopk")
+StepMetrics = dict[str, torch.Tensor]  # name → a 0-d tensor on the device
 
 
 @dataclass
@@ -55,13 +56,16 @@ def train_step(
     data_parallel: DataParallel | None = None,
     target: torch.Tensor | None = None,
     penalty_scale: float = 1.0,
-) -> dict[str, float]:
+) -> StepMetrics:
     """x, gradient: [batch, d_in]; target: [batch, d_out], what a transcoder predicts (None: x itself);
     penalty_scale: the penalty's warm-up fraction. Returns the step's metrics (data-parallel: this
-    rank's shares)."""
+    rank's shares) as 0-d tensors on the device: a TopK step never waits for the device (`read_metrics`
+    does, so the trainer reads them only when it logs)."""
     kernels = kernels or KernelOptions()
     target = x if target is None else target
-    dead = tracker.dead.to(x.device) if sae.cfg.architecture in TOPK_FAMILY else None
+    dead = None
+    if sae.cfg.architecture in TOPK_FAMILY and k_aux > 0 and tracker.may_have_dead():
+        dead = tracker.dead.to(x.device)
     out = sae.sparse_forward(x, gradient, dead, k_aux, kernels.tile, kernels.matmul_dtype)
     fvu = normalized_mse(out.reconstruction, target, data_parallel)
     reconstruction_loss = fvu
@@ -69,9 +73,9 @@ def train_step(
         inner = [normalized_mse(prefix, target, data_parallel) for prefix in out.nested]
         reconstruction_loss = torch.stack([*inner, fvu]).mean()
     aux = torch.zeros((), device=x.device)
-    if out.aux_reconstruction is not None:
+    if dead is not None and out.aux_reconstruction is not None:
         residual = (target - out.reconstruction).detach()
-        aux = normalized_mse(out.aux_reconstruction, residual, data_parallel)
+        aux = normalized_mse(out.aux_reconstruction, residual, data_parallel) * dead.any()  # 0 when none is dead
     penalty = sae.penalty(out, penalty_scale)
     if penalty.requires_grad:
         share = 1 / data_parallel.world_size if data_parallel is not None else 1.0
@@ -87,10 +91,22 @@ def train_step(
     sae.constrain_()
 
     tracker.update(out.indices, out.values)
-    l0 = float((out.values > 0).sum(-1).float().mean())
-    metrics = {"loss": loss.item(), "fvu": fvu.item(), "aux_loss": aux.item(), "l0": l0}
+    metrics = {"loss": loss, "fvu": fvu, "aux_loss": aux, "l0": (out.values > 0).sum(-1).float().mean()}
     if penalty.requires_grad:
-        metrics["penalty"] = penalty.item()
-    if sae.cfg.architecture == "gba":  # every step logs each group's last measured frequency
-        metrics.update(sae.adapt_biases())  # adapts the groups whose window is full, if any
-    return metrics
+        metrics["penalty"] = penalty
+    if sae.cfg.architecture == "gba":
+        sae.adapt_biases()  # adapts the groups whose window is full, if any
+    return {name: value.detach() for name, value in metrics.items()}
+
+
+def read_metrics(steps: list[StepMetrics]) -> list[dict[str, float]]:
+    """Several steps' metrics as numbers, in one wait for the device."""
+    if not steps:
+        return []
+    names = [list(step) for step in steps]
+    values = torch.stack([value.double() for step in steps for value in step.values()]).tolist()
+    read, position = [], 0
+    for keys in names:
+        read.append(dict(zip(keys, values[position : position + len(keys)], strict=True)))
+        position += len(keys)
+    return read

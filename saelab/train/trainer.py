@@ -22,7 +22,7 @@ import copy
 import hashlib
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +49,9 @@ from saelab.train.config import TrainConfig
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.metrics_log import MetricsLog
-from saelab.train.sources import Batch, BatchSource, StoreSource
-from saelab.train.step import KernelOptions, train_step
+from saelab.train.prefetch import Prefetcher
+from saelab.train.sources import Batch, BatchSource, StoreSource, map_batch
+from saelab.train.step import KernelOptions, StepMetrics, read_metrics, train_step
 
 _INIT_SEED_OFFSET = 1_000_003  # the initialisation sample is drawn apart from the training epochs
 _NOT_IDENTITY = ("out", "device", "wandb", "keep_checkpoints", "log_every_steps")
@@ -146,7 +147,7 @@ def _data_parallel(cfg: TrainConfig, distribute_saes: bool) -> DataParallel | No
 
 def _portable(state: SAEState) -> SAEState:
     """What rank 0 needs of another rank's SAE to save it: a CPU copy, its counters, its recent metrics."""
-    return SAEState(copy.deepcopy(state.sae).cpu(), None, state.tracker, state.lr, state.recent)  # type: ignore[arg-type]
+    return SAEState(copy.deepcopy(state.sae).cpu(), None, state.tracker.cpu(), state.lr, state.recent)  # type: ignore[arg-type]
 
 
 def _in_sweep_order(cfg: TrainConfig, gathered: list[list[Any]]) -> list[Any]:
@@ -192,7 +193,10 @@ def _has_results(out: Path) -> bool:
 
 
 def _identity(cfg: TrainConfig) -> dict[str, Any]:
-    return config_identity(cfg, ignore=_NOT_IDENTITY)
+    """What a resumed run must share with its start; `dtype: auto` counts as what it means on this device,
+    so a float32 run on the CPU resumes under `auto`, and an `auto` run started on the CPU not on a GPU."""
+    dtype = cfg.resolved_dtype(distributed.device_for(cfg.device))
+    return config_identity(cfg, ignore=_NOT_IDENTITY) | {"dtype": dtype}
 
 
 def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
@@ -244,7 +248,7 @@ def _build_states(
         groups = [{**group, "lr": lr * group["lr_scale"]} for group in sae.parameter_groups()]
         # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
         optimizer = torch.optim.Adam(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
-        tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel)
+        tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel, device)
         if parallel is not None and isinstance(sae, GBASAE):
             sae.data_parallel = parallel  # its window statistics are summed over ranks
         states.append(SAEState(sae, optimizer, tracker, lr))
@@ -273,7 +277,7 @@ def _restore_or_initialize(
         saved = checkpoint["saes"][state.sae.cfg.label]
         _load_sae_state(state.sae, saved["model"], latest)
         state.optimizer.load_state_dict(saved["optimizer"])
-        state.tracker.tokens_since_fired.copy_(saved["tokens_since_fired"])
+        state.tracker.load_(saved["tokens_since_fired"])
         state.recent = saved["recent"]
     return checkpoint["position"]
 
@@ -357,10 +361,16 @@ def _run_steps(
     progress: bool,
     parallel: DataParallel | None = None,
 ) -> None:
+    """Step every SAE on each batch until `cfg.n_steps`. The host never waits for the device but to read
+    the metrics, and only at the steps that log or checkpoint; batches arrive read ahead (`Prefetcher`)."""
+    if position["step"] >= cfg.n_steps:  # resumed after it had finished
+        return
     needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
-    kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+    bf16 = cfg.resolved_dtype(str(device)) == "bfloat16"
+    kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if bf16 else None)
     k_aux = cfg.k_aux if cfg.k_aux is not None else source.d_in // 2
-    batches = _batches(source, cfg, position["epoch"], position["batch_in_epoch"], needs_gradients, parallel)
+    unread: list[list[StepMetrics]] = [[] for _ in states]  # each SAE's metrics since they were last read
+    epochs = _epochs(source, cfg, position["epoch"], position["batch_in_epoch"], needs_gradients, parallel)
     bar = tqdm(
         total=cfg.n_steps * cfg.batch_size,
         initial=position["step"] * cfg.batch_size,
@@ -370,49 +380,105 @@ def _run_steps(
         disable=not progress,
     )
     started, start_step = time.perf_counter(), position["step"]
-    with bar:
-        while position["step"] < cfg.n_steps:
-            batch = next(batches, None)
-            if batch is None:  # end of an epoch: reshuffle with the next epoch's seed
-                position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
-                batches = _batches(source, cfg, position["epoch"], 0, needs_gradients, parallel)
-                continue
-            x, gradient, *others = batch
-            gradient = None if gradient is None else gradient.to(device)
-            rows = {"": x.to(device)} | {hook: rows.to(device) for hook, rows in (others[0] if others else {}).items()}
-            metrics = []
-            for state in states:
-                for group in state.optimizer.param_groups:
-                    scale = group.get("lr_scale", 1.0)  # absent from optimisers saved before groups had scales
-                    group["lr"] = _learning_rate(state.lr, position["step"], cfg) * scale
-                sae_cfg = state.sae.cfg
-                step_metrics = train_step(
-                    state.sae,
-                    state.optimizer,
-                    rows.get(sae_cfg.hook_name, rows[""]),
-                    gradient,
-                    state.tracker,
-                    cfg.aux_alpha,
-                    k_aux,
-                    kernels,
-                    parallel,
-                    target=rows[sae_cfg.hook_name_out] if sae_cfg.architecture in TRANSCODERS else None,
-                    penalty_scale=_penalty_scale(sae_cfg.penalty_warmup, position["step"], cfg),
-                )
-                if parallel is not None:
-                    step_metrics = _global_metrics(step_metrics, parallel, device)
-                    _synchronize_batchtopk(state.sae, parallel)
-                step_metrics.update(
-                    dead_fraction=state.tracker.dead_fraction(), lr=state.optimizer.param_groups[0]["lr"]
-                )
-                state.recent = (state.recent + [step_metrics])[-_SUMMARY_STEPS:]
-                metrics.append(step_metrics)
-            position.update(step=position["step"] + 1, batch_in_epoch=position["batch_in_epoch"] + 1)
+    with bar, Prefetcher(epochs, _host_side(device)) as batches:
+        for epoch, batch_in_epoch, batch in batches:
+            x, gradient, *others = map_batch(batch, lambda rows: rows.to(device, non_blocking=True).float())
+            rows = {"": x} | (others[0] if others else {})
+            for state, waiting in zip(states, unread, strict=True):
+                waiting.append(_step(cfg, state, rows, gradient, k_aux, kernels, position["step"], parallel, device))
+            position.update(step=position["step"] + 1, epoch=epoch, batch_in_epoch=batch_in_epoch + 1)
             bar.update(cfg.batch_size)
+            if not any(_due(cfg, position["step"])):  # only then are the metrics read from the device
+                continue
+            metrics = _read_metrics(states, unread)
             bar.set_postfix(
                 fvu=f"{metrics[0]['fvu']:.3f}", l0=f"{metrics[0]['l0']:.1f}", dead=f"{metrics[0]['dead_fraction']:.1%}"
             )
             _log_and_checkpoint(out, cfg, states, position, metrics, log, started, start_step, parallel)
+            if position["step"] >= cfg.n_steps:
+                return
+
+
+def _step(
+    cfg: TrainConfig,
+    state: SAEState,
+    rows: dict[str, torch.Tensor],
+    gradient: torch.Tensor | None,
+    k_aux: int,
+    kernels: KernelOptions,
+    step: int,
+    parallel: DataParallel | None,
+    device: torch.device,
+) -> StepMetrics:
+    """One SAE's step on the batch `rows` (by hook; "": the run's), at this step's learning rate."""
+    for group in state.optimizer.param_groups:
+        scale = group.get("lr_scale", 1.0)  # absent from optimisers saved before groups had scales
+        group["lr"] = _learning_rate(state.lr, step, cfg) * scale
+    sae_cfg = state.sae.cfg
+    metrics = train_step(
+        state.sae,
+        state.optimizer,
+        rows.get(sae_cfg.hook_name, rows[""]),
+        gradient,
+        state.tracker,
+        cfg.aux_alpha,
+        k_aux,
+        kernels,
+        parallel,
+        target=rows[sae_cfg.hook_name_out] if sae_cfg.architecture in TRANSCODERS else None,
+        penalty_scale=_penalty_scale(sae_cfg.penalty_warmup, step, cfg),
+    )
+    if parallel is not None:
+        metrics = _global_metrics(metrics, parallel, device)
+        _synchronize_batchtopk(state.sae, parallel)
+    return metrics
+
+
+def _due(cfg: TrainConfig, step: int) -> tuple[bool, bool]:
+    """(log, checkpoint): whether step `step` (counted from 1) logs and whether it checkpoints; the last does both."""
+    last = step >= cfg.n_steps
+    checkpoint_every = max(1, cfg.checkpoint_every_tokens // cfg.batch_size)
+    return step % cfg.log_every_steps == 0 or last, step % checkpoint_every == 0 or last
+
+
+def _read_metrics(states: list[SAEState], unread: list[list[StepMetrics]]) -> list[dict[str, float]]:
+    """Read every SAE's unread metrics (one wait for the device), keep the last ones in `recent`, and
+    return the latest step's per SAE with what is only read at log time: dead fraction, lr, a variant's own."""
+    latest = []
+    for state, waiting in zip(states, unread, strict=True):
+        read = read_metrics(waiting)
+        waiting.clear()
+        state.recent = (state.recent + read)[-_SUMMARY_STEPS:]
+        extras = {"dead_fraction": state.tracker.dead_fraction(), "lr": state.optimizer.param_groups[0]["lr"]}
+        latest.append({**read[-1], **state.sae.logged_metrics(), **extras})
+    return latest
+
+
+def _host_side(device: torch.device) -> Callable[[tuple[int, int, Batch]], tuple[int, int, Batch]]:
+    """What the prefetch thread does to each (epoch, index, batch): pin the batch for an asynchronous copy
+    to a GPU; on the CPU make it the float32 the step takes (there the thread's conversion overlaps the step)."""
+    prepare = torch.Tensor.pin_memory if device.type == "cuda" else torch.Tensor.float
+    return lambda item: (item[0], item[1], map_batch(item[2], prepare))
+
+
+def _epochs(
+    source: BatchSource,
+    cfg: TrainConfig,
+    epoch: int,
+    start_batch: int,
+    with_gradients: bool,
+    parallel: DataParallel | None,
+) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, index in the epoch, batch) from batch `start_batch` of epoch `epoch` on, epoch after epoch:
+    epoch e is the source shuffled with seed `cfg.seed + e`."""
+    while True:
+        yielded = False
+        for index, batch in enumerate(_batches(source, cfg, epoch, start_batch, with_gradients, parallel), start_batch):
+            yielded = True
+            yield epoch, index, batch
+        if not yielded and start_batch == 0:
+            raise SaelabError(f"the data has fewer rows than one batch of {cfg.batch_size}; lower batch_size")
+        epoch, start_batch = epoch + 1, 0
 
 
 def _batches(
@@ -435,17 +501,16 @@ def _batches(
 
 def _slice(batch: Batch, rows: slice) -> Batch:
     """The rows `rows` of every tensor of a batch."""
-    x, gradient, *others = batch
-    sliced = (x[rows], None if gradient is None else gradient[rows])
-    return (*sliced, {hook: tensor[rows] for hook, tensor in others[0].items()}) if others else sliced
+    return map_batch(batch, lambda tensor: tensor[rows])
 
 
-def _global_metrics(metrics: dict[str, float], parallel: DataParallel, device: torch.device) -> dict[str, float]:
-    """A step's metrics for the global batch: the loss terms are per-rank shares (summed), L0 a per-rank mean."""
+def _global_metrics(metrics: StepMetrics, parallel: DataParallel, device: torch.device) -> StepMetrics:
+    """A step's metrics for the global batch: the loss terms are per-rank shares (summed), L0 a per-rank mean.
+    Reduced on the device: nothing is read back."""
     keys = ("loss", "fvu", "aux_loss", "l0")
-    values = parallel.sum_(torch.tensor([metrics[key] for key in keys], dtype=torch.float64, device=device))
+    values = parallel.sum_(torch.stack([metrics[key].to(device, torch.float64) for key in keys]))
     values[3] /= parallel.world_size  # equal slices: the mean of the ranks' means
-    return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
+    return {**metrics, **dict(zip(keys, values.unbind(), strict=True))}
 
 
 @torch.no_grad()
@@ -474,9 +539,8 @@ def _log_and_checkpoint(
     With the SAEs distributed over ranks (`log` on rank 0, `parallel` None), rank 0 first gathers
     every rank's metrics and checkpoint entries, so it writes what one process would.
     """
-    step, last = position["step"], position["step"] == cfg.n_steps
-    log_due = step % cfg.log_every_steps == 0 or last
-    checkpoint_due = step % max(1, cfg.checkpoint_every_tokens // cfg.batch_size) == 0 or last
+    step = position["step"]
+    log_due, checkpoint_due = _due(cfg, step)
     if not (log_due or checkpoint_due) or (parallel is not None and log is None):
         return
     labelled = [(state.sae.cfg.label, m) for state, m in zip(states, metrics, strict=True)]
@@ -506,7 +570,7 @@ def _sae_checkpoint(state: SAEState) -> dict[str, Any]:
     return {
         "model": state.sae.state_dict(),
         "optimizer": state.optimizer.state_dict(),
-        "tokens_since_fired": state.tracker.tokens_since_fired,
+        "tokens_since_fired": state.tracker.tokens_since_fired.cpu(),
         "recent": state.recent,
     }
 

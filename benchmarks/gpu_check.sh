@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# saelab's GPU checks in one go, for a short time on a lent H100 or H200 (about 3 minutes):
+#   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path);
+#   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step;
+#   3. benchmarks/kernels.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
+#   4. a torch.profiler table of the largest shape.
+# Each part has its own time limit, so one that hangs cannot eat the others' time.
+#
+#   bash benchmarks/gpu_wheels.sh          # here, once: sparsify and its imports as wheels in .whl/
+#   then on the GPU machine, from the repo root, with .whl/ carried along:
+#   bash benchmarks/gpu_check.sh           # logs go to $OUT when set (the device tool's), else /tmp/gpu-check
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+run() {  # run NAME SECONDS COMMAND...: its output to the screen and to $out/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  echo "=== $name: exit ${PIPESTATUS[0]}"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+run tests 120 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
+  "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
+run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 400 --log-every 50
+run kernels 240 python3 benchmarks/kernels.py --device cuda
+run profile 60 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096
+run bf16 90 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 4096000
