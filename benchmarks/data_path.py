@@ -115,7 +115,7 @@ def timed_step(args: argparse.Namespace, activations: torch.Tensor, device: torc
     sae = build_sae(SAEConfig(architecture="topk", d_in=activations.shape[1], d_sae=args.n_latents, k=args.k))
     sae = sae.to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
-    tracker = DeadLatentTracker(args.n_latents, dead_tokens=10**15)
+    tracker = DeadLatentTracker(args.n_latents, dead_tokens=10**15, device=device)
     batches = [b.to(device).float() for b in activations[: 4 * args.batch].split(args.batch)]
     bf16 = TrainConfig(dtype=args.dtype).resolved_dtype(str(device)) == "bfloat16"
     kernels = KernelOptions(matmul_dtype=torch.bfloat16 if bf16 else None)

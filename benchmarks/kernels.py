@@ -224,7 +224,7 @@ def profile(implementation: str, shape: Shape, device: str) -> None:
             step(x)
         if device == "cuda":
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"{implementation}, {shape}, {device}: 3 steps")
     print(trace.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
 

@@ -224,12 +224,15 @@ def triton_ops(monkeypatch):
     return importlib.import_module("saelab.kernels.triton_ops")
 
 
+@pytest.mark.parametrize("pairs_per_program", [2, 64])  # 2: latents spread over several programs
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_triton_products_equal_their_dense_definitions(triton_ops, dtype):
+def test_triton_products_equal_their_dense_definitions(triton_ops, dtype, pairs_per_program, monkeypatch):
+    monkeypatch.setattr(triton_ops, "PAIRS_PER_PROGRAM", pairs_per_program)
     gen = torch.Generator().manual_seed(7)
     batch, d, n, k = 5, 70, 19, 6  # d not a multiple of the block; a duplicate latent per row
     indices = torch.randint(0, n, (batch, k), generator=gen)
     indices[:, 1] = indices[:, 0]
+    indices[:, 2] = 3  # latent 3 fires on every token: 5 pairs, more than 2 per program
     values, left = torch.randn(batch, k, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
     dense_n, dense_b = torch.randn(n, d, generator=gen, dtype=dtype), torch.randn(batch, d, generator=gen, dtype=dtype)
     on = [t.to(TRITON_DEVICE) for t in (indices, values, left, dense_n, dense_b)]

@@ -1,12 +1,16 @@
 """Triton versions of the three sparse products in `sparse_ops.py` (same names, same contracts).
 
-One program per (row, block of d) for `rows_matmul`, per (row, block of k) for the sampled dot, and
-per (latent, block of d) for `rows_transpose_matmul`; they accumulate in float32 (float64 for float64
-inputs). `rows_transpose_matmul` first sorts the batch's (token, slot) pairs by latent (one sort of
-batch·k keys, and `searchsorted` for where each latent's pairs start, which needs no host sync), so
-each program sums its latent's pairs and writes its output row once: the dense [n, d] result is
-written at memory speed, with no zero-fill before it and no atomic adds, and the same inputs give the
-same bits on every run. Imported only when Triton is installed.
+One program per (row, block of d) for `rows_matmul` and per (row, block of k) for the sampled dot;
+all accumulate in float32 (float64 for float64 inputs).
+
+`rows_transpose_matmul` sorts the batch's (token, slot) pairs by latent (one sort of batch·k keys;
+`searchsorted` finds where each latent's pairs start and which latent each program serves, so the
+host never waits for the device), then runs one program per (chunk of at most PAIRS_PER_PROGRAM of a
+latent's pairs, block of d). A latent whose pairs fit one chunk (most latents) has its output row
+written once, by a plain store; a latent firing on many tokens is spread over several programs that
+add into its row atomically, so no program walks thousands of pairs while the rest of the GPU idles.
+Only those rows' float32 sums can differ in the last bits run to run. The atomic version this replaces
+issued one atomic add per pair and column. Imported only when Triton is installed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import triton.language as tl
 
 BLOCK_D = 64
 BLOCK_K = 16
-BLOCK_LATENT_D = 256  # columns per program of rows_transpose_matmul: its programs are many (n · d/256) and short
+BLOCK_LATENT_D = 256  # columns per program of rows_transpose_matmul
+PAIRS_PER_PROGRAM = 64  # a latent's pairs per program of rows_transpose_matmul (the load-balancing chunk)
 
 
 @triton.jit
@@ -35,19 +40,38 @@ def _rows_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.co
 
 @triton.jit
 def _rows_transpose_matmul_kernel(
-    starts_ptr, pairs_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.constexpr, ACC: tl.constexpr
+    chunk_latent_ptr,
+    first_chunk_ptr,
+    starts_ptr,
+    pairs_ptr,
+    val_ptr,
+    dense_ptr,
+    out_ptr,
+    n,
+    k,
+    d,
+    PAIRS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    latent = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    begin = tl.load(starts_ptr + latent)
-    end = tl.load(starts_ptr + latent + 1)
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for position in range(begin, end):  # this latent's (token, slot) pairs, as flat indices token·k + slot
-        pair = tl.load(pairs_ptr + position)
-        weight = tl.load(val_ptr + pair).to(ACC)
-        acc += weight * tl.load(dense_ptr + (pair // k) * d + cols, mask=inside, other=0.0).to(ACC)
-    tl.store(out_ptr + latent * d + cols, acc, mask=inside)
+    chunk = tl.program_id(0)
+    latent = tl.load(chunk_latent_ptr + chunk)
+    if latent < n:  # the grid is an upper bound on the chunks; the programs past the last one have no work
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < d
+        latent_begin = tl.load(starts_ptr + latent)
+        latent_end = tl.load(starts_ptr + latent + 1)
+        begin = latent_begin + (chunk - tl.load(first_chunk_ptr + latent)) * PAIRS
+        end = tl.minimum(begin + PAIRS, latent_end)
+        acc = tl.zeros([BLOCK], dtype=ACC)
+        for position in range(begin, end):  # pairs as flat indices token·k + slot
+            pair = tl.load(pairs_ptr + position)
+            weight = tl.load(val_ptr + pair).to(ACC)
+            acc += weight * tl.load(dense_ptr + (pair // k) * d + cols, mask=inside, other=0.0).to(ACC)
+        if latent_end - latent_begin <= PAIRS:  # this latent's only program
+            tl.store(out_ptr + latent * d + cols, acc, mask=inside)
+        else:
+            tl.atomic_add(out_ptr + latent * d + cols, acc, mask=inside)
 
 
 @triton.jit
@@ -80,12 +104,20 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
 def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
     batch, k = indices.shape
     d = dense.shape[1]
-    out = torch.empty(n, d, device=dense.device, dtype=_accumulator(dense))  # every row is written
+    out = torch.zeros(n, d, device=dense.device, dtype=_accumulator(dense))  # the rows added into need zeros
+    if not (n and d and batch and k):
+        return out.to(dense.dtype)
     latents, pairs = torch.sort(indices.reshape(-1), stable=True)
+    # latent i's pairs are pairs[starts[i] : starts[i + 1]]
     starts = torch.searchsorted(latents, torch.arange(n + 1, device=latents.device))
-    if n and d:
-        args = (starts, pairs, values.contiguous(), dense.contiguous(), out, k, d)
-        _rows_transpose_matmul_kernel[(n, triton.cdiv(d, BLOCK_LATENT_D))](*args, BLOCK_LATENT_D, _triton_dtype(dense))
+    chunks = ((starts[1:] - starts[:-1] + PAIRS_PER_PROGRAM - 1) // PAIRS_PER_PROGRAM).clamp_min(1)
+    chunk_ends = chunks.cumsum(0)
+    # Σ max(1, ⌈c_i / P⌉) ≤ n + batch·k // P: a grid size known without reading `chunks` back from the device
+    grid = n + batch * k // PAIRS_PER_PROGRAM
+    chunk_latent = torch.searchsorted(chunk_ends, torch.arange(grid, device=latents.device), right=True)
+    args = (chunk_latent, chunk_ends - chunks, starts, pairs, values.contiguous(), dense.contiguous(), out, n, k, d)
+    blocks = (grid, triton.cdiv(d, BLOCK_LATENT_D))
+    _rows_transpose_matmul_kernel[blocks](*args, PAIRS_PER_PROGRAM, BLOCK_LATENT_D, _triton_dtype(dense))
     return out.to(dense.dtype)
 
 
