@@ -6,7 +6,8 @@
 Rows, all one TopK SAE and one batch size, timed in this one process in turn:
 
 - open: `ActivationStore(path)` (the manifest, every shard's size and sha256), a one-time cost;
-- read: the store's batches iterated alone, on the CPU (what the data path can deliver);
+- read, read-N: the store's batches iterated alone, on one thread and on N (what the data path can
+  deliver; `saelab train` reads on up to 8 threads when the step runs on a GPU, on one on the CPU);
 - store: `train()` from the store, as `saelab train` runs it;
 - tensor: `train()` from a `TensorSource` holding the same rows in CPU memory;
 - step: `train_step` alone on batches already on the device (the ceiling).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -102,11 +104,13 @@ def timed_train(cfg: TrainConfig, source: TensorSource | None) -> dict[str, floa
     return {"tokens_per_s": steady, "one_time_s": wall - cfg.n_tokens / steady}
 
 
-def timed_read(store: ActivationStore, batch: int, steps: int) -> dict[str, float]:
+def timed_read(store: ActivationStore, batch: int, steps: int, threads: int) -> dict[str, float]:
+    store.read_threads = threads
     start = time.perf_counter()
     for index, _ in enumerate(store.batches(batch, seed=0)):
         if index + 1 == steps:
             break
+    store.read_threads = 1
     return {"tokens_per_s": steps * batch / (time.perf_counter() - start)}
 
 
@@ -159,7 +163,9 @@ def main() -> None:
         start = time.perf_counter()
         store = ActivationStore(store_path)
         results = {"open": {"one_time_s": time.perf_counter() - start}}
-        results["read"] = timed_read(store, args.batch, args.steps)
+        threads = min(8, os.cpu_count() or 1)
+        results["read"] = timed_read(store, args.batch, args.steps, 1)
+        results[f"read-{threads}"] = timed_read(store, args.batch, args.steps, threads)
         results["store"] = timed_train(train_config(args, store_path, work / "store-run"), None)
         in_memory = TensorSource(store.rows(torch.arange(store.n_rows), store.hook_name(None)).float())
         results["tensor"] = timed_train(train_config(args, store_path, work / "tensor-run"), in_memory)

@@ -140,8 +140,9 @@ def test_unknown_hook_lists_the_hooks(tmp_path):
 # ---- random access -----------------------------------------------------------------------------
 
 
-def test_rows_match_the_source_across_shard_boundaries(source):
-    store = ActivationStore(source.path)
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_rows_match_the_source_across_shard_boundaries(source, read_threads):
+    store = ActivationStore(source.path, read_threads=read_threads)
     boundaries = torch.tensor([0, 14, 15, 16, 39, 40, 41, 59])
     indices = torch.cat([torch.randint(0, 60, (50,), generator=torch.Generator().manual_seed(1)), boundaries])
     got = store.rows(indices)
@@ -403,6 +404,17 @@ def test_flipped_byte_fails_the_checksum_naming_the_shard(source):
         ActivationStore(source.path)
     assert "shard-000001.safetensors" in str(error.value)
     ActivationStore(source.path, verify=False)  # sizes still match: only the checksum sees it
+
+
+def test_of_several_bad_shards_the_first_is_named(source):
+    """Shards are checked on several threads; the error is still the first bad shard's, as one thread gave."""
+    for index in (2, 1):
+        path = source.path / shard_file(index)
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0x40
+        path.write_bytes(bytes(data))
+    with pytest.raises(SaelabError, match="shard-000001.safetensors"):
+        ActivationStore(source.path)
 
 
 def test_truncated_shard_is_named_even_without_verify(source):

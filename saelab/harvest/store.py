@@ -13,6 +13,7 @@ A store harvested with `gradients: true` also holds ∂L/∂x beside each activa
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,10 +41,15 @@ class ActivationStore:
 
     Opening checks every listed shard (sizes always, sha256 when `verify`); shards are mapped
     lazily, once each, on first use.
+
+    `read_threads` > 1 copies a batch's rows from its shards on that many threads (the copies release
+    the GIL). The trainer asks for several when the step runs on a GPU and the host's cores are
+    otherwise idle; on the CPU the step needs them, and reading stays on one.
     """
 
-    def __init__(self, path: str | Path, verify: bool = True) -> None:
+    def __init__(self, path: str | Path, verify: bool = True, read_threads: int = 1) -> None:
         self.path = Path(path)
+        self.read_threads = read_threads
         self._manifest = read_manifest(self.path)
         if self._manifest.dtype not in _DTYPES:
             raise SaelabError(f"{self.path}: activation dtype {self._manifest.dtype!r} is not one of {list(_DTYPES)}")
@@ -273,8 +279,17 @@ class ActivationStore:
         shards, counts = torch.unique_consecutive(shard, return_counts=True)
         local = (ordered - self._row_starts[shard]).split(counts.tolist())
         positions = order.split(counts.tolist())
-        for s, rows, where in zip(shards.tolist(), local, positions, strict=True):
+        parts = list(zip(shards.tolist(), local, positions, strict=True))
+
+        def copy_part(part: tuple[int, torch.Tensor, torch.Tensor]) -> None:
+            s, rows, where = part  # each part fills its own rows of `out`
             out[where] = self._shard(s)[name].index_select(0, rows)
+
+        if self.read_threads > 1 and len(parts) > 1:
+            list(_reader_pool(self.read_threads).map(copy_part, parts))
+        else:
+            for part in parts:
+                copy_part(part)
         return out
 
     def _shard(self, s: int) -> dict[str, torch.Tensor]:
@@ -285,6 +300,12 @@ class ActivationStore:
             _check_shard(self.path, self._manifest, record, tensors)
             self._mapped[s] = tensors
         return self._mapped[s]
+
+
+@functools.cache
+def _reader_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count for the process's stores: a store opened per run leaves no threads behind."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saelab-store-read")
 
 
 def buffered_shuffle(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -170,7 +171,7 @@ def _broadcast_from_main(states: list[SAEState]) -> None:
 def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSource, dict[str, str]]:
     if source is not None:
         return source, {"hook_name": cfg.hook or "", "model_name": ""}
-    store = ActivationStore(cfg.store)
+    store = ActivationStore(cfg.store, read_threads=_read_threads(cfg))
     if not store.complete:  # its shuffle would change as shards arrive: no run could resume or be repeated
         raise SaelabError(
             f"the activation store {cfg.store} is incomplete ({store.n_contexts:,} of "
@@ -179,6 +180,14 @@ def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSou
         )
     store_source = StoreSource(store, cfg.hook, _other_hooks(cfg))
     return store_source, {"hook_name": store_source.hook, "model_name": store.manifest.model}
+
+
+def _read_threads(cfg: TrainConfig) -> int:
+    """Threads that read the store: the host's share of cores (up to 8) when a GPU runs the step, else one."""
+    if not distributed.device_for(cfg.device).startswith("cuda"):
+        return 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 1) // ranks_here))
 
 
 def _other_hooks(cfg: TrainConfig) -> list[str]:
