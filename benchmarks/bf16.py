@@ -1,7 +1,7 @@
 """What the bf16 encoder product (`dtype: bfloat16`) costs in FVU and gains in speed, on the real store.
 
     .venv/bin/python benchmarks/bf16.py [--store runs/smollm2-135m/activations] [--tokens 409600]
-    python benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 4096000   # a GPU without the real store
+    python benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000   # a GPU without the real store
 
 Trains the same TopK SAE (same seed, same batches) twice, with the encoder's dense product in
 float32 and in bf16 (float32 accumulation; kept values recomputed in float32), then prints both

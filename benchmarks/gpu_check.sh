@@ -30,7 +30,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 run tests 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
   "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
-run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 400 --log-every 50
+run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50
 run kernels 240 python3 benchmarks/kernels.py --device cuda
 run profile 60 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096
-run bf16 90 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 4096000
+run bf16 90 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000

@@ -243,6 +243,7 @@ def run_worker(implementation: str, shape: Shape, device: str, rounds: int) -> d
 
 
 Row = tuple[Shape, str, "dict[str, float] | str"]
+Cells = Callable[[Shape, dict[str, float], list[str]], str]  # a measured row's cells, given its ratios to the peers
 
 
 def peer_ratios(rows: list[Row], shape: Shape, step_s: float) -> list[str]:
@@ -255,22 +256,28 @@ def peer_ratios(rows: list[Row], shape: Shape, step_s: float) -> list[str]:
     return ratios
 
 
+def print_rows(rows: list[Row], header: str, label: Callable[[Shape, str], str], cells: Cells) -> None:
+    """A header, then a line per row: its label, then its cells (or why it has none)."""
+    print(header)
+    print("-" * len(header))
+    for shape, implementation, r in rows:
+        measured = r if isinstance(r, str) else cells(shape, r, peer_ratios(rows, shape, r["step_s"]))
+        print(f"{label(shape, implementation)} {measured}")
+
+
 def print_cpu_table(rows: list[Row]) -> None:
     header = (
         f"{'n_latents':>9}  {'implementation':<14} {'tokens/s':>9} {'step/floor':>10} {'step/GEMM':>9}"
         f" {'vs sparsify':>11} {'vs SAELens':>10} {'peak MiB':>9}"
     )
-    print(header)
-    print("-" * len(header))
-    for shape, impl, r in rows:
-        if isinstance(r, str):
-            print(f"{shape.n:>9}  {impl:<14} {r}")
-            continue
-        ratios = peer_ratios(rows, shape, r["step_s"])
-        print(
-            f"{shape.n:>9}  {impl:<14} {shape.batch / r['step_s']:>9,.0f} {r['step_s'] / r['floor_s']:>9.2f}×"
+
+    def cells(shape: Shape, r: dict[str, float], ratios: list[str]) -> str:
+        return (
+            f"{shape.batch / r['step_s']:>9,.0f} {r['step_s'] / r['floor_s']:>9.2f}×"
             f" {r['step_s'] / r['gemm_s']:>8.2f}× {ratios[0]:>11} {ratios[1]:>10} {r['peak_mib']:>9,.0f}"
         )
+
+    print_rows(rows, header, lambda shape, implementation: f"{shape.n:>9}  {implementation:<14}", cells)
 
 
 def print_cuda_table(rows: list[Row]) -> None:
@@ -278,17 +285,14 @@ def print_cuda_table(rows: list[Row]) -> None:
         f"{'shape':<28} {'implementation':<13} {'ms/step':>8} {'tokens/s':>11} {'vs sparsify':>11} {'vs SAELens':>10}"
         f" {'step/floor':>10} {'peak MiB':>9}"
     )
-    print(header)
-    print("-" * len(header))
-    for shape, impl, r in rows:
-        if isinstance(r, str):
-            print(f"{str(shape):<28} {impl:<13} {r}")
-            continue
-        ratios = peer_ratios(rows, shape, r["step_s"])
-        print(
-            f"{str(shape):<28} {impl:<13} {r['step_s'] * 1e3:>8.2f} {shape.batch / r['step_s']:>11,.0f}"
+
+    def cells(shape: Shape, r: dict[str, float], ratios: list[str]) -> str:
+        return (
+            f"{r['step_s'] * 1e3:>8.2f} {shape.batch / r['step_s']:>11,.0f}"
             f" {ratios[0]:>11} {ratios[1]:>10} {r['step_s'] / r['floor_s']:>9.2f}× {r['peak_mib']:>9,.0f}"
         )
+
+    print_rows(rows, header, lambda shape, implementation: f"{str(shape):<28} {implementation:<13}", cells)
     print("\nfloors (ms), as each shape's first worker timed them:")
     seen = set()
     for shape, _, r in rows:
