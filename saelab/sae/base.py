@@ -280,5 +280,6 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None or not self.unit_norm_decoder:
             return
         # g ← g − (g·w / ‖w‖²) w, in place and without [d_sae, d_in] temporaries (this runs every step)
-        along = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec) / self.W_dec.pow(2).sum(dim=1).clamp_min(1e-24)
+        squared_norms = torch.linalg.vector_norm(self.W_dec, dim=1).square().clamp_min(1e-24)
+        along = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec) / squared_norms
         self.W_dec.grad.addcmul_(self.W_dec, along.unsqueeze(1), value=-1)
