@@ -16,6 +16,10 @@ A `train()` row's tokens/s is its steady pace, between its first and last logged
 run's metrics.jsonl); its one-time cost (opening, the initialisation sample, saving) is the rest of
 its wall clock. Every row's pace is also given as a fraction of the bare step's.
 
+`--profile` then trains from the store once more under `torch.profiler` and prints where the host's
+time went (self CPU time) and, on a GPU, the device's kernels: what to look at when the store row
+falls short of the step.
+
 The store is a synthetic one written with the real shard code (`--store PATH` reads a harvested one
 instead). AuxK stays off (`dead_tokens` beyond the run) so that every row runs the same step.
 """
@@ -152,6 +156,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also profile a train() from the store")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)  # its first use imports torch._dynamo (~1.4 s)
@@ -170,9 +175,27 @@ def main() -> None:
         in_memory = TensorSource(store.rows(torch.arange(store.n_rows), store.hook_name(None)).float())
         results["tensor"] = timed_train(train_config(args, store_path, work / "tensor-run"), in_memory)
         results["step"] = timed_step(args, in_memory.activations, device)
+        print_table(args, store, results)
+        if args.profile:
+            profile_train(train_config(args, store_path, work / "profiled-run"), device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(args, store, results)
+
+
+def profile_train(cfg: TrainConfig, device: torch.device) -> None:
+    """`train()` from the store under torch.profiler: the ops by host time, and on a GPU by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as trace:
+        train(cfg, progress=False)
+        synchronize(device)
+    table = trace.key_averages()
+    print(f"\ntrain() from the store under the profiler ({cfg.n_steps} steps), by host time:")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+    if device.type == "cuda":
+        print("by device time:")
+        print(table.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=50))
 
 
 def print_table(args: argparse.Namespace, store: ActivationStore, results: dict[str, dict[str, float]]) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # saelab's GPU checks in one go, for a short time on a lent H100 or H200 (about 3 minutes):
 #   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path);
-#   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step;
+#   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step, and a
+#      profile of the store run;
 #   3. benchmarks/kernels.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
 #   4. a torch.profiler table of the largest shape.
 # Each part has its own time limit, so one that hangs cannot eat the others' time.
@@ -30,7 +31,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 run tests 120 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
   "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
-run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50
+run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50 --profile
 run kernels 240 python3 benchmarks/kernels.py --device cuda
 run profile 60 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096
 run bf16 90 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000
