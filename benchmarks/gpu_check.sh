@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# saelab's GPU checks in one go, for a short time on a lent H100 or H200 (about 3 minutes):
+# saelab's GPU checks in one go, for a short time on a lent H100 or H200 (4–6 minutes, estimated):
 #   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path);
 #   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step, and a
 #      profile of the store run;
 #   3. benchmarks/kernels.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
-#   4. a torch.profiler table of the largest shape.
+#   4. a torch.profiler table of the largest shape;
+#   5. benchmarks/bf16.py: the bf16 encoder product's FVU effect on a GPU (on a synthetic store).
 # Each part has its own time limit, so one that hangs cannot eat the others' time.
 #
 #   bash benchmarks/gpu_wheels.sh          # here, once: sparsify and its imports as wheels in .whl/
