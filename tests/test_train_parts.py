@@ -10,7 +10,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
-from saelab.train.dead_latents import DeadLatentTracker
+from saelab.train.dead_latents import DeadLatentTracker, _LongestSilence
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.loss import normalized_mse
 from saelab.train.prefetch import Prefetcher
@@ -77,6 +77,37 @@ def test_the_dead_latent_bound_never_misses_a_dead_latent(device):
         if device == "cpu":  # there the bound is the exact maximum
             assert tracker.may_have_dead() == any_dead
     assert 0 < steps_with_dead < 80, "the run should pass through both states"
+
+
+class DelayedCopies(_LongestSilence):
+    """The GPU's asynchronous path on the CPU: each queued maximum arrives `lag` updates after it was queued."""
+
+    def __init__(self, counters: torch.Tensor, lag: int) -> None:
+        super().__init__(counters, exact=False)
+        self.asynchronous, self.lag, self.updates = True, lag, 0
+
+    def advance(self, tokens: int, counters: torch.Tensor) -> None:
+        self.updates += 1
+        super().advance(tokens, counters)
+
+    def queue_maximum(self, counters: torch.Tensor):
+        queued_at = self.updates
+        return counters.max().clone(), lambda: self.updates >= queued_at + self.lag
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_the_asynchronous_bound_stays_above_the_longest_silence_and_follows_it(lag):
+    generator = torch.Generator().manual_seed(lag)
+    counters = torch.zeros(30, dtype=torch.long)
+    bound, history = DelayedCopies(counters, lag), []
+    for _ in range(60):
+        fired = torch.rand(30, generator=generator) < 0.3
+        counters.copy_(torch.where(fired, 0, counters + 8))  # 8 tokens a batch, as DeadLatentTracker counts
+        bound.advance(8, counters)
+        history.append(int(counters.max()))
+        # above the longest silence, and no staler than a maximum copied at most 2·lag + 1 updates ago
+        recent = history[-(2 * lag + 2) :]
+        assert history[-1] <= bound.value() <= max(recent) + 8 * (len(recent) - 1)
 
 
 def test_read_metrics_reads_every_step_in_order():

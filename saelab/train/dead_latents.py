@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,31 +88,35 @@ class _LongestSilence:
     """
 
     def __init__(self, counters: torch.Tensor, exact: bool) -> None:
-        self._exact = exact
+        self.asynchronous = counters.is_cuda and not exact
         self._known = int(counters.max()) if counters.numel() else 0  # one wait, when training starts or resumes
         self._since_known = 0
-        self._in_flight: tuple[torch.Tensor, torch.cuda.Event, int] | None = None
+        self._in_flight: tuple[torch.Tensor, Callable[[], bool], int] | None = None  # copy, arrived?, tokens then
 
     def advance(self, tokens: int, counters: torch.Tensor) -> None:
         self._since_known += tokens
-        if self._exact or not counters.is_cuda:
+        if not self.asynchronous:
             self._known, self._since_known = int(counters.max()), 0
             return
         self._collect()
         if self._in_flight is None:
-            copy = torch.empty((), dtype=counters.dtype, pin_memory=True)
-            copy.copy_(counters.max(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._in_flight = (copy, event, self._since_known)
+            self._in_flight = (*self.queue_maximum(counters), self._since_known)
 
     def value(self) -> int:
         self._collect()
         return self._known + self._since_known
 
+    def queue_maximum(self, counters: torch.Tensor) -> tuple[torch.Tensor, Callable[[], bool]]:
+        """A host copy of max(counters) queued behind the device's work, and a test of whether it has arrived."""
+        copy = torch.empty((), dtype=counters.dtype, pin_memory=True)
+        copy.copy_(counters.max(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return copy, event.query
+
     def _collect(self) -> None:
         """Take the queued maximum if it has arrived: the bound is then it plus what was counted after it."""
-        if self._in_flight is None or not self._in_flight[1].query():
+        if self._in_flight is None or not self._in_flight[1]():
             return
         copy, _, counted_before = self._in_flight
         self._known, self._since_known = int(copy), self._since_known - counted_before
