@@ -121,3 +121,19 @@ def test_the_reused_workspace_never_leaks_one_call_into_the_next():
     for rows, tile in ((40, None), (7, 24), (40, 24), (13, None)):
         got = sae.sparse_forward(x[:rows], tile=tile).reconstruction
         torch.testing.assert_close(got, sae(x[:rows]).reconstruction, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "gba", "transcoder"])
+def test_weight_gradients_arrive_in_their_parameters_layout(architecture):
+    """The weights are row-major (fused Adam copies a transposed W_enc, and its gradient, there and back
+    every step), with gradients of the same layout; GBA's tied W_enc is a view of W_decᵀ, whose gradient
+    reaches W_dec row-major."""
+    fields = {"hook_name_out": "blocks.0.hook_mlp_out"} if architecture == "transcoder" else {}
+    sae = float64_sae(architecture, **fields)
+    x, _ = inputs()
+    out = sae.sparse_forward(x)
+    ((out.reconstruction - x) ** 2).sum().backward()
+    weights = [sae.W_dec] + ([] if architecture == "gba" else [sae.W_enc])
+    for weight in weights:
+        assert weight.is_contiguous() and weight.grad is not None
+        assert weight.grad.stride() == weight.stride()

@@ -157,9 +157,15 @@ class _GatheredPreactivations(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = rows_matmul(indices, grad, W_enc.T.contiguous())
         if ctx.needs_input_grad[1]:
-            grad_W = rows_transpose_matmul(indices, grad, centered.to(W_enc.dtype), n).T.contiguous()
+            grad_W = _in_layout_of(W_enc, rows_transpose_matmul(indices, grad, centered.to(W_enc.dtype), n).T)
         if ctx.needs_input_grad[2]:
             grad_b_enc = per_latent
         if ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ per_latent)
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+def _in_layout_of(parameter: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`grad` with `parameter`'s memory layout, copied only if it differs: autograd would otherwise copy it
+    into that layout itself, and a tied encoder (GBA's W_enc, a view of W_decᵀ) takes the view as it is."""
+    return grad if grad.stride() == parameter.stride() else grad.contiguous()

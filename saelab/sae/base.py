@@ -102,8 +102,11 @@ class SparseAutoencoder(nn.Module):
         self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
 
     def _initial_encoder(self, decoder: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update)."""
-        return decoder.T.clone()
+        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update).
+
+        Stored row-major: fused Adam copies a non-contiguous parameter (and its gradient) to a contiguous
+        one and back every step, three [d_in, d_sae] transposing copies a step in all."""
+        return decoder.T.contiguous()
 
     def parameter_groups(self) -> list[dict]:
         """The trainable parameters as optimiser groups; each group's `lr_scale` multiplies the run's lr.
