@@ -358,8 +358,16 @@ def test_a_killed_rank_fails_training_leaves_only_complete_checkpoints_and_it_re
     # A checkpoint does not depend on the world size: resume it in this one process.
     resumed = train(cfg, resume=True, progress=False)["topk-64-k4"]
     single = train(train_config(gradient_store, tmp_path / "single", saes=topk, **steps), progress=False)
+    # The resumed run takes the one-process run's steps: its logged metrics agree step for step. Two-rank
+    # and one-rank gradients differ in float rounding (summed in halves), and over hundreds of TopK steps a
+    # near-tied selection flips (measured: identical to 1e-5 through step 505 of 600, then drifting), so the
+    # metrics are held strictly through step 400 and the final weights loosely, as CHAOTIC's are.
+    for one, two in zip(read_metrics(tmp_path / "single"), read_metrics(tmp_path / "run"), strict=True):
+        assert one["step"] == two["step"]
+        if one["step"] <= 400:
+            assert two["fvu"] == pytest.approx(one["fvu"], rel=1e-4), one["step"]
     for name, tensor in single["topk-64-k4"].state_dict().items():
-        assert torch.allclose(resumed.state_dict()[name], tensor, rtol=0, atol=2e-5), name
+        assert torch.allclose(resumed.state_dict()[name], tensor, rtol=0, atol=2e-2), name
 
 
 @pytest.mark.parametrize("command", ["eval", "analyze", "steer"])
