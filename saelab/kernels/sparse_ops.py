@@ -73,7 +73,8 @@ def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: to
 
         return triton_ops.rows_transpose_matmul(indices, values, dense, n)
     # addmm with beta 0 into an uninitialised `out` (beta 0 ignores its contents, NaNs included) skips the
-    # zero-fill and the copy that `@` adds around MKL's product: 4.1 ms against 7.2 at 9216 × 576, batch 4096.
+    # zero-fill and the copy around MKL's product: at 9216 × 576, batch 4096, 4.1 ms against 6.3 for
+    # mm(out=) and 7.2 for `@`.
     out = dense.new_empty(n, dense.shape[1])
     return torch.addmm(out, _csr_by_latent(indices, values.to(dense.dtype), n), dense, beta=0.0, out=out)
 
