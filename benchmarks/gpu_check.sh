@@ -4,7 +4,7 @@
 #   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step, and a
 #      profile of the store run;
 #   3. benchmarks/kernels.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
-#   4. a torch.profiler table of the largest shape;
+#   4. torch.profiler tables of the largest shape, unfused and fused (the tiled mode);
 #   5. benchmarks/bf16.py: the bf16 encoder product's FVU effect on a GPU (on a synthetic store).
 # Each part has its own time limit, so one that hangs cannot eat the others' time.
 #
@@ -29,10 +29,11 @@ run() {  # run NAME SECONDS COMMAND...: its output to the screen and to $out/NAM
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-run tests 120 python3 -m pytest -q -p no:cacheprovider \
+run tests 90 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
   "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
-run data_path 90 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50 --profile
-run kernels 240 python3 benchmarks/kernels.py --device cuda
-run profile 60 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096
-run bf16 90 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000
+run data_path 80 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50 --profile
+run kernels 270 python3 benchmarks/kernels.py --device cuda
+run profile 80 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 saelab-bf16-tiled \
+  --shapes 4096,131072,64,4096
+run bf16 70 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000

@@ -22,7 +22,9 @@ over two steps, everything the process holds included):
 
 All get the same fused Adam, and no latent is dead (AuxK off), as at the start of training.
 sparsify runs its forward under bf16 autocast on CUDA (its own choice); "saelab" runs the encoder
-product in float32, "saelab-bf16" in bf16 (float32 master weights in both).
+product in float32, "saelab-bf16" in bf16 (float32 master weights in both). The "-tiled" rows are
+saelab's memory-bounded mode (`encoder_tile`); on CUDA it is the fused product + top-k kernel
+(saelab/kernels/triton_topk.py), which never stores the [batch, n] pre-activations.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ CUDA_SHAPES = (
     Shape(4096, 131072, 64, 4096),
 )
 TILE = 4096  # saelab's memory-bounded mode: latents per tile
-IMPLEMENTATIONS = ("saelab", "saelab-tiled", "saelab-bf16", "sparsify", "sae-lens")
-DEFAULTS = {"cpu": IMPLEMENTATIONS, "cuda": ("saelab", "saelab-bf16", "sparsify", "sae-lens")}
+IMPLEMENTATIONS = ("saelab", "saelab-tiled", "saelab-bf16", "saelab-bf16-tiled", "sparsify", "sae-lens")
+DEFAULTS = {
+    "cpu": ("saelab", "saelab-tiled", "saelab-bf16", "sparsify", "sae-lens"),
+    "cuda": ("saelab", "saelab-bf16", "saelab-bf16-tiled", "sparsify", "sae-lens"),
+}
 Step = Callable[[torch.Tensor], None]
 
 
@@ -120,6 +125,7 @@ BUILDERS: dict[str, Callable[[Shape, str], Step]] = {
     "saelab": saelab_step,
     "saelab-tiled": lambda shape, device: saelab_step(shape, device, tile=TILE),
     "saelab-bf16": lambda shape, device: saelab_step(shape, device, matmul_dtype=torch.bfloat16),
+    "saelab-bf16-tiled": lambda shape, device: saelab_step(shape, device, TILE, torch.bfloat16),
     "sparsify": sparsify_step,
     "sae-lens": sae_lens_step,
 }
@@ -317,7 +323,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", help="CPU: n_latents at d_model 576, k 32, batch 4096")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", help="d_model,n_latents,k,batch each")
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS)
-    parser.add_argument("--profile", choices=IMPLEMENTATIONS, help="print a profiler table of this one instead")
+    parser.add_argument("--profile", choices=IMPLEMENTATIONS, nargs="+", help="print profiler tables of these instead")
     args = parser.parse_args()
     rounds = args.rounds or (10 if args.device == "cuda" else 5)
     if args.worker:
@@ -328,7 +334,8 @@ def main() -> None:
         shapes = [Shape(576, n, 32, 4096) for n in args.widths]
     if args.profile:
         for shape in shapes:
-            profile(args.profile, shape, args.device)
+            for implementation in args.profile:
+                profile(implementation, shape, args.device)
         return
     describe(args.device)
     rows = [

@@ -262,6 +262,80 @@ def test_triton_path_trains_like_the_reference(triton_ops):
         assert relative_error(g.cpu(), w) < 1e-6
 
 
+# The 32-bit-key (low precision) path: bf16 on a GPU; fp16 in the interpreter, whose bf16 dot is wrong (Triton 3.9).
+LOW_PRECISION = torch.bfloat16 if TRITON_DEVICE == "cuda" else torch.float16
+
+
+@pytest.fixture
+def triton_topk(triton_ops, monkeypatch):
+    module = importlib.import_module("saelab.kernels.triton_topk")
+    if not module.available():
+        pytest.skip("this Triton has no tl.topk (3.4 and later have it)")
+    if TRITON_DEVICE == "cpu":  # small blocks keep the interpreter to seconds
+        for name, size in (("BLOCK_M", 16), ("BLOCK_N", 32), ("BLOCK_D", 16)):
+            monkeypatch.setattr(module, name, size)
+    return module
+
+
+# (batch, d, n, k, product dtype, programs): 1 program walks every tile of its rows (the running merge);
+# 512 gives each tile its own span (the final top-k over the spans); k = n with K = 64 > n; k = 1.
+FUSED_CASES = [
+    (37, 24, 300, 5, torch.float32, 1),
+    (37, 24, 300, 5, LOW_PRECISION, 512),
+    (16, 16, 96, 32, LOW_PRECISION, 1),
+    (9, 8, 40, 40, torch.float32, 512),
+    (9, 8, 40, 40, LOW_PRECISION, 1),
+    (5, 16, 50, 1, torch.float32, 1),
+    (5, 16, 50, 1, LOW_PRECISION, 512),
+]
+
+
+@pytest.mark.parametrize("batch,d,n,k,dtype,programs", FUSED_CASES)
+def test_fused_topk_keeps_the_k_largest_pre_activations(triton_topk, monkeypatch, batch, d, n, k, dtype, programs):
+    """Every kept u is at least every dropped u (within the key's precision), and the values are u's."""
+    monkeypatch.setattr(triton_topk, "TARGET_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(batch + n + k)
+    x, W = torch.randn(batch, d, generator=gen), torch.randn(d, n, generator=gen) / d**0.5
+    bias = torch.randn(n, generator=gen) * 0.1
+    on = [t.to(TRITON_DEVICE) for t in (x, W, bias)]
+    values, indices = (t.cpu() for t in triton_topk.encode_topk(*on, k, dtype))
+    u = x.to(dtype).double() @ W.to(dtype).double() + bias.double()  # the product of the rounded inputs
+    # float32: 64-bit keys rank as float32 does; 32-bit keys hold a value to bf16's 8 bits
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    scale = float(u.abs().max())
+    assert indices.shape == (batch, k) and values.dtype == torch.float32
+    assert all(len(set(row)) == k for row in indices.tolist()), "a latent kept twice for one token"
+    kept = torch.zeros_like(u, dtype=torch.bool).scatter_(-1, indices, True)
+    lowest_kept = u.masked_fill(~kept, torch.inf).amin(-1)
+    highest_dropped = u.masked_fill(kept, -torch.inf).amax(-1)
+    assert bool((lowest_kept >= highest_dropped - tolerance * scale).all())
+    assert relative_error(values.double(), u.gather(-1, indices)) < tolerance
+
+
+def test_tiled_topk_runs_fused_on_triton_and_trains_like_the_reference(triton_topk, monkeypatch):
+    """With a tile on a Triton device a plain top-k takes the fused kernel, and its gradients are the
+    reference's; AuxK's second rule, and no tile, take the scan."""
+    calls = []
+    fused = triton_topk.encode_topk
+    monkeypatch.setattr(triton_topk, "encode_topk", lambda *args: calls.append(args) or fused(*args))
+    p = {
+        name: t.detach().to(TRITON_DEVICE).requires_grad_() for name, t in random_sae(6, 20, 40, torch.float32).items()
+    }
+    _, loss = kernel_loss(p, RowTopK(3), tile=16)
+    assert len(calls) == 1
+    cpu = {name: t.detach().cpu().requires_grad_() for name, t in p.items()}
+    _, want_loss = reference_loss(cpu, 3)
+    got = torch.autograd.grad(loss, list(p.values()))
+    want = torch.autograd.grad(want_loss, list(cpu.values()))
+    for g, w in zip(got, want, strict=True):
+        assert relative_error(g.cpu(), w) < TOLERANCE[torch.float32]
+    with torch.no_grad():
+        dead = torch.ones(40, dtype=torch.bool, device=TRITON_DEVICE)
+        sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(3), RowTopK(4, allowed=dead)], 16)
+        sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(3)], None)
+    assert len(calls) == 1
+
+
 # ---- memory: the tiled mode's peak allocation ------------------------------------------------------
 
 PEAK_SCRIPT = """

@@ -13,7 +13,9 @@ Backward, with g = ∂L/∂values ([batch, k], zero at padded slots) and S the s
 
 `tile=None` computes all n latents at once (fastest when memory allows); a tile bounds the peak
 memory at O(batch · (k + tile)) instead of O(batch · n), for wide SAEs. Selection is exact in both:
-the running top-k keeps the same pairs as one top-k over the whole row (ties aside).
+the running top-k keeps the same pairs as one top-k over the whole row (ties aside). On a Triton
+device a plain top-k's tiled mode is one fused kernel (`triton_topk`): u is never stored, whatever
+the tile.
 
 `matmul_dtype=torch.bfloat16` runs the dense product in bf16 (float32 accumulation); only the
 choice of latents sees bf16 rounding, as the kept values are recomputed in float32 (`sampled_dot`).
@@ -31,7 +33,8 @@ from typing import Protocol
 
 import torch
 
-from saelab.kernels.selection import Selected
+from saelab.kernels.backend import use_triton
+from saelab.kernels.selection import RowTopK, Selected
 from saelab.kernels.sparse_ops import latent_sums, rows_matmul, rows_transpose_matmul, sampled_dot
 
 # observe(u_tile: [batch, T], start): sees every tile of pre-activations (GBA's firing statistics).
@@ -85,8 +88,10 @@ def sparse_encode(
     """
     with torch.no_grad():
         centered = x - b_dec
-        _scan(centered, W_enc, b_enc, rules, tile, matmul_dtype, observe, workspace)
-        selected = [rule.result() for rule in rules]
+        selected = _fused_topk(centered, W_enc, b_enc, rules, tile, matmul_dtype, observe)
+        if selected is None:
+            _scan(centered, W_enc, b_enc, rules, tile, matmul_dtype, observe, workspace)
+            selected = [rule.result() for rule in rules]
         # one rule: its own tensors (a cat would copy a `full_rows` view, which the products take as dense)
         indices, pre = selected[0].indices, selected[0].pre_activations
         if len(rules) > 1:
@@ -101,6 +106,32 @@ def sparse_encode(
     values = _GatheredPreactivations.apply(x, W_enc, b_enc, b_dec, indices, pre, valid, centered)
     widths = [s.indices.shape[-1] for s in selected]
     return Encoded([s.indices for s in selected], list(values.split(widths, dim=-1)), [s.valid for s in selected])
+
+
+def _fused_topk(
+    centered: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    rules: Sequence[SelectionRule],
+    tile: int | None,
+    matmul_dtype: torch.dtype | None,
+    observe: TileObserver | None,
+) -> list[Selected] | None:
+    """The tiled mode of a plain per-token top-k on a Triton device: the product fused with the top-k
+    (`triton_topk`), which never holds u at all. None where it does not apply, and the scan runs: no
+    tile asked for (holding u whole is the measured fast path), another rule or a second one (AuxK's
+    rule needs u over its dead latents), a tile observer, or a k or dtype the kernel does not take."""
+    rule = rules[0]
+    plain_topk = len(rules) == 1 and isinstance(rule, RowTopK) and rule.ranks_all_by_u
+    if tile is None or observe is not None or not plain_topk or not use_triton(W_enc):
+        return None
+    from saelab.kernels import triton_topk
+
+    dtype = matmul_dtype or W_enc.dtype
+    if not triton_topk.supports(rule.k, dtype):
+        return None
+    values, indices = triton_topk.encode_topk(centered, W_enc, b_enc, min(rule.k, W_enc.shape[1]), dtype)
+    return [Selected(indices, values)]
 
 
 def _scan(

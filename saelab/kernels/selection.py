@@ -67,6 +67,11 @@ class RowTopK:
         self.k, self.score, self.allowed = k, score, allowed
         self._best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (score, index, u)
 
+    @property
+    def ranks_all_by_u(self) -> bool:
+        """Whether this is the plain top-k of u over every latent (no score hook, no restriction)."""
+        return self.score is None and self.allowed is None
+
     def update(self, pre: torch.Tensor, start: int) -> None:
         score = pre if self.score is None else self.score(pre, start)
         if self.allowed is not None:

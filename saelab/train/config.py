@@ -30,7 +30,7 @@ class TrainConfig:
     are recomputed in float32; the weights and Adam stay float32); `auto` (the default) is bfloat16 on
     a GPU, as sparsify trains, and float32 on the CPU. `encoder_tile: N` computes pre-activations N
     latents at a time, so peak memory is O(batch · (k + N)) instead of O(batch · d_sae): for wide SAEs
-    on small devices.
+    on small devices (a TopK SAE on CUDA: the fused product and top-k, which never stores them).
     """
 
     store: str = "runs/smollm2-135m/activations"
