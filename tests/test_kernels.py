@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelab.kernels import AboveThreshold, BatchTopK, RowTopK, selection, sparse_decode, sparse_encode, sparse_ops
+from saelab.kernels import (
+    AboveThreshold,
+    BatchTopK,
+    RowTopK,
+    row_constraints,
+    selection,
+    sparse_decode,
+    sparse_encode,
+    sparse_ops,
+)
 from saelab.kernels import reference as ref
 from saelab.kernels.backend import triton_available
 from saelab.kernels.selection import GROUP, row_topk
@@ -334,6 +343,31 @@ def test_tiled_topk_runs_fused_on_triton_and_trains_like_the_reference(triton_to
         sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(3), RowTopK(4, allowed=dead)], 16)
         sparse_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], [RowTopK(3)], None)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("block", [16, 1024])  # 16: a row in several blocks (d 70)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_row_constraints_equal_their_definitions(triton_ops, dtype, block, monkeypatch):
+    """g_i − (g_i·w_i / ‖w_i‖²) w_i and w_i / ‖w_i‖ row by row; a zero row stays zero and its gradient whole."""
+    triton_rows = importlib.import_module("saelab.kernels.triton_rows")
+    monkeypatch.setattr(triton_rows, "BLOCK", block)
+    spy = []
+    monkeypatch.setattr(
+        triton_rows, "normalize_rows_", lambda *a, f=triton_rows.normalize_rows_: spy.append(1) or f(*a)
+    )
+    gen = torch.Generator().manual_seed(11)
+    weight, grad = torch.randn(9, 70, generator=gen, dtype=dtype) * 3, torch.randn(9, 70, generator=gen, dtype=dtype)
+    weight[4] = 0
+    squared = (weight * weight).sum(1, keepdim=True)
+    want_grad = grad - torch.where(squared > 0, (grad * weight).sum(1, keepdim=True) / squared, 0) * weight
+    want_weight = weight / squared.sqrt().clamp_min(1e-12)
+    on_grad, on_weight = grad.to(TRITON_DEVICE), weight.to(TRITON_DEVICE)
+    row_constraints.remove_parallel_(on_grad, on_weight)
+    row_constraints.normalize_rows_(on_weight)
+    assert spy, "the Triton kernel should have run"
+    assert relative_error(on_grad.cpu(), want_grad) < TOLERANCE[dtype]
+    assert relative_error(on_weight.cpu(), want_weight) < TOLERANCE[dtype]
+    assert torch.equal(on_weight[4].cpu(), weight[4]) and torch.equal(on_grad[4].cpu(), grad[4])
 
 
 # ---- memory: the tiled mode's peak allocation ------------------------------------------------------

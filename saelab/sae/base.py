@@ -30,6 +30,7 @@ from torch import nn
 
 from saelab.kernels import RowTopK, sparse_decode, sparse_encode
 from saelab.kernels.encode import SelectionRule, TileObserver, Workspace
+from saelab.kernels.row_constraints import normalize_rows_, remove_parallel_
 from saelab.sae.config import SAEConfig
 
 LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
@@ -274,7 +275,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Give every decoder row unit norm (in the normalised space)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        normalize_rows_(self.W_dec)
 
     @torch.no_grad()
     def remove_decoder_parallel_grad_(self) -> None:
@@ -282,7 +283,4 @@ class SparseAutoencoder(nn.Module):
         whose decoder rows are free keeps its whole gradient)."""
         if self.W_dec.grad is None or not self.unit_norm_decoder:
             return
-        # g ← g − (g·w / ‖w‖²) w, in place and without [d_sae, d_in] temporaries (this runs every step)
-        squared_norms = torch.linalg.vector_norm(self.W_dec, dim=1).square().clamp_min(1e-24)
-        along = torch.einsum("ij,ij->i", self.W_dec.grad, self.W_dec) / squared_norms
-        self.W_dec.grad.addcmul_(self.W_dec, along.unsqueeze(1), value=-1)
+        remove_parallel_(self.W_dec.grad, self.W_dec)  # g ← g − (g·w / ‖w‖²) w
