@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saelab.errors import SaelabError
-from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from saelab.sae import SAEConfig, build_sae
+from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
 from saelab.train.dead_latents import DeadLatentTracker, _LongestSilence
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.loss import normalized_mse
@@ -157,6 +158,25 @@ def test_checkpoints_are_verified_and_pruned(tmp_path):
     kept[-1].write_bytes(kept[-1].read_bytes()[:-100])
     with pytest.raises(SaelabError, match="step-000000003.pt"):
         load_checkpoint(kept[-1])
+
+
+def test_saved_moments_are_restored_in_their_parameters_layout():
+    """A column-major W_enc moment (what older saelab saved) comes back row-major like W_enc, values kept:
+    fused Adam on CUDA refuses moments whose strides differ from their parameter's."""
+    sae = build_sae(SAEConfig(d_in=6, d_sae=10, k=2), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.sparse_forward(torch.randn(5, 6)).reconstruction.square().sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    encoder = [name for name, _ in sae.named_parameters()].index("W_enc")
+    old_layout = saved["state"][encoder]["exp_avg"].T.contiguous().T
+    saved["state"][encoder]["exp_avg"] = old_layout
+    assert old_layout.stride() != sae.W_enc.stride()
+    restored = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    load_optimizer_state(restored, saved)
+    moment = restored.state[sae.W_enc]["exp_avg"]
+    assert moment.stride() == sae.W_enc.stride() and torch.equal(moment, old_layout)
+    assert restored.state[sae.W_enc]["exp_avg_sq"].stride() == sae.W_enc.stride()
 
 
 def test_a_checkpoint_without_its_checksum_does_not_count(tmp_path):

@@ -59,3 +59,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             "delete it (and its .sha256) to resume from the previous checkpoint"
         )
     return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(saved)`, with every saved per-parameter tensor (Adam's moments) copied
+    into its parameter's memory layout where it differs.
+
+    torch.save keeps a tensor's strides and `load_state_dict` casts only dtype and device, while fused
+    Adam on CUDA refuses moments laid out unlike their parameter ("params, grads, exp_avgs, and
+    exp_avg_sqs must have same dtype, device, and layout"): a checkpoint from a saelab that stored
+    W_enc column-major (until November 2026) would otherwise not resume on a GPU."""
+    optimizer.load_state_dict(saved)
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[name] = torch.empty_like(parameter).copy_(value)

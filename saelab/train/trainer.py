@@ -45,7 +45,7 @@ from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, load_sae, save_sae
 from saelab.sae.config import TRANSCODERS, default_lr
 from saelab.sae.transcoder import Transcoder
-from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
 from saelab.train.config import TrainConfig
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
@@ -285,7 +285,7 @@ def _restore_or_initialize(
     for state in states:
         saved = checkpoint["saes"][state.sae.cfg.label]
         _load_sae_state(state.sae, saved["model"], latest)
-        state.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(state.optimizer, saved["optimizer"])
         state.tracker.load_(saved["tokens_since_fired"])
         state.recent = saved["recent"]
     return checkpoint["position"]
