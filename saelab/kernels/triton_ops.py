@@ -6,11 +6,13 @@ all accumulate in float32 (float64 for float64 inputs).
 `rows_transpose_matmul` sorts the batch's (token, slot) pairs by latent (one sort of batch·k keys;
 `searchsorted` finds where each latent's pairs start and which latent each program serves, so the
 host never waits for the device), then runs one program per (chunk of at most PAIRS_PER_PROGRAM of a
-latent's pairs, block of d). A latent whose pairs fit one chunk (most latents) has its output row
-written once, by a plain store; a latent firing on many tokens is spread over several programs that
-add into its row atomically, so no program walks thousands of pairs while the rest of the GPU idles.
-Only those rows' float32 sums can differ in the last bits run to run. The atomic version this replaces
-issued one atomic add per pair and column. Imported only when Triton is installed.
+latent's pairs, block of d), in two launches. The first has one program per latent, for its first
+chunk, and stores the row: every row of the output is written once by a plain store (a latent with
+no pairs, zeros), so the output needs no zero-fill. The second adds the further chunks of latents
+firing on many tokens into their rows atomically, so no program walks thousands of pairs while the
+rest of the GPU idles. Only those rows' float32 sums can differ in the last bits run to run. The
+atomic version this replaces issued one atomic add per pair and column. Imported only when Triton is
+installed.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def _rows_matmul_kernel(idx_ptr, val_ptr, dense_ptr, out_ptr, k, d, BLOCK: tl.co
 
 @triton.jit
 def _rows_transpose_matmul_kernel(
-    chunk_latent_ptr,
-    first_chunk_ptr,
+    extra_latent_ptr,
+    first_extra_ptr,
     starts_ptr,
     pairs_ptr,
     val_ptr,
@@ -50,25 +52,28 @@ def _rows_transpose_matmul_kernel(
     n,
     k,
     d,
+    FIRST: tl.constexpr,
     PAIRS: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    latent = tl.load(chunk_latent_ptr + chunk)
-    if latent < n:  # the grid is an upper bound on the chunks; the programs past the last one have no work
+    if FIRST:  # program i: latent i's first chunk (no pairs: a row of zeros)
+        latent = tl.program_id(0)
+        chunk = 0
+    else:  # program i: the i-th of all latents' further chunks; the grid is an upper bound on their number
+        latent = tl.load(extra_latent_ptr + tl.program_id(0))
+        chunk = 1 + tl.program_id(0) - tl.load(first_extra_ptr + tl.minimum(latent, n - 1))
+    if latent < n:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < d
-        latent_begin = tl.load(starts_ptr + latent)
-        latent_end = tl.load(starts_ptr + latent + 1)
-        begin = latent_begin + (chunk - tl.load(first_chunk_ptr + latent)) * PAIRS
-        end = tl.minimum(begin + PAIRS, latent_end)
+        begin = tl.load(starts_ptr + latent) + chunk * PAIRS
+        end = tl.minimum(begin + PAIRS, tl.load(starts_ptr + latent + 1))
         acc = tl.zeros([BLOCK], dtype=ACC)
         for position in range(begin, end):  # pairs as flat indices token·k + slot
             pair = tl.load(pairs_ptr + position)
             weight = tl.load(val_ptr + pair).to(ACC)
             acc += weight * tl.load(dense_ptr + (pair // k) * d + cols, mask=inside, other=0.0).to(ACC)
-        if latent_end - latent_begin <= PAIRS:  # this latent's only program
+        if FIRST:
             tl.store(out_ptr + latent * d + cols, acc, mask=inside)
         else:
             tl.atomic_add(out_ptr + latent * d + cols, acc, mask=inside)
@@ -104,20 +109,25 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
 def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
     batch, k = indices.shape
     d = dense.shape[1]
-    out = torch.zeros(n, d, device=dense.device, dtype=_accumulator(dense))  # the rows added into need zeros
     if not (n and d and batch and k):
-        return out.to(dense.dtype)
+        return torch.zeros(n, d, device=dense.device, dtype=dense.dtype)
+    out = torch.empty(n, d, device=dense.device, dtype=_accumulator(dense))  # every row is stored by a first chunk
     latents, pairs = torch.sort(indices.reshape(-1), stable=True)
     # latent i's pairs are pairs[starts[i] : starts[i + 1]]
     starts = torch.searchsorted(latents, torch.arange(n + 1, device=latents.device))
-    chunks = ((starts[1:] - starts[:-1] + PAIRS_PER_PROGRAM - 1) // PAIRS_PER_PROGRAM).clamp_min(1)
-    chunk_ends = chunks.cumsum(0)
-    # Σ max(1, ⌈c_i / P⌉) ≤ n + batch·k // P: a grid size known without reading `chunks` back from the device
-    grid = n + batch * k // PAIRS_PER_PROGRAM
-    chunk_latent = torch.searchsorted(chunk_ends, torch.arange(grid, device=latents.device), right=True)
-    args = (chunk_latent, chunk_ends - chunks, starts, pairs, values.contiguous(), dense.contiguous(), out, n, k, d)
-    blocks = (grid, triton.cdiv(d, BLOCK_LATENT_D))
-    _rows_transpose_matmul_kernel[blocks](*args, PAIRS_PER_PROGRAM, BLOCK_LATENT_D, _triton_dtype(dense))
+    extra = (starts[1:] - starts[:-1] - 1).clamp_min(0) // PAIRS_PER_PROGRAM  # chunks after each latent's first
+    extra_ends = extra.cumsum(0)
+    # Σ extra_i ≤ batch·k // P: a grid size known without reading `extra` back from the device
+    rest = batch * k // PAIRS_PER_PROGRAM
+    extra_latent = torch.searchsorted(extra_ends, torch.arange(rest, device=latents.device), right=True)
+    args = (extra_latent, extra_ends - extra, starts, pairs, values.contiguous(), dense.contiguous(), out, n, k, d)
+    columns = triton.cdiv(d, BLOCK_LATENT_D)
+    # the first chunks store, then the further ones add (launches run in order on the stream)
+    for first, programs in ((True, n), (False, rest)):
+        if programs:
+            _rows_transpose_matmul_kernel[(programs, columns)](
+                *args, first, PAIRS_PER_PROGRAM, BLOCK_LATENT_D, _triton_dtype(dense)
+            )
     return out.to(dense.dtype)
 
 
