@@ -25,6 +25,8 @@ sparsify runs its forward under bf16 autocast on CUDA (its own choice); "saelab"
 product in float32, "saelab-bf16" in bf16 (float32 master weights in both). The "-tiled" rows are
 saelab's memory-bounded mode (`encoder_tile`); on CUDA it is the fused product + top-k kernel
 (saelab/kernels/triton_topk.py), which never stores the [batch, n] pre-activations.
+"saelab-bf16-rowmajor" stores W_enc row-major, as on the CPU, instead of CUDA's column-major layout
+(`saelab.sae.base.encoder_layout`): the A/B that checks that choice.
 """
 
 from __future__ import annotations
@@ -62,21 +64,38 @@ CUDA_SHAPES = (
     Shape(4096, 131072, 64, 4096),
 )
 TILE = 4096  # saelab's memory-bounded mode: latents per tile
-IMPLEMENTATIONS = ("saelab", "saelab-tiled", "saelab-bf16", "saelab-bf16-tiled", "sparsify", "sae-lens")
+IMPLEMENTATIONS = (
+    "saelab",
+    "saelab-tiled",
+    "saelab-bf16",
+    "saelab-bf16-tiled",
+    "saelab-bf16-rowmajor",
+    "sparsify",
+    "sae-lens",
+)
 DEFAULTS = {
     "cpu": ("saelab", "saelab-tiled", "saelab-bf16", "sparsify", "sae-lens"),
-    "cuda": ("saelab", "saelab-bf16", "saelab-bf16-tiled", "sparsify", "sae-lens"),
+    "cuda": ("saelab", "saelab-bf16", "saelab-bf16-tiled", "saelab-bf16-rowmajor", "sparsify", "sae-lens"),
 }
 Step = Callable[[torch.Tensor], None]
 
 
-def saelab_step(shape: Shape, device: str, tile: int | None = None, matmul_dtype: torch.dtype | None = None) -> Step:
+def saelab_step(
+    shape: Shape,
+    device: str,
+    tile: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    row_major: bool = False,
+) -> Step:
+    """`row_major`: W_enc stored row-major whatever the device (saelab stores it column-major on CUDA)."""
     from saelab.sae import SAEConfig, build_sae
     from saelab.train.dead_latents import DeadLatentTracker
     from saelab.train.step import KernelOptions, train_step
 
     config = SAEConfig(d_in=shape.d_model, d_sae=shape.n, k=shape.k)
     sae = build_sae(config, generator=torch.Generator().manual_seed(0)).to(device)
+    if row_major:
+        sae.W_enc.data = sae.W_enc.data.contiguous()
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     tracker = DeadLatentTracker(shape.n, dead_tokens=10**15, device=device)
     kernels = KernelOptions(tile, matmul_dtype)
@@ -126,6 +145,7 @@ BUILDERS: dict[str, Callable[[Shape, str], Step]] = {
     "saelab-tiled": lambda shape, device: saelab_step(shape, device, tile=TILE),
     "saelab-bf16": lambda shape, device: saelab_step(shape, device, matmul_dtype=torch.bfloat16),
     "saelab-bf16-tiled": lambda shape, device: saelab_step(shape, device, TILE, torch.bfloat16),
+    "saelab-bf16-rowmajor": lambda shape, device: saelab_step(shape, device, None, torch.bfloat16, row_major=True),
     "sparsify": sparsify_step,
     "sae-lens": sae_lens_step,
 }
@@ -273,7 +293,7 @@ def print_rows(rows: list[Row], header: str, label: Callable[[Shape, str], str],
 
 def print_cpu_table(rows: list[Row]) -> None:
     header = (
-        f"{'n_latents':>9}  {'implementation':<14} {'tokens/s':>9} {'step/floor':>10} {'step/GEMM':>9}"
+        f"{'n_latents':>9}  {'implementation':<20} {'tokens/s':>9} {'step/floor':>10} {'step/GEMM':>9}"
         f" {'vs sparsify':>11} {'vs SAELens':>10} {'peak MiB':>9}"
     )
 
@@ -283,12 +303,12 @@ def print_cpu_table(rows: list[Row]) -> None:
             f" {r['step_s'] / r['gemm_s']:>8.2f}× {ratios[0]:>11} {ratios[1]:>10} {r['peak_mib']:>9,.0f}"
         )
 
-    print_rows(rows, header, lambda shape, implementation: f"{shape.n:>9}  {implementation:<14}", cells)
+    print_rows(rows, header, lambda shape, implementation: f"{shape.n:>9}  {implementation:<20}", cells)
 
 
 def print_cuda_table(rows: list[Row]) -> None:
     header = (
-        f"{'shape':<28} {'implementation':<13} {'ms/step':>8} {'tokens/s':>11} {'vs sparsify':>11} {'vs SAELens':>10}"
+        f"{'shape':<28} {'implementation':<20} {'ms/step':>8} {'tokens/s':>11} {'vs sparsify':>11} {'vs SAELens':>10}"
         f" {'step/floor':>10} {'peak MiB':>9}"
     )
 
@@ -298,7 +318,7 @@ def print_cuda_table(rows: list[Row]) -> None:
             f" {ratios[0]:>11} {ratios[1]:>10} {r['step_s'] / r['floor_s']:>9.2f}× {r['peak_mib']:>9,.0f}"
         )
 
-    print_rows(rows, header, lambda shape, implementation: f"{str(shape):<28} {implementation:<13}", cells)
+    print_rows(rows, header, lambda shape, implementation: f"{str(shape):<28} {implementation:<20}", cells)
     print("\nfloors (ms), as each shape's first worker timed them:")
     seen = set()
     for shape, _, r in rows:

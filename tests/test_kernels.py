@@ -259,11 +259,14 @@ def test_triton_products_equal_their_dense_definitions(triton_ops, dtype, pairs_
         assert relative_error(got.cpu(), want) < TOLERANCE[dtype]
 
 
-def test_triton_path_trains_like_the_reference(triton_ops):
+@pytest.mark.parametrize("layout", ["row", "column"])  # W_enc's layout on the CPU, on CUDA
+def test_triton_path_trains_like_the_reference(triton_ops, layout):
     """sparse_encode/sparse_decode dispatch to Triton when it is on; gradients still equal the reference."""
     p = {
         name: t.detach().to(TRITON_DEVICE).requires_grad_() for name, t in random_sae(6, 20, 40, torch.float64).items()
     }
+    if layout == "column":
+        p["W_enc"] = p["W_enc"].detach().T.contiguous().T.requires_grad_()
     _, loss = kernel_loss(p, RowTopK(3), tile=16)
     cpu = {name: t.detach().cpu().requires_grad_() for name, t in p.items()}
     _, want_loss = reference_loss(cpu, 3)
@@ -288,27 +291,30 @@ def triton_topk(triton_ops, monkeypatch):
     return module
 
 
-# (batch, d, n, k, product dtype, programs): 1 program walks every tile of its rows (the running merge);
-# 512 gives each tile its own span (the final top-k over the spans); k = n with K = 64 > n; k = 1.
+# (batch, d, n, k, product dtype, programs, W_enc layout): 1 program walks every tile of its rows (the running
+# merge); 512 gives each tile its own span (the final top-k over the spans); k = n with K = 64 > n; k = 1;
+# W_enc row-major (the CPU's layout) or column-major (CUDA's).
 FUSED_CASES = [
-    (37, 24, 300, 5, torch.float32, 1),
-    (37, 24, 300, 5, LOW_PRECISION, 512),
-    (16, 16, 96, 32, LOW_PRECISION, 1),
-    (9, 8, 40, 40, torch.float32, 512),
-    (9, 8, 40, 40, LOW_PRECISION, 1),
-    (5, 16, 50, 1, torch.float32, 1),
-    (5, 16, 50, 1, LOW_PRECISION, 512),
+    (37, 24, 300, 5, torch.float32, 1, "row"),
+    (37, 24, 300, 5, LOW_PRECISION, 512, "column"),
+    (16, 16, 96, 32, LOW_PRECISION, 1, "row"),
+    (9, 8, 40, 40, torch.float32, 512, "column"),
+    (9, 8, 40, 40, LOW_PRECISION, 1, "column"),
+    (5, 16, 50, 1, torch.float32, 1, "row"),
+    (5, 16, 50, 1, LOW_PRECISION, 512, "row"),
 ]
 
 
-@pytest.mark.parametrize("batch,d,n,k,dtype,programs", FUSED_CASES)
-def test_fused_topk_keeps_the_k_largest_pre_activations(triton_topk, monkeypatch, batch, d, n, k, dtype, programs):
+@pytest.mark.parametrize("batch,d,n,k,dtype,programs,layout", FUSED_CASES)
+def test_fused_topk_keeps_the_k_largest_pre_activations(
+    triton_topk, monkeypatch, batch, d, n, k, dtype, programs, layout
+):
     """Every kept u is at least every dropped u (within the key's precision), and the values are u's."""
     monkeypatch.setattr(triton_topk, "TARGET_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(batch + n + k)
     x, W = torch.randn(batch, d, generator=gen), torch.randn(d, n, generator=gen) / d**0.5
     bias = torch.randn(n, generator=gen) * 0.1
-    on = [t.to(TRITON_DEVICE) for t in (x, W, bias)]
+    on = [t.to(TRITON_DEVICE) for t in (x, W.T.contiguous().T if layout == "column" else W, bias)]
     values, indices = (t.cpu() for t in triton_topk.encode_topk(*on, k, dtype))
     u = x.to(dtype).double() @ W.to(dtype).double() + bias.double()  # the product of the rounded inputs
     # float32: 64-bit keys rank as float32 does; 32-bit keys hold a value to bf16's 8 bits

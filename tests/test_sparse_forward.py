@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab.sae import SAEConfig, build_sae
+from saelab.sae import SAEConfig, base, build_sae
 from saelab.sae.base import SparseAutoencoder
 from saelab.train.loss import auxk_loss, normalized_mse
 
@@ -123,17 +123,47 @@ def test_the_reused_workspace_never_leaks_one_call_into_the_next():
         torch.testing.assert_close(got, sae(x[:rows]).reconstruction, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("cuda_layout", [False, True])
 @pytest.mark.parametrize("architecture", ["topk", "gba", "transcoder"])
-def test_weight_gradients_arrive_in_their_parameters_layout(architecture):
-    """The weights are row-major (fused Adam copies a transposed W_enc, and its gradient, there and back
-    every step), with gradients of the same layout; GBA's tied W_enc is a view of W_decᵀ, whose gradient
-    reaches W_dec row-major."""
+def test_weight_gradients_arrive_in_their_parameters_layout(architecture, cuda_layout, monkeypatch):
+    """On the CPU the weights are row-major (the CPU's fused Adam copies a transposed W_enc, and its
+    gradient, there and back every step); on CUDA W_enc is column-major (`encoder_layout`, imposed here
+    on the CPU). Gradients arrive in their weight's layout; GBA's tied W_enc is a view of W_decᵀ, whose
+    gradient reaches W_dec row-major."""
+    if cuda_layout:
+        monkeypatch.setattr(base, "encoder_layout", lambda W_enc: W_enc.T.contiguous().T)
     fields = {"hook_name_out": "blocks.0.hook_mlp_out"} if architecture == "transcoder" else {}
-    sae = float64_sae(architecture, **fields)
+    sae = float64_sae(architecture, **fields).to("cpu")  # `.to` lays W_enc out
+    if cuda_layout and architecture != "gba":
+        assert sae.W_enc.T.is_contiguous()
     x, _ = inputs()
     out = sae.sparse_forward(x)
     ((out.reconstruction - x) ** 2).sum().backward()
     weights = [sae.W_dec] + ([] if architecture == "gba" else [sae.W_enc])
     for weight in weights:
-        assert weight.is_contiguous() and weight.grad is not None
+        assert (weight.is_contiguous() or cuda_layout) and weight.grad is not None
         assert weight.grad.stride() == weight.stride()
+
+
+def test_a_column_major_encoder_trains_as_a_row_major_one(monkeypatch):
+    """CUDA's W_enc layout, imposed on the CPU: three Adam steps give the weights the row-major SAE gets,
+    and W_enc keeps its layout through them."""
+    from saelab.train.dead_latents import DeadLatentTracker
+    from saelab.train.step import train_step
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+
+    def trained() -> SparseAutoencoder:
+        sae = build_sae(SAEConfig(d_in=16, d_sae=48, k=4), generator=torch.Generator().manual_seed(0)).to("cpu")
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2, fused=True)
+        tracker = DeadLatentTracker(48, dead_tokens=32)
+        for _ in range(3):
+            train_step(sae, optimizer, x, None, tracker, 1 / 32, 8)
+        return sae
+
+    row_major = trained()
+    monkeypatch.setattr(base, "encoder_layout", lambda W_enc: W_enc.T.contiguous().T)
+    column_major = trained()
+    assert row_major.W_enc.is_contiguous() and column_major.W_enc.T.is_contiguous()
+    for name, weight in row_major.named_parameters():
+        torch.testing.assert_close(dict(column_major.named_parameters())[name], weight, rtol=1e-5, atol=1e-6)

@@ -38,6 +38,12 @@ LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
 PER_LATENT_SCALARS = ("b_enc", "threshold", "r_mag", "b_mag")
 
 
+def encoder_layout(W_enc: torch.Tensor) -> torch.Tensor:
+    """W_enc [d_in, d_sae] with the memory layout of its device (`SparseAutoencoder._lay_out_encoder`):
+    column-major on CUDA, row-major elsewhere; itself when it has it already."""
+    return W_enc.T.contiguous().T if W_enc.is_cuda else W_enc.contiguous()
+
+
 @dataclass
 class TokenNorm:
     """How tokens map into an SAE's space: x' = (x − shift)·scale; `shift`, `scale` are [batch, 1] or scalars."""
@@ -103,11 +109,34 @@ class SparseAutoencoder(nn.Module):
         self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
 
     def _initial_encoder(self, decoder: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update).
-
-        Stored row-major: fused Adam copies a non-contiguous parameter (and its gradient) to a contiguous
-        one and back every step, three [d_in, d_sae] transposing copies a step in all."""
+        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update),
+        laid out for the CPU (`_apply` lays it out again on a move to another device)."""
         return decoder.T.contiguous()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """`nn.Module._apply` (what `.to(device)` and the like run), then W_enc in its device's layout."""
+        module = super()._apply(fn, recurse)
+        self._lay_out_encoder()
+        return module
+
+    @torch.no_grad()
+    def _lay_out_encoder(self) -> None:
+        """Store W_enc (and its gradient) in the memory layout its device trains fastest in.
+
+        - CPU: row-major [d_in, d_sae]. The CPU's fused Adam copies a non-contiguous parameter (and its
+          gradient) to a contiguous one and back every step.
+        - CUDA: column-major, i.e. as W_encᵀ [d_sae, d_in] row-major. The sparse products read and
+          write W_enc by latent rows: the bf16 path's recomputed values gather rows of W_encᵀ, and
+          ∂W_enc comes out of the sparse backward as rows of latents, so row-major would cost two
+          transposing copies of [d_in, d_sae] a step; fused Adam on CUDA takes any dense layout that
+          its parameter, gradient and moments share.
+        A tied encoder (GBA's, a view of W_dec) is left as it is."""
+        W_enc = self._parameters.get("W_enc")
+        if W_enc is None:
+            return
+        for tensor in (W_enc, W_enc.grad):
+            if tensor is not None and tensor.stride() != (laid_out := encoder_layout(tensor)).stride():
+                tensor.data = laid_out
 
     def parameter_groups(self) -> list[dict]:
         """The trainable parameters as optimiser groups; each group's `lr_scale` multiplies the run's lr.

@@ -161,11 +161,15 @@ def _in_sweep_order(cfg: TrainConfig, gathered: list[list[Any]]) -> list[Any]:
 
 
 def _broadcast_from_main(states: list[SAEState]) -> None:
-    """Every rank's weights and buffers := rank 0's."""
+    """Every rank's weights and buffers := rank 0's (through a contiguous copy where a tensor is laid out
+    otherwise, as W_enc is on CUDA: collectives take contiguous tensors only)."""
     for state in states:
         for tensor in state.sae.state_dict().values():
+            sent = tensor.contiguous()
             with distributed.collective("broadcasting the initial weights"):
-                dist.broadcast(tensor, src=0)
+                dist.broadcast(sent, src=0)
+            if sent is not tensor:
+                tensor.copy_(sent)
 
 
 def _open_source(cfg: TrainConfig, source: BatchSource | None) -> tuple[BatchSource, dict[str, str]]:
