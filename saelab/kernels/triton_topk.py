@@ -163,7 +163,7 @@ def encode_topk(
     with the product in `dtype` (`supports(k, dtype)` must hold); left: [batch, d], W_enc: [d, n]."""
     batch, d = left.shape
     n = W_enc.shape[1]
-    K = max(triton.next_power_of_2(k), 1)
+    K = max(triton.next_power_of_2(k), 2)  # tl.topk of 1 fails to compile in some Triton 3.x
     block_n = max(BLOCK_N, K)
     key64 = dtype == torch.float32
     spans, span = _spans(batch, n, block_n, key64)
