@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--synthetic", type=int, metavar="ROWS", help="train on a synthetic store of ROWS rows")
     args = parser.parse_args()
+    if args.synthetic is not None and args.synthetic < SAMPLE_ROWS:
+        parser.error(f"--synthetic {args.synthetic}: the metrics need {SAMPLE_ROWS:,} rows; give at least that many")
     rows, saes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
