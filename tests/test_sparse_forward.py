@@ -133,7 +133,7 @@ def test_weight_gradients_arrive_in_their_parameters_layout(architecture, cuda_l
     if cuda_layout:
         monkeypatch.setattr(base, "encoder_layout", lambda W_enc: W_enc.T.contiguous().T)
     fields = {"hook_name_out": "blocks.0.hook_mlp_out"} if architecture == "transcoder" else {}
-    sae = float64_sae(architecture, **fields).to("cpu")  # `.to` lays W_enc out
+    sae = float64_sae(architecture, **fields)  # laid out as it is built
     if cuda_layout and architecture != "gba":
         assert sae.W_enc.T.is_contiguous()
     x, _ = inputs()
@@ -146,24 +146,27 @@ def test_weight_gradients_arrive_in_their_parameters_layout(architecture, cuda_l
 
 
 def test_a_column_major_encoder_trains_as_a_row_major_one(monkeypatch):
-    """CUDA's W_enc layout, imposed on the CPU: three Adam steps give the weights the row-major SAE gets,
-    and W_enc keeps its layout through them."""
+    """CUDA's W_enc layout, imposed on the CPU by `.to` (as a move to a GPU lays it out): three Adam steps
+    give the weights the row-major SAE gets, and W_enc keeps its layout through them."""
     from saelab.train.dead_latents import DeadLatentTracker
     from saelab.train.step import train_step
 
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
 
-    def trained() -> SparseAutoencoder:
-        sae = build_sae(SAEConfig(d_in=16, d_sae=48, k=4), generator=torch.Generator().manual_seed(0)).to("cpu")
+    def trained(sae: SparseAutoencoder) -> SparseAutoencoder:
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2, fused=True)
         tracker = DeadLatentTracker(48, dead_tokens=32)
         for _ in range(3):
             train_step(sae, optimizer, x, None, tracker, 1 / 32, 8)
         return sae
 
-    row_major = trained()
+    row_major, column_major = (
+        build_sae(SAEConfig(d_in=16, d_sae=48, k=4), generator=torch.Generator().manual_seed(0)) for _ in range(2)
+    )
     monkeypatch.setattr(base, "encoder_layout", lambda W_enc: W_enc.T.contiguous().T)
-    column_major = trained()
+    column_major = trained(column_major.to("cpu"))
+    monkeypatch.undo()
+    row_major = trained(row_major)
     assert row_major.W_enc.is_contiguous() and column_major.W_enc.T.is_contiguous()
     for name, weight in row_major.named_parameters():
         torch.testing.assert_close(dict(column_major.named_parameters())[name], weight, rtol=1e-5, atol=1e-6)

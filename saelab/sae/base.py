@@ -107,10 +107,10 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.output_width), requires_grad=cfg.train_b_dec)
         self.register_buffer("input_scale", torch.ones(()))
         self.workspace = Workspace()  # scratch for sparse_forward's pre-activations; not state
+        self._lay_out_encoder()  # built on a GPU (a default-device context): CUDA's layout from the start
 
     def _initial_encoder(self, decoder: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update),
-        laid out for the CPU (`_apply` lays it out again on a move to another device)."""
+        """W_enc's start, [d_in, d_sae]: the decoder's transpose (Gao et al.; Anthropic's April 2024 update)."""
         return decoder.T.contiguous()
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
