@@ -79,12 +79,11 @@ class Prefetcher(Generic[T]):
         except BaseException as error:  # noqa: BLE001 — handed to the consumer, which raises it
             self._put(_Failed(error))
 
-    def _put(self, item: object) -> bool:
-        """Queue `item`, waiting for room; False if asked to stop meanwhile."""
+    def _put(self, item: object) -> None:
+        """Queue `item`, waiting for room; give up if asked to stop meanwhile (`_fill` then checks the stop)."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
-                return True
+                return
             except queue.Full:
                 continue
-        return False
