@@ -213,6 +213,31 @@ def model_lock() -> threading.Lock:
     return MODEL_LOCK
 
 
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _unit_decoder(folder: str, stamp: tuple[int, int]) -> Any:
+    from saelab.browse.nearest import unit_decoder
+
+    return unit_decoder(folder)
+
+
+def nearest_in_run(run: RunInfo, sae: SAEInfo, latent: int, count: int = 3) -> list[Any]:
+    """The latents of the run's other SAEs (same hook) nearest to `latent` of `sae` by decoder cosine
+    (`saelab.browse.nearest.NearbyLatent`s); [] after a message when the weights cannot be read."""
+    from saelab.browse.nearest import nearest_latents
+
+    try:
+        decoders = {
+            s.label: _unit_decoder(str(s.folder), _stamp(s.folder / WEIGHTS_FILE)) for s in run.saes if s.has_weights
+        }
+    except (SaelabError, OSError) as error:
+        st.warning(f"cannot read the run's SAE weights to find nearby latents: {error}")
+        return []
+    own = decoders.pop(sae.label, None)
+    if own is None or not 0 <= latent < len(own.rows):
+        return []
+    return nearest_latents(own, latent, decoders, count)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _sae(folder: str, stamp: tuple[int, int]) -> Any:
     from saelab.models import resolve_device

@@ -227,6 +227,107 @@ def _steer(args: argparse.Namespace) -> None:
     _print_table(columns, rows, left=(0, 2, len(columns) - 1))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from saelab.atomic import atomic_write_json, atomic_write_text
+    from saelab.eval.compare import compare_saes
+    from saelab.eval.compare_figure import comparison_figure
+    from saelab.run_layout import COMPARE_FILE, SAE_DIR
+
+    comparison = compare_saes(
+        args.saes,
+        args.store,
+        args.threshold,
+        args.tokens,
+        args.min_frequency,
+        args.matching,
+        args.candidates,
+        progress=not args.quiet,
+    )
+    report = comparison.report
+    _print_comparison(report)
+    run = Path(args.saes[0])
+    if len(args.saes) == 1 and (run / SAE_DIR).is_dir():  # one run's SAEs: the report lives in the run folder
+        args.out = args.out or str(run / COMPARE_FILE)
+        args.html = args.html or str(run / COMPARE_FILE).replace(".json", ".html")
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"report: {args.out}")
+    if args.html:
+        atomic_write_text(args.html, comparison_figure(comparison).to_html(include_plotlyjs=True, full_html=True))
+        print(f"histograms: {args.html}")
+
+
+def _print_comparison(report: dict) -> None:
+    """The SAEs, each pair's measures, and the splits, as tables."""
+    saes = report["saes"]
+    store = report["store"]
+    sampled = f"; frequencies on {store['tokens']:,} tokens of {store['path']}" if store else "; no store"
+    print(
+        f"compared {len(saes)} SAEs of {saes[0]['hook'] or 'one hook'} (shared: both cosines ≥ {report['threshold']:g}"
+        f"{sampled}; matching {report['matching']['method']})"
+    )
+    columns = [("sae", 28), ("architecture", 22), ("latents", 9), ("counted", 9), ("dead", 7), ("ultra-rare", 11)]
+    _print_table(
+        columns,
+        [
+            [
+                s["label"],
+                s["architecture"],
+                f"{s['d_sae']:,}",
+                f"{s['counted']:,}",
+                str(s.get("dead", "—")),
+                str(s.get("ultra_rare", "—")),
+            ]
+            for s in saes
+        ],
+        left=(0, 1),
+    )
+    pairs = (
+        report["pairwise"]["pairs"]
+        if "pairwise" in report
+        else [report | {"a": saes[0]["label"], "b": saes[1]["label"]}]
+    )
+    columns = [("A", 28), ("B", 28), ("MMCS A→B", 10), ("MMCS B→A", 10), ("MCC", 7), ("enc. MCC", 10)]
+    columns += [("shared A", 10), ("shared B", 10), ("act. corr", 10)]
+    _print_table(
+        columns,
+        [
+            [
+                p["a"],
+                p["b"],
+                _number(p["mmcs_a_to_b"]),
+                _number(p["mmcs_b_to_a"]),
+                _number(p["hungarian_mean_cosine"]),
+                _number(p["encoder_hungarian_mean_cosine"]),
+                _fraction(p["shared_fraction"]),
+                _fraction(p["shared_fraction_b"]),
+                _number(p.get("mean_activation_correlation")),
+            ]
+            for p in pairs
+        ],
+        left=(0, 1),
+    )
+    if "pairwise" in report:
+        found = report["pairwise"]["found_in_all_others"]
+        print("  shared with every other SAE: " + ", ".join(f"{label} {_fraction(v)}" for label, v in found.items()))
+    by_group = report.get("shared_fraction_by_group")
+    if by_group:
+        print("  shared fraction of A by group: " + ", ".join(f"{g}: {_fraction(v)}" for g, v in by_group.items()))
+    splits = report["splits"]
+    if splits:
+        shown = "; ".join(f"{s['latent']} → {', '.join(str(p[0]) for p in s['partners'])}" for s in splits[:5])
+        print(
+            f"  {len(splits)} latents of {splits[0]['sae']} split in two or more of the other's: {shown}"
+            + (" …" if len(splits) > 5 else "")
+        )
+    if report.get("left_out"):
+        print(f"  left out (another hook than the rest): {', '.join(report['left_out'])}")
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
 def _excerpt(text: str, width: int) -> str:
     """`text` on one line (newlines shown as \\n), cut to `width` characters with an ellipsis."""
     flat = json.dumps(text, ensure_ascii=False)[1:-1]
@@ -282,6 +383,31 @@ def _parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--address", default="localhost", help="address to serve on (default: localhost)")
     dashboard.add_argument("--headless", action="store_true", help="do not open a browser")
     dashboard.set_defaults(run=_dashboard)
+    compare = commands.add_parser("compare", help="did two or more SAEs of one hook learn the same features?")
+    compare.add_argument(
+        "saes",
+        nargs="+",
+        help="SAE folders (saelab's or SAELens's format), or run folders; one run folder alone gets its report "
+        "written into it (compare.json, compare.html), where the dashboard's runs page reads it",
+    )
+    compare.add_argument("--store", help="an activation store of the hook: frequencies and activation correlations")
+    compare.add_argument("--threshold", type=float, default=0.7, help="cosine for a shared latent (default 0.7)")
+    compare.add_argument("--out", help="write the report as JSON here")
+    compare.add_argument("--html", help="write the matched-cosine histograms (plotly) here")
+    compare.add_argument("--tokens", type=int, default=131_072, help="store rows sampled (default 131072)")
+    compare.add_argument(
+        "--min-frequency", type=float, default=1e-5, help="latents firing less often are left out (default 1e-5)"
+    )
+    compare.add_argument(
+        "--matching",
+        choices=["auto", "dense", "sparse"],
+        default="auto",
+        help="dense: exact on the whole cosine matrix; sparse: on each latent's nearest candidates (auto: "
+        "dense up to 16384 latents)",
+    )
+    compare.add_argument("--candidates", type=int, default=32, help="nearest partners per latent kept (default 32)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bar")
+    compare.set_defaults(run=_compare)
     _add_command(commands, "steer", "steering sweeps: add / clamp / ablate SAE features over prompts", _steer)
     imported = commands.add_parser(
         "import-sae", help="a shared SAELens SAE (release + id) as a run that eval, analyze and the dashboard read"

@@ -4,6 +4,7 @@ dashboard, which must start without importing the model stack) reads them from.
     <run>/config.yaml                 the TrainConfig the run was made with
     <run>/metrics.jsonl               one line per logged step and SAE (and per `saelab eval`)
     <run>/summary.json                each SAE's numbers over the last training steps
+    <run>/compare.json                `saelab compare <run>`: how many features its SAEs share (+ compare.html)
     <run>/checkpoints/                atomic training checkpoints
     <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json, features.sqlite,
                                       explanations.jsonl and autointerp.json
@@ -19,3 +20,4 @@ FEATURES_FILE = "features.sqlite"
 PROBING_FILE = "probing.json"
 EXPLANATIONS_FILE = "explanations.jsonl"
 AUTOINTERP_FILE = "autointerp.json"
+COMPARE_FILE = "compare.json"

@@ -663,6 +663,41 @@ def test_eight_users_browse_while_one_steers_each_in_a_session_of_its_own(runs_r
     assert loads.read_text().splitlines() == ["loaded"]
 
 
+def test_feature_page_links_the_nearest_latents_of_the_runs_other_saes(app, runs_root, latent):
+    from saelab.eval.matching import unit_rows
+
+    at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
+    saes = runs_root / "tiny" / "train" / "saes"
+    own = unit_rows(load_sae(saes / TOPK).W_dec)[latent]
+    best = (unit_rows(load_sae(saes / BATCHTOPK).W_dec) @ own).topk(3)
+    links = [link.proto for link in at.get("page_link") if " · cos " in link.proto.label]
+    expected = [f"{BATCHTOPK} · latent {i} · cos {c:.2f}" for c, i in zip(best.values, best.indices, strict=True)]
+    assert [link.label for link in links] == expected
+    assert f"feature={int(best.indices[0])}" in links[0].query_string and f"sae={BATCHTOPK}" in links[0].query_string
+
+
+def test_runs_page_shows_the_shared_fraction_that_saelab_compare_measured(app, runs_root, tmp_path, monkeypatch):
+    import subprocess
+
+    before, after = tmp_path / "before", tmp_path / "after"  # two roots: the dashboard caches each root's runs
+    for root in (before, after):
+        shutil.copytree(runs_root / "tiny", root / "tiny")
+    monkeypatch.setenv("SAELAB_RUNS", str(before))
+    at = app(run="tiny/train")
+    assert f"saelab compare {before / 'tiny' / 'train'}" in texts(at.caption)
+    run = after / "tiny" / "train"
+    result = subprocess.run([sys.executable, "-m", "saelab", "compare", str(run), "--quiet"], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "compare.json").read_text())
+    monkeypatch.setenv("SAELAB_RUNS", str(after))
+    at = app(run="tiny/train")
+    (heatmap,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart") if c.proto.id.endswith("shared")]
+    assert heatmap["data"][0]["y"] == [sae["label"] for sae in report["saes"]] == [BATCHTOPK, TOPK]
+    shared = heatmap["data"][0]["z"]
+    assert shared[0][1] == pytest.approx(100 * report["shared_fraction"])
+    assert shared[1][0] == pytest.approx(100 * report["shared_fraction_b"])
+
+
 def test_runs_page_tables_probing_absorption_and_explanation_scores(app, runs_root, tmp_path, monkeypatch):
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")

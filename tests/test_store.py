@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,18 +48,23 @@ def make_store(
     complete: bool = True,
     seed: int = 0,
     gradients: bool = False,
+    d_model: int = D_MODEL,
+    draw: Callable[[int, torch.Generator], torch.Tensor] | None = None,
 ) -> Source:
-    """Write shards of random activations (and random tokens, and random gradients) plus a manifest listing them."""
+    """Write shards of random activations (and random tokens, and random gradients) plus a manifest listing them.
+
+    `draw(n_rows, generator)` makes each shard's activations, [n_rows, d_model] (default: Gaussian)."""
+    draw = draw or (lambda n_rows, gen: torch.randn(n_rows, d_model, generator=gen))
     gen = torch.Generator().manual_seed(seed)
     records, parts = [], []
     first = 0
     for index, n_contexts in enumerate(contexts_per_shard):
         n_rows = n_contexts * ROWS_PER_CONTEXT
         contexts = torch.randint(3, 50_000, (n_contexts, CONTEXT_SIZE), generator=gen, dtype=torch.int32)
-        tensors = {hook: torch.randn(n_rows, D_MODEL, generator=gen).to(getattr(torch, dtype)) for hook in hooks}
+        tensors = {hook: draw(n_rows, gen).to(getattr(torch, dtype)) for hook in hooks}
         if gradients:
             for hook in hooks:
-                tensors[gradient_name(hook)] = torch.randn(n_rows, D_MODEL, generator=gen).to(getattr(torch, dtype))
+                tensors[gradient_name(hook)] = torch.randn(n_rows, d_model, generator=gen).to(getattr(torch, dtype))
         tensors["token_ids"] = contexts[:, FIRST_POSITION:].reshape(-1)
         tensors["contexts"] = contexts
         records.append(write_shard(path, index, first, n_contexts, tensors))
@@ -69,7 +75,7 @@ def make_store(
         config={},
         model="test-model",
         hooks=list(hooks),
-        d_model=D_MODEL,
+        d_model=d_model,
         dtype=dtype,
         context_size=CONTEXT_SIZE,
         first_position=FIRST_POSITION,

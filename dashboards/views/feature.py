@@ -67,6 +67,7 @@ def show_page(page: FeaturePage) -> None:
     cells[3].metric("tokens firing", f"{page.n_firing:,}")
     if page.n_firing == 0:
         st.info("This latent never fired on the analysed tokens (dead): there are no contexts to show.")
+    nearby_section(page.index)
 
     left, right = st.columns(2)
     width = page.histogram_bin_width
@@ -106,6 +107,24 @@ def show_page(page: FeaturePage) -> None:
             title = f"sampled from the {band.low:.0%}–{band.high:.0%} quantile band of its activations"
             with st.expander(title, expanded=band is page.quantile_bands[-1]):
                 st.html(windows_html(band.contexts, scale))
+
+
+def nearby_section(index: int) -> None:
+    """Links to the latents of the run's other SAEs whose decoder directions are nearest to this one's."""
+    nearby = ui.nearest_in_run(sel.run, sae, index)
+    if not nearby:
+        return
+    st.markdown(f"**Nearest latents in the other SAEs of `{sel.run.name}`** (decoder cosine)")
+    columns = st.columns(3)
+    for n, near in enumerate(nearby):
+        query = {"run": sel.run.name, "sae": near.sae, "feature": str(near.latent)}
+        columns[n % 3].page_link(
+            ui.FEATURE_PAGE, label=f"{near.sae} · latent {near.latent} · cos {near.cosine:.2f}", query_params=query
+        )
+    st.caption(
+        "Cosine ≥ 0.7 in both decoder and encoder is what `saelab compare` counts as the same feature; "
+        f"`saelab compare {sel.run.path}` measures it for every latent."
+    )
 
 
 page = None

@@ -56,6 +56,42 @@ def frontier_section(run: RunInfo) -> None:
     st.caption(" ".join(notes))
 
 
+def shared_section(run: RunInfo) -> None:
+    """How many features the run's SAEs share, from `saelab compare <run>` (compare.json), as a heatmap."""
+    if len(run.saes) < 2:
+        return
+    st.subheader(f"Shared features: `{run.name}`")
+    report = run.comparison
+    if not report:
+        st.caption(f"`saelab compare {run.path}` measures how many features these SAEs share (shown here).")
+        return
+    labels = [sae["label"] for sae in report["saes"]]
+    pairwise = report.get("pairwise") or {
+        "shared_fraction": [[1.0, report["shared_fraction"]], [report["shared_fraction_b"], 1.0]]
+    }
+    shared = [[None if v is None else 100 * v for v in row] for row in pairwise["shared_fraction"]]
+    figure = go.Figure(
+        go.Heatmap(
+            z=shared,
+            x=labels,
+            y=labels,
+            colorscale="Blues",
+            zmin=0,
+            zmax=100,
+            text=[["—" if v is None else f"{v:.0f}%" for v in row] for row in shared],
+            texttemplate="%{text}",
+            hovertemplate="%{z:.1f}% of %{y}'s latents are shared with %{x}<extra></extra>",
+        )
+    )
+    figure.update_layout(height=120 + 40 * len(labels), **ui.CHART_LAYOUT)
+    figure.update_yaxes(autorange="reversed")
+    st.plotly_chart(figure, key="shared")
+    st.caption(
+        f"Row SAE's latents whose decoder and encoder both match a latent of the column SAE at cosine ≥ "
+        f"{report['threshold']:g} (one-to-one matchings; Paulo & Belrose 2025), from `{run.path}/compare.json`."
+    )
+
+
 def frontier_figure(frontier: Frontier) -> go.Figure:
     """L0 (log) against FVU and against CE loss recovered, one trace per architecture and panel; the two
     traces of an architecture share colour and legend entry, so a legend click hides it in both panels."""
@@ -160,6 +196,7 @@ for run in sel.runs:
 
 if sel.run:
     frontier_section(sel.run)
+    shared_section(sel.run)
 
 st.subheader("Training curves")
 choices = [f"{run.name} / {sae.label}" for run in sel.runs for sae in run.saes]

@@ -26,6 +26,7 @@ from saelab.harvest.manifest import MANIFEST_FILE
 from saelab.run_layout import (
     AUTOINTERP_FILE,
     CHECKPOINT_DIR,
+    COMPARE_FILE,
     CONFIG_FILE,
     EVAL_FILE,
     FEATURES_FILE,
@@ -55,7 +56,7 @@ class SAEInfo:
     architecture: str | None = None
     d_sae: int | None = None
     k: int | None = None  # TopK-style selection only
-    target_l0: float | None = None  # GBA only
+    target_l0: float | None = None  # GBA, and JumpReLU with a quadratic L0 penalty
     penalty: str | None = None  # penalised SAEs: "L1 coefficient 5", "L0 coefficient 3"
     model: str | None = None
     hook: str | None = None
@@ -104,6 +105,7 @@ class RunInfo:
     finished: bool  # summary.json written: training ended
     saes: list[SAEInfo] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    comparison: dict[str, Any] = field(default_factory=dict)  # `saelab compare <run>`'s compare.json ({} when none)
 
     @property
     def status(self) -> str:
@@ -158,6 +160,7 @@ def read_run(path: str | Path, root: str | Path | None = None) -> RunInfo:
     summary = summary or {}
     for label in dict.fromkeys(labels):  # in order, once each
         run.saes.append(_read_sae(run, label, configured.get(label), summary.get(label), last.get(label), store))
+    run.comparison = _attempt(run, lambda: _read_json(path / COMPARE_FILE), COMPARE_FILE) or {}
     return run
 
 
@@ -288,6 +291,8 @@ def _store_manifest(run: Path, store: str) -> dict[str, Any]:
 
 def _penalty(architecture: str | None, fields: dict[str, Any]) -> str | None:
     """The coefficient that sets a penalised SAE's sparsity, in words; None for the others."""
+    if architecture == "jumprelu" and fields.get("target_l0"):
+        return f"L0 target {fields['target_l0']:g} (quadratic penalty)"
     if architecture == "jumprelu":
         return f"L0 coefficient {fields.get('l0_coefficient', SAEConfig.l0_coefficient):g}"
     if architecture in PENALISED:

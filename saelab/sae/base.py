@@ -245,6 +245,11 @@ class SparseAutoencoder(nn.Module):
         the warm-up's fraction of the coefficient. None but for penalised variants."""
         return out.reconstruction.new_zeros(())
 
+    def latent_groups(self) -> torch.Tensor | None:
+        """[d_sae] long: the group of each latent, for a variant that trains its latents in groups (GBA's
+        frequency groups), so that comparisons can report per group; None for the others."""
+        return None
+
     def logged_metrics(self) -> dict[str, float]:
         """What a variant logs beside the losses, read when the trainer logs (GBA: each group's frequency)."""
         return {}

@@ -263,6 +263,10 @@ class GBASAE(SparseAutoencoder):
     def logged_metrics(self) -> dict[str, float]:
         return self.group_metrics()
 
+    def latent_groups(self) -> torch.Tensor:
+        """Each latent's frequency group (group 0 has the highest target)."""
+        return self.group
+
     def group_metrics(self) -> dict[str, float]:
         """`group{g}/freq` (the mean firing frequency of group g in its last window) and `group{g}/target`,
         for every group measured so far; group 0 has the highest target."""
