@@ -92,7 +92,9 @@ def reference_loss(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor, war
     elif arch == "jumprelu":
         theta = sae.threshold.expand_as(u)
         z = JumpReLUFunction.apply(u, theta, sae.cfg.jumprelu_bandwidth)
-        penalty = sae.cfg.l0_coefficient * warmup * StepFunction.apply(u.detach(), theta, 0.4).sum(-1).mean()
+        l0 = StepFunction.apply(u.detach(), theta, 0.4).sum(-1)
+        target = sae.cfg.target_l0  # Gemma Scope 2's quadratic penalty around it, when set
+        penalty = sae.cfg.l0_coefficient * warmup * (l0 if target is None else 2 / target * (l0 - target) ** 2).mean()
     elif arch == "gated":
         magnitude = torch.relu(centered @ (W_enc * sae.r_mag.exp()) + sae.b_mag)
         z = (u > 0) * magnitude
@@ -118,14 +120,24 @@ def selection_density(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "transcoder", "skip_transcoder"])
-def test_a_training_step_has_the_papers_loss_and_gradients(architecture, selection_density):
+@pytest.mark.parametrize(
+    "architecture,fields",
+    [
+        ("standard", {}),
+        ("jumprelu", {}),
+        ("jumprelu", {"target_l0": 7.0}),
+        ("gated", {}),
+        ("transcoder", {}),
+        ("skip_transcoder", {}),
+    ],
+)
+def test_a_training_step_has_the_papers_loss_and_gradients(architecture, fields, selection_density):
     x, y = batch()
     y = y if "transcoder" in architecture else None
-    sae = family_sae(architecture)
+    sae = family_sae(architecture, **fields)
     metrics, got = step_gradients(sae, x, y, warmup=0.6)
 
-    reference = family_sae(architecture)
+    reference = family_sae(architecture, **fields)
     loss = reference_loss(reference, x, x if y is None else y, warmup=0.6)
     params = {name: p for name, p in reference.named_parameters() if p.requires_grad}
     want = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))

@@ -55,7 +55,9 @@ class SAEConfig:
       `l1_coefficient` · Σ_i z_i‖d_i‖ (gated: on the gate's relu(π)), warmed up linearly over the first
       `penalty_warmup` of the steps; the decoder rows are free (the penalty weighs their norms).
     - jumprelu: per-latent thresholds θ (from `jumprelu_init_threshold`), an L0 penalty `l0_coefficient`
-      · Σ_i H(u_i − θ_i) trained through the straight-through estimator of bandwidth `jumprelu_bandwidth`.
+      · Σ_i H(u_i − θ_i) trained through the straight-through estimator of bandwidth `jumprelu_bandwidth`;
+      with `target_l0` T the penalty is `l0_coefficient` · (2/T)·(L0 − T)² (Gemma Scope 2's quadratic
+      form, SAELens's `quadratic` mode), which holds the L0 near T.
       Coefficients are SAELens's: the loss is SAELens's (summed squared error + penalty) divided by the
       batch's variance, and inputs are scaled to E‖x‖² = d_in as SAELens's `expected_average_only_in`.
     - matryoshka_batchtopk: BatchTopK whose nested prefixes `matryoshka_widths` (unset: d_sae/16, /8, /4,
@@ -122,6 +124,8 @@ class SAEConfig:
             raise ConfigError("target_high/target_low: need 0 < target_low ≤ target_high ≤ 1")
         if self.architecture == "gba" and self.n_groups > self.d_sae:  # only GBA splits latents into groups
             raise ConfigError(f"n_groups: {self.n_groups} groups cannot be made from d_sae {self.d_sae} latents")
+        if self.target_l0 is not None and not self.target_l0 > 0:
+            raise ConfigError(f"target_l0: must be positive (or unset), got {self.target_l0}")
         if self.output_scale is not None and not self.output_scale > 0:
             raise ConfigError(f"output_scale: must be positive (or unset, to train it), got {self.output_scale}")
         if self.bias_min > self.bias_max:
@@ -156,8 +160,8 @@ class SAEConfig:
 
     @property
     def sparsity_label(self) -> str:
-        """What sets the SAE's sparsity, in a label: k32, l032 (GBA's target L0), l1c5 / l0c1 (a penalty)."""
-        if self.architecture == "gba" and self.target_l0:
+        """What sets the SAE's sparsity, in a label: k32, l032 (a target L0: GBA, JumpReLU), l1c5 / l0c1 (a penalty)."""
+        if self.architecture in ("gba", "jumprelu") and self.target_l0:
             return f"l0{self.target_l0:g}"
         if self.architecture == "jumprelu":
             return f"l0c{self.l0_coefficient:g}"
