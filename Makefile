@@ -41,7 +41,7 @@ endif
 	# Round trips with the real sae-lens, which lives in the peers' environment (not a saelab dependency).
 	$(BENCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_saelens_interop.py
 
-# benchmarks/kernels.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.
+# benchmarks/training_step.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.
 BENCH_VENV ?= .venv-bench
 PEERS_SPEC ?= eai-sparsify==1.3.3 sae-lens==6.54.12
 

@@ -3,7 +3,7 @@
 #   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path);
 #   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step, and a
 #      profile of the store run;
-#   3. benchmarks/kernels.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
+#   3. benchmarks/training_step.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
 #   4. torch.profiler tables of the largest shape, unfused and fused (the tiled mode);
 #   5. benchmarks/bf16.py: the bf16 encoder product's FVU effect on a GPU (on a synthetic store).
 # Each part has its own time limit, so one that hangs cannot eat the others' time; the limits sum to
@@ -34,7 +34,7 @@ run tests 110 python3 -m pytest -q -p no:cacheprovider \
   tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
   "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
 run data_path 75 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50 --profile
-run kernels 255 python3 benchmarks/kernels.py --device cuda
-run profile 80 python3 benchmarks/kernels.py --device cuda --profile saelab-bf16 saelab-bf16-tiled \
+run kernels 255 python3 benchmarks/training_step.py --device cuda
+run profile 80 python3 benchmarks/training_step.py --device cuda --profile saelab-bf16 saelab-bf16-tiled \
   --shapes 4096,131072,64,4096
 run bf16 70 python3 benchmarks/bf16.py --device cuda --synthetic 262144 --tokens 2048000

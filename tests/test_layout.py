@@ -74,3 +74,14 @@ def test_the_check_finds_an_import_that_runs_back_up(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from saelab.analysis.feature_store import FeatureStore\n")
     assert upward("eval", {"bad.py": saelab_imports(module)}) == ["bad.py imports saelab.analysis.feature_store"]
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package that
+    something imports (benchmarks/kernels.py shadowed `kernels`, which transformers imports) breaks every
+    benchmark that loads a model."""
+    import importlib.util
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    shadowing = [path.name for path in benchmarks.glob("*.py") if importlib.util.find_spec(path.stem) is not None]
+    assert not shadowing, f"rename {shadowing}: each is also an importable module"
