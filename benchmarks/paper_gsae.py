@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-from saelab.analysis.logit_effects import decoder_directions, final_norm_weight, logit_effects
 from saelab.eval.config import EvalConfig
 from saelab.eval.evaluate import evaluate, held_out_contexts
 from saelab.harvest.store import ActivationStore
 from saelab.models import load_model
-from saelab.sae import SparseAutoencoder
 from saelab.sae.config import SAEConfig
+from saelab.steer.effect import steering_effect
 from saelab.train.config import TrainConfig
 from saelab.train.trainer import train
 
@@ -42,28 +41,6 @@ def sweep(d_sae: int) -> list[SAEConfig]:
     saes += [SAEConfig(architecture="gsae", d_sae=d_sae, k=k, beta=1.0, name=f"gsae-k{k}-b1") for k in KS]
     saes += [SAEConfig(architecture="gsae", d_sae=d_sae, k=32, beta=b, name=f"gsae-k32-b{b:g}") for b in BETAS]
     return saes
-
-
-@torch.inference_mode()
-def steering_effect(model, sae: SparseAutoencoder, hook: str, contexts: torch.Tensor, latents: list[int], alpha: float):
-    """Mean KL(steered ‖ clean) per prediction and mean Δ log p of each latent's top-5 promoted tokens."""
-    weight, center = final_norm_weight(model)
-    directions = decoder_directions(sae)[latents]
-    promoted = logit_effects(directions, weight, model.W_U, k=5, center=center).top_ids  # [n, 5]
-    clean = torch.log_softmax(model(contexts)[:, :-1].float(), -1)
-    kls, rises = [], []
-    for direction, tokens in zip(directions, promoted, strict=True):
-
-        def add(x: torch.Tensor, hook, direction=direction) -> torch.Tensor:
-            x = x.clone()
-            x[:, 1:] += alpha * direction / direction.norm()
-            return x
-
-        with model.hooks(fwd_hooks=[(hook, add)]):
-            steered = torch.log_softmax(model(contexts)[:, :-1].float(), -1)
-        kls.append(float((steered.exp() * (steered - clean)).sum(-1).mean()))
-        rises.append(float((steered[..., tokens] - clean[..., tokens]).mean()))
-    return sum(kls) / len(kls), sum(rises) / len(rises)
 
 
 def main() -> None:
