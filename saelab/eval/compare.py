@@ -17,8 +17,8 @@ For SAEs of one hook (any widths, any architectures saelab loads, SAELens folder
 - for more than two SAEs: the pairwise matrices of shared fractions and MCCs, and for each SAE the
   fraction of its latents shared with every other one.
 
-`compare_saes` returns the report (a JSON-able dict, `report.json`'s schema: module README in
-docs/compare.md); `write_report_html` draws the matched-cosine histograms.
+`compare_saes` returns every pair's comparison and the report (a JSON-able dict; its schema is in
+docs/compare.md); `saelab.eval.compare_figure` draws the matched-cosine histograms.
 """
 
 from __future__ import annotations
