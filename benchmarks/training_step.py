@@ -3,7 +3,7 @@
     make bench-env                                  # once: .venv-bench with sparsify and SAELens
     .venv-bench/bin/python benchmarks/training_step.py    # CPU: d_model 576, k 32, batch 4096, n ∈ {4608, 9216, 36864}
     python benchmarks/training_step.py --device cuda      # a GPU: the four shapes of CUDA_SHAPES
-    python benchmarks/training_step.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096  # where time goes
+    python benchmarks/training_step.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096  # profile
 
 Each implementation runs in its own process (so its peak memory is its own). In that process the
 step and its floors are timed in turn, so the ratios are measured under the same machine load.
