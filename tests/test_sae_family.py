@@ -270,3 +270,19 @@ def test_penalised_saes_train_their_per_latent_scalars_at_sqrt_d_in_times_the_lr
 def test_a_sweep_that_cannot_be_fed_is_refused_by_name(sae, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(hook="blocks.3.hook_resid_post", saes=[sae]).validate()
+
+
+def test_jumprelu_with_a_target_l0_starts_at_it():
+    """`calibrate` puts each threshold at the quantile of its pre-activations that fires on T/d_sae of the
+    sample, so the L0 starts at T, from unit decoder rows; without a target nothing moves (θ from 0.01)."""
+    sample = torch.randn(4000, D_IN, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 + 0.5
+    sae = build_sae(SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE, target_l0=5.0)).double()
+    assert sae.W_dec.norm(dim=1).sub(1).abs().max() < 1e-6
+    sae.calibrate(sample)
+    fired = (sae.encode(sample) > 0).double()
+    assert fired.sum(-1).mean() == pytest.approx(5.0, rel=0.02)
+    assert fired.mean(0).sub(5.0 / D_SAE).abs().max() < 2 / 4000  # every latent at T/d_sae, within a row or two
+    plain = build_sae(SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE)).double()
+    plain.calibrate(sample)
+    assert torch.equal(plain.threshold, torch.full((D_SAE,), 0.01).double())  # built in float32, then cast
+    assert plain.W_dec.norm(dim=1).sub(0.1).abs().max() < 1e-6

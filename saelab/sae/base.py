@@ -245,6 +245,12 @@ class SparseAutoencoder(nn.Module):
         the warm-up's fraction of the coefficient. None but for penalised variants."""
         return out.reconstruction.new_zeros(())
 
+    @torch.no_grad()
+    def calibrate(self, sample: torch.Tensor) -> None:
+        """Set what selects latents from a sample of the data `[n, d_in]` before training (the trainer calls
+        it once, after the input scale and b_dec are set): GBA's biases, JumpReLU's thresholds for a target L0.
+        Nothing for the others."""
+
     def latent_groups(self) -> torch.Tensor | None:
         """[d_sae] long: the group of each latent, for a variant that trains its latents in groups (GBA's
         frequency groups), so that comparisons can report per group; None for the others."""

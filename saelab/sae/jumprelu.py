@@ -84,13 +84,34 @@ class JumpReLUSAE(SparseAutoencoder):
     """z = u·H(u − θ) with a trained threshold per latent (`threshold`, [d_sae]) and an L0 penalty."""
 
     unit_norm_decoder = False
-    decoder_init_norm = DECODER_INIT_NORM
     fast_per_latent = True
     threshold: nn.Parameter
+
+    @property
+    def decoder_init_norm(self) -> float:
+        """0.1 (module docstring), but 1 with a target L0: the thresholds are calibrated to fire T latents a token
+        (`calibrate`), so unit rows do not overshoot, and the encoder's columns then grow slowly relative to
+        their size, as the thresholds do. From rows of 0.1 the encoder outgrew its calibrated thresholds
+        within 20 steps on SmolLM2 (L0 982 for a target of 32): Adam moves each entry by about the lr a step,
+        ~10 % of a column of norm 0.1 but 1 % of a unit one, and a threshold by ~0.01 a step."""
+        return 1.0 if self.cfg.target_l0 is not None else DECODER_INIT_NORM
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold))
+
+    @torch.no_grad()
+    def calibrate(self, sample: torch.Tensor) -> None:
+        """With `target_l0` T: start each θ_i at the quantile of its u on `sample: [n, d_in]` above which it fires
+        on T/d_sae of the tokens, so training starts at L0 ≈ T. The thresholds train at √d_in × the lr, about
+        0.01 a step on SmolLM2, and must otherwise climb from 0.01 to the pre-activations' scale: from the
+        fixed start a 250-step run still had L0 659 for a target of 32 at step 150."""
+        if self.cfg.target_l0 is None:
+            return
+        u = self.pre_activations(sample)
+        keep = min(1.0, self.cfg.target_l0 / self.cfg.d_sae)
+        rank = min(len(u), max(1, round((1 - keep) * len(u))))  # u above its rank-th value: ≈ T/d_sae of the rows
+        self.threshold.copy_(u.kthvalue(rank, dim=0).values.clamp_min(0))
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [..., d_sae] → u·H(u − θ), differentiable as in training."""

@@ -313,7 +313,7 @@ def _load_sae_state(sae: SparseAutoencoder, saved: dict[str, torch.Tensor], chec
 @torch.no_grad()
 def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -> None:
     """Set every SAE's input scale, start b_dec at the geometric median of a sample (in the SAE's space),
-    calibrate GBA's biases."""
+    and let each SAE calibrate its selection on the sample (GBA's biases, JumpReLU's thresholds)."""
     if source.n_batches(cfg.batch_size) == 0:
         raise SaelabError(f"the data has fewer rows than one batch of {cfg.batch_size}; lower batch_size")
     samples = _initialization_sample(cfg, source)
@@ -333,8 +333,7 @@ def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -
         if key not in medians:
             medians[key] = geometric_median(sae.output_norm(sae.token_norm(sample)).into(sample))
         sae.b_dec.copy_(medians[key])
-        if isinstance(sae, GBASAE):
-            sae.calibrate_biases(sample)
+        sae.calibrate(sample)
 
 
 def _initialization_sample(cfg: TrainConfig, source: BatchSource) -> dict[str, torch.Tensor]:
