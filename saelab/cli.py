@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> None:
         for sae in cfg.saes:
             if sae.architecture == "gba":
                 print(f"{sae.label}: GBA target frequencies by group (highest first): {_ladder(sae)}")
-    train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
+    saes = train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
     if not distributed.is_main():
         return
     summary = json.loads((Path(cfg.out) / SUMMARY_FILE).read_text())
@@ -63,6 +63,9 @@ def _train(args: argparse.Namespace) -> None:
             for label, r in summary.items()
         ],
     )
+    for label, sae in saes.items():
+        if sae.cfg.architecture == "gba":
+            print(f"  {label}: GBA in the {sae.cfg.gba_form()}")
 
 
 def _ladder(sae: SAEConfig) -> str:

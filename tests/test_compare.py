@@ -154,7 +154,7 @@ def test_more_than_two_saes_give_pairwise_matrices(tmp_path):
 
 
 def test_gba_copies_are_shared_in_every_group(tmp_path):
-    cfg = SAEConfig(architecture="gba", d_in=D_IN, d_sae=D_SAE, n_groups=4, hook_name=HOOK)
+    cfg = SAEConfig(architecture="gba", d_in=D_IN, d_sae=D_SAE, n_groups=4, hook_name=HOOK, tied=True)
     gba = build_sae(cfg, torch.Generator().manual_seed(0))
     a, b = saved(tmp_path, a=gba, b=gba)
     report = compare_saes([a, b], progress=False).report

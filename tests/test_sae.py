@@ -27,7 +27,17 @@ from saelab.sae import (
 from saelab.sae.topk import THRESHOLD_DECAY
 
 D_IN, D_SAE, K = 16, 64, 4
-ARCHITECTURES = ["topk", "batchtopk", "gsae", "gba", "gba-relu", "topk-layer_norm", "batchtopk-scaled", "gba-scaled"]
+ARCHITECTURES = [
+    "topk",
+    "batchtopk",
+    "gsae",
+    "gba",
+    "gba-tied",
+    "gba-relu",
+    "topk-layer_norm",
+    "batchtopk-scaled",
+    "gba-tied-scaled",
+]
 FAMILY = [
     "standard",
     "standard-layer_norm",
@@ -44,12 +54,15 @@ def rng(seed: int) -> torch.Generator:
 
 
 def make(architecture: str = "topk", seed: int = 0, **fields) -> SparseAutoencoder:
-    """`gba-relu` is GBA with `activation: relu`; `-layer_norm` / `-scaled` set `input_norm` layer_norm / none."""
+    """`gba-relu` is GBA with `activation: relu`; `-layer_norm` / `-scaled` set `input_norm` layer_norm / none;
+    `gba-tied` is GBA in the paper's tied form (these sizes are the reconstruction regime: untied by default)."""
     if architecture == "gba-relu":
         architecture, fields = "gba", {"activation": "relu", **fields}
     for suffix, input_norm in (("-layer_norm", "layer_norm"), ("-scaled", "none")):
         if architecture.endswith(suffix):
             architecture, fields = architecture.removesuffix(suffix), {"input_norm": input_norm, **fields}
+    if architecture == "gba-tied":
+        architecture, fields = "gba", {"tied": True, **fields}
     cfg = SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K, n_groups=4, **fields)
     return build_sae(cfg, generator=rng(seed))
 
@@ -263,7 +276,7 @@ def test_gsae_values_are_the_activations_at_the_chosen_latents():
 
 
 def test_gba_groups_are_equal_random_and_carry_their_targets():
-    sae = make("gba", seed=1)
+    sae = make("gba-tied", seed=1)
     assert torch.equal(torch.bincount(sae.group), torch.full((4,), D_SAE // 4))
     assert torch.equal(sae.target, torch.tensor(sae.cfg.group_targets())[sae.group])
     assert torch.equal(make("gba", seed=1).group, sae.group)
@@ -430,7 +443,7 @@ def test_gba_state_dict_round_trip_keeps_its_buffers():
 
 
 def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times_its_scale():
-    sae = perturb(make("gba-scaled"), seed=1)  # the literal formula with one input scale s = 0.37
+    sae = perturb(make("gba-tied-scaled"), seed=1)  # the literal formula with one input scale s = 0.37
     with torch.no_grad():
         sae.output_scale.copy_(torch.rand(D_SAE, generator=rng(7)) + 0.5)
     x = randn(32, D_IN, seed=2)
@@ -445,24 +458,24 @@ def test_gba_jumprelu_gates_with_the_bias_but_outputs_the_whole_projection_times
     assert torch.allclose(relu(x).latents, untied.relu(), atol=1e-6)
 
 
-@pytest.mark.parametrize("architecture", ["gba", "gba-relu", "topk"])
+@pytest.mark.parametrize("architecture", ["gba-tied", "gba", "gba-relu", "topk"])
 def test_optimiser_groups_hold_every_trainable_parameter_once_and_speed_up_gba_output_scales(architecture):
     sae = make(architecture, **({"tied": False} if architecture == "gba-relu" else {}))
     groups = sae.parameter_groups()
     listed = [id(p) for group in groups for p in group["params"]]
     assert sorted(listed) == sorted(id(p) for p in sae.parameters() if p.requires_grad)
     scales = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
-    if architecture == "gba":
+    if architecture == "gba-tied":
         assert scales.pop(id(sae.output_scale)) == pytest.approx(D_IN**0.5)
     assert set(scales.values()) == {1.0}
 
 
 def test_a_fixed_gba_output_scale_and_b_dec_leave_only_the_directions_to_train(tmp_path):
-    assert {name for name, p in make("gba", output_scale=0.02).named_parameters() if p.requires_grad} == {
+    assert {name for name, p in make("gba-tied", output_scale=0.02).named_parameters() if p.requires_grad} == {
         "W_dec",
         "b_dec",
     }
-    sae = make("gba", output_scale=0.02, train_b_dec=False)
+    sae = make("gba-tied", output_scale=0.02, train_b_dec=False)
     trainable = {name for name, p in sae.named_parameters() if p.requires_grad}
     assert trainable == {"W_dec"} and torch.equal(sae.output_scale, torch.full((D_SAE,), 0.02))
     assert [group["lr_scale"] for group in sae.parameter_groups()] == [1.0]
@@ -475,6 +488,28 @@ def test_a_fixed_gba_output_scale_and_b_dec_leave_only_the_directions_to_train(t
     torch.testing.assert_close(loaded(x).latents, sae(x).latents)
     with pytest.raises(ConfigError, match="output_scale"):
         SAEConfig(architecture="gba", output_scale=0.0).validate()
+
+
+def test_gba_takes_the_papers_tied_small_scale_form_only_where_its_ladder_outfires_d_in():
+    """The analysis regime (the paper's toy: L0 ≈ 205 in d 42): tied, every a_i fixed at 0.01; the reconstruction
+    regime (SmolLM2: L0 32 in d 576): untied, its own encoder; `tied` and `output_scale` override either."""
+    toy = SAEConfig(architecture="gba", d_in=42, d_sae=2048, n_groups=10, target_high=0.5, target_low=1e-3)
+    assert toy.ladder_l0() == pytest.approx(205, abs=1) and toy.gba_regime == "analysis"
+    sae = build_sae(toy, rng(0))
+    assert "W_enc" not in dict(sae.named_parameters()) and not sae.output_scale.requires_grad
+    assert torch.equal(sae.output_scale, torch.full((2048,), 0.01))
+    trained = build_sae(SAEConfig(**{**vars(toy), "output_scale": "trained"}), rng(0))
+    assert trained.output_scale.requires_grad and float(trained.output_scale.detach()[0]) == pytest.approx(0.1)
+
+    llm = SAEConfig(architecture="gba", d_in=576, d_sae=4608, target_l0=32)
+    assert llm.ladder_l0() == pytest.approx(32) and llm.gba_regime == "reconstruction"
+    sae = build_sae(llm, rng(0))
+    assert "W_enc" in dict(sae.named_parameters()) and not hasattr(sae, "output_scale")
+    tied = build_sae(SAEConfig(**{**vars(llm), "tied": True}), rng(0))
+    assert "W_enc" not in dict(tied.named_parameters()) and tied.output_scale.requires_grad
+
+    near = SAEConfig(architecture="gba", d_in=31, d_sae=4608, target_l0=32)
+    assert near.gba_regime == "analysis" and SAEConfig(**{**vars(near), "d_in": 33}).gba_regime == "reconstruction"
 
 
 def test_a_gba_folder_saved_before_the_jumprelu_form_loads_as_the_relu_sae_it_was(tmp_path):

@@ -27,6 +27,9 @@ PENALISED = ("standard", "jumprelu", "gated", "transcoder", "skip_transcoder")
 TRANSCODERS = ("transcoder", "skip_transcoder")
 GBAActivation = Literal["jumprelu", "relu"]
 GBABiasRule = Literal["balanced", "paper"]
+GBARegime = Literal["analysis", "reconstruction"]
+# A tied GBA's output scale in the analysis regime: small and fixed, as the paper's analysis takes a → 0.
+ANALYSIS_OUTPUT_SCALE = 0.01
 InputNorm = Literal["none", "layer_norm"]
 # Architectures whose tokens are layer-normalised unless `input_norm` says otherwise (SAEConfig docstring).
 NORMALISED_BY_DEFAULT = ("batchtopk", "gba", "matryoshka_batchtopk")
@@ -45,12 +48,20 @@ class SAEConfig:
       `target_low` over `n_groups` groups (`saelab/sae/gba.py`). `target_l0`, when set, multiplies the
       whole ladder so that the L0 it implies, Σ_i p_g(i), is `target_l0` (for comparisons at matched
       L0): the ratios between groups stay, but every target moves, possibly below the frequencies of
-      the features it should catch; the trainer prints the ladder it uses. `output_scale` (tied): unset,
-      every a_i starts at 0.1 and trains; a number fixes them all there, untrained: the small-a regime of
-      the paper's analysis, in which each latent learns on its own (a Hebbian pull toward the inputs it
-      fires on) instead of all fitting x together; it finds features, but x̂ is not a reconstruction
-      (FVU near 1). Use it with `train_b_dec: false`: trained against a small a·Σ z w, b_dec drifts far
-      from the data and every latent fires.
+      the features it should catch; the trainer prints the ladder it uses. Its form follows the ladder's
+      regime (`gba_regime`) unless `tied` / `output_scale` say otherwise:
+      * analysis regime, the ladder fires at least d_in latents a token (the paper's toy: L0 ≈ 205 in
+        d 42): tied (one unit vector per latent encodes and decodes) with every output scale a_i fixed at
+        0.01, the small-a regime of the paper's analysis, in which each latent learns on its own (a
+        Hebbian pull toward the inputs it fires on); it finds features, but x̂ is not a reconstruction
+        (FVU ≈ 0.67 there). With so many latents a token, trained output scales let them fit x together
+        densely instead (FVU ≈ 0, no feature found: `benchmarks/paper_gba.py`). Use it with
+        `train_b_dec: false`: trained against a small a·Σ z w, b_dec drifts far from the data.
+      * reconstruction regime (fewer latents a token than d_in, as on any LLM): untied, its own W_enc
+        and free unit decoder rows, the JumpReLU gate set by the adapted biases. On SmolLM2 at L0 32 the
+        tied form with trained a_i reconstructs 11 % worse than TopK, the untied one within 3 % (README).
+      `tied: true/false` forces the form; `output_scale` (tied): a number fixes every a_i there,
+      `trained` starts them at 0.1 and trains them.
     - standard, transcoder, skip_transcoder (ReLU, Anthropic's April 2024 recipe) and gated: an L1 penalty
       `l1_coefficient` · Σ_i z_i‖d_i‖ (gated: on the gate's relu(π)), warmed up linearly over the first
       `penalty_warmup` of the steps; the decoder rows are free (the penalty weighs their norms).
@@ -84,13 +95,13 @@ class SAEConfig:
     beta: float = 1.0
     n_groups: int = 10
     target_high: float = 0.1
-    target_low: float = 1e-3
+    target_low: float = 0.01  # the paper's toy spans 0.5…1e-3; on SmolLM2 a 10× ladder fits (gba.py, "Defaults")
     target_l0: float | None = None
     update_tokens: int = 4096
-    gamma: float = 0.01
+    gamma: float = 0.02
     activation: GBAActivation = "jumprelu"
-    tied: bool = True
-    output_scale: float | None = None
+    tied: bool | None = None
+    output_scale: float | Literal["trained"] | None = None
     bias_rule: GBABiasRule = "balanced"
     dead_eps: float = 1e-6
     bias_min: float = -1.0
@@ -126,8 +137,8 @@ class SAEConfig:
             raise ConfigError(f"n_groups: {self.n_groups} groups cannot be made from d_sae {self.d_sae} latents")
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise ConfigError(f"target_l0: must be positive (or unset), got {self.target_l0}")
-        if self.output_scale is not None and not self.output_scale > 0:
-            raise ConfigError(f"output_scale: must be positive (or unset, to train it), got {self.output_scale}")
+        if isinstance(self.output_scale, float) and not self.output_scale > 0:
+            raise ConfigError(f"output_scale: must be positive, 'trained' or unset, got {self.output_scale}")
         if self.bias_min > self.bias_max:
             raise ConfigError("bias_min: must be ≤ bias_max")
         if self.input_norm not in ("none", "layer_norm"):
@@ -179,6 +190,39 @@ class SAEConfig:
         if self.matryoshka_widths:
             return list(self.matryoshka_widths)
         return [self.d_sae // 2**level for level in (4, 3, 2, 1) if self.d_sae // 2**level > 0] + [self.d_sae]
+
+    def ladder_l0(self) -> float:
+        """The L0 that GBA's targets imply: Σ over the latents of their group's target."""
+        return self.d_sae / self.n_groups * sum(self.group_targets())
+
+    @property
+    def gba_regime(self) -> GBARegime:
+        """`analysis` when GBA's ladder fires at least d_in latents a token, else `reconstruction` (class docstring)."""
+        return "analysis" if self.ladder_l0() >= self.d_in else "reconstruction"
+
+    @property
+    def gba_tied(self) -> bool:
+        """Whether GBA's latents encode and decode with one vector: `tied`, else by the regime."""
+        return self.tied if self.tied is not None else self.gba_regime == "analysis"
+
+    @property
+    def gba_output_scale(self) -> float | None:
+        """A tied GBA's fixed output scale, None when it trains: `output_scale`, else by the regime."""
+        if self.output_scale == "trained":
+            return None
+        if self.output_scale is not None:
+            return self.output_scale
+        return ANALYSIS_OUTPUT_SCALE if self.gba_regime == "analysis" else None
+
+    def gba_form(self) -> str:
+        """GBA's form in words, as resolved: `analysis regime: tied, a fixed 0.01`, `reconstruction regime: untied`."""
+        scale = self.gba_output_scale
+        a = f", a {'trained' if scale is None else f'fixed {scale:g}'}" if self.gba_tied else ""
+        return (
+            f"{self.gba_regime} regime (its ladder fires {self.ladder_l0():.3g} latents a token, d_in {self.d_in}): "
+            + ("tied" if self.gba_tied else "untied")
+            + a
+        )
 
     def group_targets(self) -> list[float]:
         """GBA's per-group target firing frequencies, highest first."""

@@ -3,13 +3,23 @@ firing targets instead of a sparsity penalty.
 
 The loss is reconstruction alone; sparsity comes from the biases, which get no gradient. Latents
 are split at random into G equal groups; group g has a target frequency p_g (`SAEConfig.group_targets`,
-geometric from `target_high` to `target_low`). The paper's model (`tied: true`, the default) has one
-unit vector w_i per latent, used to encode and to decode, and an output scale a_i:
+geometric from `target_high` to `target_low`). The paper's model (`tied: true`) has one unit vector w_i
+per latent, used to encode and to decode, and an output scale a_i:
 
     u_i = w_i · (x' − b_dec) + b_i                        (W_enc is W_dec transposed)
     activation jumprelu (the paper's LLM form, default):  z_i = a_i · (u_i − b_i) · 1[u_i > 0]
     activation relu:                                      z_i = a_i · relu(u_i)
     x̂ = (Σ_i z_i w_i + b_dec) / c + μ                     x' = (x − μ)·c, the token's `input_norm` map
+
+Untied (`tied: false`) the encoder is its own W_enc, u = (x' − b_dec) W_enc + b, z_i = (u_i − b_i)·1[u_i > 0]
+(no a), decoded by unit rows of W_dec. Unset, the form follows the ladder (`SAEConfig.gba_regime`):
+- where the ladder fires at least d_in latents a token (the analysis regime; the paper's toy, ≈ 205 in
+  d 42), tied with every a_i fixed at 0.01, the paper's analysis (a → 0): each latent is pulled toward the
+  tokens it fires on and settles on a feature. With trained a_i, or untied, the latents instead fit x
+  together densely there (FVU ≈ 0, no feature found: `benchmarks/paper_gba.py`);
+- elsewhere (the reconstruction regime: any LLM, L0 ≪ d_in) untied: the tied encoder cannot subtract
+  other features' interference, which an untied one learns to, and on SmolLM2 at L0 32 the tied form
+  reconstructs 11 % worse than TopK where the untied one is within 3 % (README, the long run).
 
 The paper's analysis takes unit-norm inputs, so tokens are layer-normalised by default (`input_norm`
 unset: every token centred and scaled to ‖x'‖ ≈ √d_in). With one dataset-wide scale instead, a fixed
@@ -19,12 +29,12 @@ and GBA recovered 88.9 % of the features against 92.0 % layer-normalised (README
 
 In the JumpReLU form the bias only decides *whether* latent i fires (threshold −b_i on its projection);
 its output is the whole projection, so nothing grows to undo the bias, which the ReLU form's shrinkage
-invites (there L0 drifted far above target while the encoder grew). Tying and the small initial a_i
-(the paper's analysis takes a → 0) matter for recovery: on `benchmarks/recovery.py` at lr 3e-3 an
-untied JumpReLU GBA with a = 1 recovered 35 % of the true features, the tied one with a_i from 0.1
-59 %. `tied: false` (saelab's older GBA: its own W_enc, no a) is kept for SAEs saved before.
-The a_i train at √d_in times the run's learning rate (`parameter_groups`): at one rate, the default
-SmolLM2 run's 150 steps took them only from 0.10 to 0.14, and its FVU ended at 0.445 against TopK's 0.312.
+invites (there L0 drifted far above target while the encoder grew). On the synthetic benchmark of
+`benchmarks/recovery.py` (L0 4 in d 64, the reconstruction regime) the tied form recovers more features
+(92.4 / 91.0 % for seeds 0 / 1 at lr 1e-2, against 81.8 / 77.9 % untied); `tied: true` chooses it.
+Trained, the a_i move at √d_in times the run's learning rate (`parameter_groups`): at one rate, the
+default SmolLM2 run's 150 steps took them only from 0.10 to 0.14, and its FVU ended at 0.445 against
+TopK's 0.312.
 
 Over a window of `update_tokens` tokens each latent records how often it fired and its largest
 pre-activation; then, with p̂_i = fires_i / tokens, r_i = max_t u_ti and r̄_g the mean r of the
@@ -52,6 +62,15 @@ is a trade: biases that move less often or by less let the latents settle on fea
 2,048-step synthetic benchmark, 16,384-token windows recovered 95.4 % against 92.0 % at 4,096), while
 a short run needs them fast (the 150-step SmolLM2 run ends with its rarest group at 1.65× its target
 at γ 0.01, 1.28× at γ 0.02; `configs/train-smollm2.yaml` uses 0.02).
+
+Defaults, measured on SmolLM2's blocks.15 residual (2,048,000-token store, 4,608 latents, L0 32, the first
+1,024,000 tokens = 250 steps; FVU of the last 20 training batches, each unseen before its step; TopK k 32:
+0.2367). Untied: ladder 0.1…1e-3 (the paper's) and γ 0.01: 0.2438 at L0 31.6; ladder 0.1…0.01: 0.2389 at
+31.5 (0.1…3.3e-3: 0.2414); the 10× ladder with γ 0.02: 0.2361 at 32.3 (γ 0.04: 0.2358 at 32.6). Tied, trained
+a: 0.2639 at 33.5 (10× ladder: 0.2622 at 33.9). TopK's own latents fired at 1.2e-3…1.5e-2 between their 10th
+and 90th percentiles, 12×, where the paper's ladder scaled to L0 32 spans 2.8e-2…2.8e-4, 100×; with γ 0.01 the
+groups sat at ~0.95× their targets while the encoder kept moving, and γ 0.02 closes that lag. On the paper's
+toy (the analysis regime) γ 0.02 and 0.01 both recover 100 % of the features.
 
 The bias range [bias_min, bias_max] is stated, as in the paper, for unit-norm inputs; saelab's tokens
 have ‖x'‖ ≈ √d_in (either `input_norm`), so the bounds used are the configured ones times √d_in
@@ -102,11 +121,11 @@ class GBASAE(SparseAutoencoder):
         with torch.no_grad():
             self.b_enc.clamp_(*self.bias_bounds)
         self.b_enc.requires_grad_(False)
-        self._encoder_is_decoder = cfg.tied
-        if cfg.tied:  # one unit vector w_i encodes and decodes; a_i scales the output
+        self._encoder_is_decoder = cfg.gba_tied
+        if cfg.gba_tied:  # one unit vector w_i encodes and decodes; a_i scales the output
             del self.W_enc
-            fixed = cfg.output_scale is not None  # the paper's analysis: only the w_i learn
-            start = cfg.output_scale if fixed else OUTPUT_SCALE_INIT
+            fixed = cfg.gba_output_scale is not None  # the paper's analysis: only the w_i learn
+            start = cfg.gba_output_scale if fixed else OUTPUT_SCALE_INIT
             self.output_scale = nn.Parameter(torch.full((cfg.d_sae,), start), requires_grad=not fixed)
         # As equal as d_sae allows: sizes differ by at most one (4608 latents in 10 groups: 460 or 461).
         group = torch.empty(cfg.d_sae, dtype=torch.long)
@@ -125,7 +144,7 @@ class GBASAE(SparseAutoencoder):
         """Tied: a_i learns √d_in times faster than the weights. Adam moves every parameter by about lr a
         step; an entry of a unit w_i is ~1/√d_in, a_i is ~1, so at one lr a_i would change √d_in times more
         slowly, relative to its size, than w_i (on SmolLM2, 150 steps took a_i from 0.10 to 0.14 only)."""
-        if not self.cfg.tied or not self.output_scale.requires_grad:
+        if not self.cfg.gba_tied or not self.output_scale.requires_grad:
             return super().parameter_groups()
         weights = [p for name, p in self.named_parameters() if p.requires_grad and name != "output_scale"]
         return [{"params": weights, "lr_scale": 1.0}, {"params": [self.output_scale], "lr_scale": self.cfg.d_in**0.5}]
@@ -156,6 +175,9 @@ class GBASAE(SparseAutoencoder):
         scale = self.cfg.d_in**0.5
         return self.cfg.bias_min * scale, self.cfg.bias_max * scale
 
+    def calibrate(self, sample: torch.Tensor) -> None:
+        self.calibrate_biases(sample)
+
     @torch.no_grad()
     def calibrate_biases(self, sample: torch.Tensor) -> None:
         """Set b_i so latent i fires on its target fraction of `sample: [n, d_in]` (within the bounds)."""
@@ -180,14 +202,14 @@ class GBASAE(SparseAutoencoder):
     def _activate(self, u: torch.Tensor, latents: torch.Tensor | slice) -> torch.Tensor:
         """The activation of `select` for u whose last axis holds the latents `latents` (all: `slice(None)`)."""
         z = u.relu() if self.cfg.activation == "relu" else torch.where(u > 0, u - self.b_enc[latents], 0)
-        return z * self.output_scale[latents] if self.cfg.tied else z
+        return z * self.output_scale[latents] if self.cfg.gba_tied else z
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Unit decoder rows (tied: the w_i, as the paper's spherical gradient descent keeps them), and a_i > 0,
         so that a latent's output keeps the sign of its projection (and SAELens's JumpReLU expresses it)."""
         super().normalize_decoder_()
-        if self.cfg.tied:
+        if self.cfg.gba_tied:
             self.output_scale.clamp_(min=MIN_OUTPUT_SCALE)
 
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:

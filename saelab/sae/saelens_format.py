@@ -158,7 +158,7 @@ def _gba_weights(sae: GBASAE, scale: float) -> dict[str, torch.Tensor]:
     """GBA's encoder side for SAELens. Tied, latent i's output scale a_i > 0 goes into its encoder column:
     a·(w·x')·1[w·x' + b > 0] = h·1[h > −a·b] with h = (a·w)·x' (JumpReLU: threshold −a·b, b_enc 0), and
     a·relu(w·x' + b) = relu((a·w)·x' + a·b) (ReLU: b_enc a·b)."""
-    a = sae.output_scale.double() if sae.cfg.tied else torch.ones_like(sae.b_enc, dtype=torch.float64)
+    a = sae.output_scale.double() if sae.cfg.gba_tied else torch.ones_like(sae.b_enc, dtype=torch.float64)
     b = sae.b_enc.double()
     weights = {"W_enc": sae.W_enc.double() * a * scale}
     if sae.cfg.activation == "jumprelu":
@@ -301,8 +301,8 @@ def _copy_weights(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> N
 def _load_gba_encoder(sae: GBASAE, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None) -> None:
     """Undo `_gba_weights`: tied, a_i = ‖column i‖ (the w_i are the unit decoder rows) and b = b_enc / a or
     −threshold / a; untied, W_enc as it is and b = b_enc or −threshold."""
-    a = W_enc.norm(dim=0) if sae.cfg.tied else torch.ones_like(b_enc)
-    if sae.cfg.tied:
+    a = W_enc.norm(dim=0) if sae.cfg.gba_tied else torch.ones_like(b_enc)
+    if sae.cfg.gba_tied:
         sae.output_scale.copy_(a)
     else:
         sae.W_enc.copy_(W_enc)

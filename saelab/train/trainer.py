@@ -219,6 +219,7 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if saved.exists():
         before = load_config(TrainConfig, saved)
         _pin_unset_input_norms(before, saved)
+        _keep_saved_gba_forms(before, cfg)
         if changed := config_changes(_identity(before), _identity(cfg)):
             raise SaelabError(f"{out} was trained with a different config ({'; '.join(changed)}); resume it unchanged")
         return
@@ -232,6 +233,15 @@ def _pin_unset_input_norms(cfg: TrainConfig, path: Path) -> None:
     for sae_cfg, entry in zip(cfg.saes, raw.get("saes") or [], strict=False):
         if isinstance(entry, dict) and "input_norm" not in entry:
             sae_cfg.input_norm = "none"
+
+
+def _keep_saved_gba_forms(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """A run saved when GBA was always tied (with a trained output scale) keeps that form when resumed from a
+    config that leaves `tied` and `output_scale` unset, which now mean "by the ladder's regime"."""
+    for before, now in zip(saved.saes, cfg.saes, strict=False):
+        if before.architecture == now.architecture == "gba":
+            now.tied = before.tied if now.tied is None else now.tied
+            now.output_scale = before.output_scale if now.output_scale is None else now.output_scale
 
 
 def _build_states(
