@@ -5,7 +5,7 @@ Stages; each skips what is done and resumes what is not, so a rerun after a kill
   1. harvest  a single-epoch store of 2,048,000 tokens at blocks.15.hook_resid_post (the default corpus after
               `configs/harvest-smollm2.yaml`'s settings), and a gradient store of 1,024,000 tokens
   2. train    the runs of `plan()`: one sweep per seed or learning rate, every SAE 4,608 latents
-  3. eval     every SAE on 16,384 held-out tokens: FVU, L0, dead, CE loss recovered, Δ loss, KL
+  3. eval     every SAE on 65,536 held-out tokens: FVU, L0, dead, CE loss recovered, Δ loss, KL
   4. compare  the three seeds of each variant at L0 32 with `saelab compare` (the store's frequencies)
   5. steer    g-SAE and TopK latents added in held-out contexts (benchmarks/paper_gsae.py's measures)
   6. report   the tables, printed and written to <root>/results.json
@@ -13,6 +13,7 @@ Stages; each skips what is done and resumes what is not, so a rerun after a kill
     python benchmarks/consistency.py                 # runs/consistency: hours of 2 CPU cores
     python benchmarks/consistency.py --quick         # runs/consistency-quick: the same pipeline in minutes
     python benchmarks/consistency.py --report        # only the tables, from what is done so far
+    python benchmarks/consistency.py --only frontier seed1 seed2   # some runs (their stores, training, eval)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Scale:
     checkpoints: int = 8  # per run: how much a kill can cost
 
 
-FULL = Scale(2_048_000, 1_024_000, 2, 4608, 4096, (16, 32, 64), 16_384, 131_072, 32, 8)
+FULL = Scale(2_048_000, 1_024_000, 2, 4608, 4096, (16, 32, 64), 65_536, 131_072, 32, 8)
 QUICK = Scale(8_064, 4_032, 2, 256, 512, (8, 16, 32), 504, 4_032, 4, 2, checkpoints=2)
 SEEDS = (0, 1, 2)
 LR_SCALES = {"lr-third": 1 / 3, "lr-triple": 3.0}
@@ -84,23 +85,42 @@ class RunPlan:
 
 
 def frontier_saes(scale: Scale, k: int) -> list[SAEConfig]:
-    """Every variant of the frontier at L0 k."""
+    """The frontier's variants at L0 k but GBA (`gba_saes`): one run trains them while GBA's defaults settle."""
     d = scale.d_sae
     return [
         SAEConfig(architecture="topk", d_sae=d, k=k),
         SAEConfig(architecture="batchtopk", d_sae=d, k=k),
         SAEConfig(architecture="matryoshka_batchtopk", d_sae=d, k=k),
-        SAEConfig(architecture="gba", d_sae=d, target_l0=k),
         SAEConfig(architecture="jumprelu", d_sae=d, target_l0=k),
     ]
+
+
+def gba_saes(scale: Scale, ks: tuple[int, ...]) -> list[SAEConfig]:
+    """GBA at each L0 in its default form, and at the middle L0 in the paper's tied form too."""
+    saes = [SAEConfig(architecture="gba", d_sae=scale.d_sae, target_l0=k) for k in ks]
+    if scale.ks[1] in ks:
+        k = scale.ks[1]
+        saes.append(
+            SAEConfig(
+                architecture="gba", d_sae=scale.d_sae, target_l0=k, tied=True, name=f"gba-tied-{scale.d_sae}-l0{k}"
+            )
+        )
+    return saes
 
 
 def plan(scale: Scale) -> list[RunPlan]:
     d, k = scale.d_sae, scale.ks[1]
     topk, batchtopk = (SAEConfig(architecture=a, d_sae=d, k=k) for a in ("topk", "batchtopk"))
-    gba = SAEConfig(architecture="gba", d_sae=d, target_l0=k)
-    runs = [RunPlan("frontier", "activations", tuple(sae for k_ in scale.ks for sae in frontier_saes(scale, k_)))]
-    runs += [RunPlan(f"seed{seed}", "activations", (topk, batchtopk, gba), seed) for seed in SEEDS[1:]]
+    runs = [
+        RunPlan("frontier", "activations", tuple(sae for k_ in scale.ks for sae in frontier_saes(scale, k_))),
+        RunPlan("frontier-gba", "activations", tuple(gba_saes(scale, scale.ks))),
+    ]
+    for seed in SEEDS[1:]:
+        runs += [
+            RunPlan(f"seed{seed}", "activations", (topk, batchtopk), seed),
+            RunPlan(f"seed{seed}-gba", "activations", tuple(gba_saes(scale, (k,))), seed),
+        ]
+    gba = gba_saes(scale, (k,))[0]
     runs += [RunPlan(name, "activations", (topk, gba), lr_scale=factor) for name, factor in LR_SCALES.items()]
     gradient_sweep = [SAEConfig(architecture=a, d_sae=d, k=k_) for k_ in scale.ks for a in ("topk", "gsae")]
     runs += [RunPlan(f"gsae-seed{seed}", "gradients", tuple(gradient_sweep), seed) for seed in SEEDS[:2]]
@@ -111,14 +131,19 @@ def plan(scale: Scale) -> list[RunPlan]:
 def consistency_groups(scale: Scale) -> dict[str, tuple[str, list[str]]]:
     """By group name: the store and each seed's SAE of one variant at the middle L0, as `<run>/<label>`."""
     d, k = scale.d_sae, scale.ks[1]
-    labels = {a: f"{a}-{d}-k{k}" for a in ("topk", "batchtopk", "gsae")} | {"gba": f"gba-{d}-l0{k}"}
-    activation_runs = ["frontier"] + [f"seed{seed}" for seed in SEEDS[1:]]
-    gradient_runs = [f"gsae-seed{seed}" for seed in SEEDS]
-    groups = {
-        v: ("activations", [f"{run}/{labels[v]}" for run in activation_runs]) for v in ("topk", "batchtopk", "gba")
+    gba, tied = (sae.label for sae in gba_saes(scale, (k,)))
+    runs = {
+        "topk": ("activations", "frontier", "seed", f"topk-{d}-k{k}"),
+        "batchtopk": ("activations", "frontier", "seed", f"batchtopk-{d}-k{k}"),
+        "gba": ("activations", "frontier-gba", "seed{}-gba", gba),
+        "gba-tied": ("activations", "frontier-gba", "seed{}-gba", tied),
+        "gsae": ("gradients", "gsae-seed0", "gsae-seed", f"gsae-{d}-k{k}"),
+        "topk-gradient-store": ("gradients", "gsae-seed0", "gsae-seed", f"topk-{d}-k{k}"),
     }
-    groups["gsae"] = ("gradients", [f"{run}/{labels['gsae']}" for run in gradient_runs])
-    groups["topk-gradient-store"] = ("gradients", [f"{run}/{labels['topk']}" for run in gradient_runs])
+    groups = {}
+    for variant, (store, first, later, label) in runs.items():
+        names = [first] + [later.format(seed) if "{}" in later else f"{later}{seed}" for seed in SEEDS[1:]]
+        groups[variant] = (store, [f"{name}/{label}" for name in names])
     return groups
 
 
@@ -129,12 +154,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def harvest_stores(root: Path, scale: Scale) -> None:
+def harvest_stores(root: Path, scale: Scale, runs: list[RunPlan]) -> None:
+    """The stores that `runs` read."""
     base = load_config(HarvestConfig, HARVEST_CONFIG)
     for key, tokens, gradients in (
         ("activations", scale.store_tokens, False),
         ("gradients", scale.gradient_tokens, True),
     ):
+        if not any(run.store == key for run in runs):
+            continue
         out = root / STORES[key]
         if (out / "manifest.json").is_file() and read_manifest(out).complete:
             continue
@@ -162,16 +190,16 @@ def train_config(root: Path, scale: Scale, run: RunPlan) -> TrainConfig:
     )
 
 
-def train_runs(root: Path, scale: Scale) -> None:
-    for run in plan(scale):
+def train_runs(root: Path, scale: Scale, runs: list[RunPlan]) -> None:
+    for run in runs:
         if (root / run.name / SUMMARY_FILE).is_file():
             continue
         log(f"train {run.name}: {', '.join(sae.label for sae in run.saes)}")
         train(train_config(root, scale, run), resume=True)
 
 
-def evaluate_runs(root: Path, scale: Scale, model: Any) -> None:
-    for run in plan(scale):
+def evaluate_runs(root: Path, scale: Scale, runs: list[RunPlan], model: Any) -> None:
+    for run in runs:
         missing = [sae.label for sae in run.saes if not (root / run.name / SAE_DIR / sae.label / EVAL_FILE).is_file()]
         if missing:
             log(f"eval {run.name}: {', '.join(missing)}")
@@ -181,10 +209,11 @@ def evaluate_runs(root: Path, scale: Scale, model: Any) -> None:
 
 
 def compare_seeds(root: Path, scale: Scale) -> None:
+    """Each variant's seeds whose runs have all finished."""
     (root / "compare").mkdir(exist_ok=True)
     for variant, (store, saes) in consistency_groups(scale).items():
         out = root / "compare" / f"{variant}.json"
-        if out.is_file():
+        if out.is_file() or not all((root / sae.split("/")[0] / SUMMARY_FILE).is_file() for sae in saes):
             continue
         log(f"compare the seeds of {variant}")
         folders = [root / run / SAE_DIR / label for run, label in (sae.split("/") for sae in saes)]
@@ -195,6 +224,8 @@ def steer_runs(root: Path, scale: Scale, model: Any) -> None:
     """paper_gsae's steering measures for TopK and g-SAE at the middle k, in the first two seeds' runs."""
     out = root / "steering.json"
     done = json.loads(out.read_text()) if out.is_file() else {}
+    if not all((root / f"gsae-seed{seed}" / SUMMARY_FILE).is_file() for seed in SEEDS[:2]):
+        return
     store = ActivationStore(root / STORES["gradients"], verify=False)
     contexts = held_out_contexts(store, model.tokenizer, scale.steer_contexts)
     rows = store.rows(torch.arange(min(store.n_rows, 4096)))
@@ -242,8 +273,11 @@ def table(columns: list[str], rows: list[list[str]]) -> list[str]:
 def frontier_table(root: Path, scale: Scale) -> list[str]:
     rows = []
     for k in scale.ks:
-        for sae in frontier_saes(scale, k):
-            r = read_eval(root, "frontier", sae.label)
+        runs = [("frontier", sae) for sae in frontier_saes(scale, k)] + [
+            ("frontier-gba", sae) for sae in gba_saes(scale, (k,))
+        ]
+        for run, sae in runs:
+            r = read_eval(root, run, sae.label)
             if r is None:
                 rows.append([f"`{sae.label}`", "not evaluated yet", "", "", "", "", ""])
                 continue
@@ -273,22 +307,19 @@ def consistency_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, An
             results[variant]["by_group"] = {g: statistics.mean(b[g] for b in by_group) for g in by_group[0]}
         rows.append([variant, mean_spread(shared), mean_spread(mcc), mean_spread(mmcs), mean_spread(correlation)])
     lines = table(["variant (3 seeds)", "shared fraction", "MCC", "MMCS", "activation correlation"], rows)
-    gba = results.get("gba", {}).get("by_group")
-    if gba:
-        lines += [
-            "",
-            "GBA's shared fraction by frequency group (group 0 has the highest target): "
-            + ", ".join(f"{g}: {v:.1%}" for g, v in gba.items()),
-        ]
+    for variant in ("gba", "gba-tied"):
+        if by_group := results.get(variant, {}).get("by_group"):
+            groups = ", ".join(f"{g}: {v:.1%}" for g, v in by_group.items())
+            lines += ["", f"{variant}'s shared fraction by frequency group (group 0 has the highest target): {groups}"]
     return lines, results
 
 
 def robustness_table(root: Path, scale: Scale) -> list[str]:
     d, k = scale.d_sae, scale.ks[1]
     rows = []
-    for label in (f"topk-{d}-k{k}", f"gba-{d}-l0{k}"):
+    for label, default in ((f"topk-{d}-k{k}", "frontier"), (f"gba-{d}-l0{k}", "frontier-gba")):
         cells = [f"`{label}`"]
-        for run in ("lr-third", "frontier", "lr-triple"):
+        for run in ("lr-third", default, "lr-triple"):
             r = read_eval(root, run, label)
             cells.append("—" if r is None else f"{r['fvu']:.3f} / {r['l0']:.1f}")
         rows.append(cells)
@@ -368,17 +399,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", help="where the stores and runs live (default runs/consistency[-quick])")
     parser.add_argument("--quick", action="store_true", help="the same pipeline on a small store, in minutes")
     parser.add_argument("--report", action="store_true", help="only print the tables from what is done")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="harvest, train and evaluate these runs only")
     args = parser.parse_args(argv)
     scale = QUICK if args.quick else FULL
     root = Path(args.root or ("runs/consistency-quick" if args.quick else "runs/consistency"))
     root.mkdir(parents=True, exist_ok=True)
+    runs = [run for run in plan(scale) if not args.only or run.name in args.only]
+    if args.only and len(runs) < len(set(args.only)):
+        parser.error(f"--only: the runs are {', '.join(run.name for run in plan(scale))}")
     if not args.report:
-        harvest_stores(root, scale)
-        train_runs(root, scale)
+        harvest_stores(root, scale, runs)
+        train_runs(root, scale, runs)
         from saelab.models import load_model
 
         model = load_model("smollm2-135m", "cpu")
-        evaluate_runs(root, scale, model)
+        evaluate_runs(root, scale, runs, model)
         compare_seeds(root, scale)
         steer_runs(root, scale, model)
     report(root, scale)

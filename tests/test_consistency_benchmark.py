@@ -46,7 +46,8 @@ def test_the_pipeline_runs_resumes_and_reports(tmp_path, smollm2, monkeypatch, c
     for variant in groups:  # three seeds: three pairs, each a fraction
         assert len(results["consistency"][variant]["shared_fraction"]) == 3
         assert all(0 <= value <= 1 for value in results["consistency"][variant]["shared_fraction"])
-    assert set(results["consistency"]["gba"]["by_group"]) == {str(g) for g in range(10)}
+    for gba in ("gba", "gba-tied"):
+        assert set(results["consistency"][gba]["by_group"]) == {str(g) for g in range(10)}
     assert set(results["gsae"]) == {*(f"k{k}" for k in TINY.ks), "steering"} and len(results["gsae"]["steering"]) == 4
     for heading in ("## Frontier", "## Consistency", "## Robustness", "## g-SAE against TopK"):
         assert heading in first
