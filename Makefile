@@ -38,8 +38,9 @@ ifeq ($(CHROMIUM),)
 endif
 	$(VENV)/bin/ruff check saelab tests benchmarks dashboards tools
 	$(PY) -m pytest -q
-	# Round trips with the real sae-lens, which lives in the peers' environment (not a saelab dependency).
-	$(BENCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_saelens_interop.py
+	# Round trips with the real sae-lens, and the training-step benchmark against sparsify and SAELens, in the
+	# peers' environment (neither is a saelab dependency).
+	$(BENCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_saelens_interop.py tests/test_peer_benchmark.py
 
 # benchmarks/training_step.py's peers (sparsify, SAELens) live in their own environment, not in saelab's.
 BENCH_VENV ?= .venv-bench
