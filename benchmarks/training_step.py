@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.kernels.cpu_bf16 import bf16_slowdown, cpu_capability, cpu_has_fast_bf16
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -78,6 +80,7 @@ DEFAULTS = {
     "cuda": ("saelab", "saelab-bf16", "saelab-bf16-tiled", "saelab-bf16-rowmajor", "sparsify", "sae-lens"),
 }
 Step = Callable[[torch.Tensor], None]
+SLOW_BF16 = "skipped: bf16 is emulated on this CPU, and saelab trains such runs in float32"
 
 
 def saelab_step(
@@ -358,11 +361,13 @@ def main() -> None:
                 profile(implementation, shape, args.device)
         return
     describe(args.device)
+    skip_bf16 = args.device == "cpu" and not cpu_has_fast_bf16()
     rows = [
-        (shape, implementation, run_worker(implementation, shape, args.device, rounds))
+        (shape, implementation, SLOW_BF16 if skip_bf16 and "bf16" in implementation else None)
         for shape in shapes
         for implementation in args.only or DEFAULTS[args.device]
     ]
+    rows = [(shape, name, skipped or run_worker(name, shape, args.device, rounds)) for shape, name, skipped in rows]
     print_cuda_table(rows) if args.device == "cuda" else print_cpu_table(rows)
 
 
@@ -370,7 +375,11 @@ def describe(device: str) -> None:
     if device == "cuda":
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; CUDA events, peak = max_memory_allocated\n")
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {cpu_capability()}: a bf16 "
+        f"product takes {bf16_slowdown():.2f}× as long as float32"
+        + ("" if cpu_has_fast_bf16() else f" (no bf16 matrix instructions: bf16 rows skipped, {SLOW_BF16})")
+    )
     print("floor = x @ W, one dense encoder matmul [batch, d] × [d, n]; GEMM = the same into a warm")
     print("output (no page faults); both timed alternately with each step\n")
 

@@ -11,6 +11,7 @@ import torch
 from saelab.errors import SaelabError
 from saelab.sae import SAEConfig, build_sae
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
+from saelab.train.config import TrainConfig
 from saelab.train.dead_latents import DeadLatentTracker, _LongestSilence
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.loss import normalized_mse
@@ -196,3 +197,35 @@ def test_tensor_source_epochs_are_seeded_permutations():
     tail = list(source.batches(10, seed=4, start_batch=7))
     assert all(torch.equal(a, b[0]) for (a, _), b in zip(tail, epoch[7:], strict=True))
     assert not torch.equal(next(source.batches(10, seed=5))[0], epoch[0][0])
+
+
+@pytest.mark.parametrize("slowdown", [0.5, 117.0])
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32_and_says_so(slowdown, monkeypatch, capsys, tmp_path):
+    """The CPU's capability is simulated both ways (the probe's measured slowdown); CUDA and float32 never probe."""
+    from saelab.kernels import cpu_bf16
+    from saelab.train import trainer
+
+    monkeypatch.setattr(cpu_bf16, "bf16_slowdown", lambda: slowdown)
+    fast = slowdown < cpu_bf16.SLOW_RATIO
+    cfg = TrainConfig(dtype="bfloat16")
+    assert cfg.resolved_dtype("cpu") == ("bfloat16" if fast else "float32")
+    assert TrainConfig(dtype="bfloat16", force_bf16=True).resolved_dtype("cpu") == "bfloat16"
+    assert cfg.resolved_dtype("cuda:0") == "bfloat16" and TrainConfig(dtype="auto").resolved_dtype("cpu") == "float32"
+    notice = cpu_bf16.slow_bf16_notice()
+    assert f"took {slowdown:.0f}× as long as float32" in notice and "force_bf16: true" in notice
+
+    used = []  # the encoder product's dtype of every step
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: used.append(a[7].matmul_dtype) or real_step(*a, **k))
+    run = TrainConfig(
+        out=str(tmp_path / "run"),
+        saes=[SAEConfig(architecture="topk", d_in=16, d_sae=32, k=4)],
+        n_tokens=512,
+        batch_size=256,
+        dtype="bfloat16",
+        device="cpu",
+        checkpoint_every_tokens=512,
+    )
+    trainer.train(run, source=TensorSource(torch.randn(512, 16, generator=torch.Generator().manual_seed(0))))
+    assert used == [torch.bfloat16 if fast else None] * 2
+    assert (notice in capsys.readouterr().err) == (not fast)

@@ -28,7 +28,9 @@ class TrainConfig:
     min(10M, n_tokens / 10): a latent is dead after that many tokens without firing.
     `dtype: bfloat16` runs the encoder's dense product in bf16 (float32 accumulation; the kept values
     are recomputed in float32; the weights and Adam stay float32); `auto` (the default) is bfloat16 on
-    a GPU, as sparsify trains, and float32 on the CPU. `encoder_tile: N` computes pre-activations N
+    a GPU, as sparsify trains, and float32 on the CPU. On a CPU without bf16 matrix instructions (AVX2
+    alone) a bf16 product is ~100× slower than float32, so `bfloat16` there trains in float32 and says
+    so (`saelab.kernels.cpu_bf16`), unless `force_bf16: true`. `encoder_tile: N` computes pre-activations N
     latents at a time, so peak memory is O(batch · (k + N)) instead of O(batch · d_sae): for wide SAEs
     on small devices (a TopK SAE on CUDA: the fused product and top-k, which never stores them).
     """
@@ -53,6 +55,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 5
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    force_bf16: bool = False
     encoder_tile: int | None = None
     device: str = "auto"
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -102,9 +105,19 @@ class TrainConfig:
 
     def resolved_dtype(self, device: str) -> Literal["float32", "bfloat16"]:
         """The encoder product's dtype on `device` (a torch device string)."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        if self.dtype == "auto":
+            return "bfloat16" if device.startswith("cuda") else "float32"
+        if self.bf16_falls_back(device):
+            return "float32"
+        return self.dtype
+
+    def bf16_falls_back(self, device: str) -> bool:
+        """Whether `dtype: bfloat16` runs in float32 here: a CPU without bf16 matrix instructions, not forced."""
+        if self.dtype != "bfloat16" or self.force_bf16 or not device.startswith("cpu"):
+            return False
+        from saelab.kernels.cpu_bf16 import cpu_has_fast_bf16  # a timed probe, run once and only when asked
+
+        return not cpu_has_fast_bf16()
 
     @property
     def n_steps(self) -> int:

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import io
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -40,6 +41,7 @@ from saelab.config import config_changes, config_identity, load_config, save_con
 from saelab.distributed import DataParallel
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
+from saelab.kernels.cpu_bf16 import slow_bf16_notice
 from saelab.locking import folder_lock
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
 from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, load_sae, save_sae
@@ -388,6 +390,8 @@ def _run_steps(
     if position["step"] >= cfg.n_steps:  # resumed after it had finished
         return
     needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
+    if cfg.bf16_falls_back(str(device)) and distributed.is_main():
+        print(f"saelab train: {slow_bf16_notice()}", file=sys.stderr)
     bf16 = cfg.resolved_dtype(str(device)) == "bfloat16"
     kernels = KernelOptions(cfg.encoder_tile, torch.bfloat16 if bf16 else None)
     k_aux = cfg.k_aux if cfg.k_aux is not None else source.d_in // 2
