@@ -437,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stopped_by_launcher)  # torchrun stops the other ranks when one fails
     try:
         args.run(args)
+        distributed.shutdown(together=True)
     except SaelabError as error:
         print(f"saelab {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -54,10 +54,14 @@ def init_from_environment() -> None:
         _control_group = None  # the default group is gloo already
 
 
-def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
+def shutdown(together: bool = False) -> None:
+    """Leave the process group (if this process joined one). `together` (a clean end): first wait for every
+    rank, so that no rank tears down its sockets while another still reads them; a gloo rank whose peer
+    left mid-teardown can abort ("terminate called without an active exception")."""
     global _control_group
     if dist.is_initialized():
+        if together:
+            barrier("the end of the job")
         dist.destroy_process_group()
     _control_group = None
 

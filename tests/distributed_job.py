@@ -42,7 +42,7 @@ def main() -> None:
         }
         Path(run["states"]).mkdir(parents=True, exist_ok=True)
         torch.save(state, Path(run["states"]) / f"rank-{distributed.rank()}.pt")
-    distributed.shutdown()
+    distributed.shutdown(together=True)
 
 
 if __name__ == "__main__":

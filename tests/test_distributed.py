@@ -46,7 +46,9 @@ def torchrun(*args: str) -> subprocess.Popen:
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
     stdout, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr[-3000:]
+    # the launcher's summary comes last and hides the ranks' own errors: show those lines first
+    errors = [line for line in stderr.splitlines() if "Error" in line or "error" in line or "terminate" in line]
+    assert process.returncode == 0, "\n".join(errors[:20]) + "\n…\n" + stderr[-3000:]
     return stdout
 
 
