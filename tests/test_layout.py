@@ -4,6 +4,8 @@ analysis → steering → the dashboard, and no module reaches back up (README, 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,8 +82,10 @@ def test_no_benchmark_script_shadows_an_installed_module():
     """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package that
     something imports (benchmarks/kernels.py shadowed `kernels`, which transformers imports) breaks every
     benchmark that loads a model."""
-    import importlib.util
-
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    shadowing = [path.name for path in benchmarks.glob("*.py") if importlib.util.find_spec(path.stem) is not None]
+    names = sorted(path.stem for path in benchmarks.glob("*.py"))
+    # a fresh interpreter outside the repository: other tests put benchmarks/ on this process's sys.path
+    probe = "import importlib.util, sys; print(*[n for n in sys.argv[1:] if importlib.util.find_spec(n)])"
+    found = subprocess.run([sys.executable, "-c", probe, *names], capture_output=True, text=True, cwd="/", check=True)
+    shadowing = found.stdout.split()
     assert not shadowing, f"rename {shadowing}: each is also an importable module"
