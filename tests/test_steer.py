@@ -414,3 +414,33 @@ def test_steer_cli_prints_the_table_and_writes_the_files(smollm2, sae, steer_run
     unsteered = rows[0]
     assert unsteered["kl"] == 0 and unsteered["generation"] == unsteered["baseline_generation"]
     assert unsteered["activation_steered"] == unsteered["activation_baseline"]
+
+
+def test_steering_effect_equals_kl_and_logprob_rise_through_add_feature(smollm2, sae, tokens):
+    """g-SAE's steering measure (benchmarks/paper_gsae.py, consistency.py) against the same edit made by
+    saelab.steer's add_feature at every position but BOS, with KL from torch's kl_div."""
+    import torch.nn.functional as F
+
+    from saelab.analysis.logit_effects import decoder_directions, final_norm_weight, logit_effects
+    from saelab.steer import add_feature, steer
+    from saelab.steer.effect import PROMOTED_TOKENS, steering_effect
+
+    other = smollm2.to_tokens("class Reader:\n    def read(self, path, mode):\n        return")
+    contexts = torch.cat([tokens, other[:, : tokens.shape[1]]])
+    latents, alpha = [3, 17, 64], 60.0  # strong enough to move the next-token distribution
+    weight, center = final_norm_weight(smollm2)
+    directions = decoder_directions(sae)
+    promoted = logit_effects(directions[latents], weight, smollm2.W_U, k=PROMOTED_TOKENS, center=center).top_ids
+    with torch.inference_mode():
+        clean = torch.log_softmax(smollm2(contexts)[:, :-1].float(), -1)
+        kls, rises = [], []
+        for latent, top in zip(latents, promoted, strict=True):
+            edit = add_feature(sae, latent, alpha / float(directions[latent].norm()), positions="all")
+            with steer(smollm2, [edit]):
+                steered = torch.log_softmax(smollm2(contexts)[:, :-1].float(), -1)
+            kls.append(F.kl_div(clean, steered, log_target=True, reduction="none").sum(-1).mean())
+            rises.append((steered[..., top] - clean[..., top]).mean())
+        kl, rise = steering_effect(smollm2, sae, HOOK, contexts, latents, alpha)
+    assert kl == pytest.approx(float(torch.stack(kls).mean()), rel=1e-3)
+    assert rise == pytest.approx(float(torch.stack(rises).mean()), rel=1e-3, abs=1e-4)
+    assert kl > 1e-3 and rise > 0  # the edit moved the model, toward the promoted tokens
