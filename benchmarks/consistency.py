@@ -5,9 +5,9 @@ Stages; each skips what is done and resumes what is not, so a rerun after a kill
   1. harvest  a single-epoch store of 2,048,000 tokens at blocks.15.hook_resid_post (the default corpus after
               `configs/harvest-smollm2.yaml`'s settings), and a gradient store of 1,024,000 tokens
   2. train    the runs of `plan()`: one sweep per seed or learning rate, every SAE 4,608 latents
-  3. eval     the SAEs the tables read (not the seed runs': those are compared) on 16,384 held-out tokens: FVU,
+  3. compare  the three seeds of each variant at L0 32 with `saelab compare` (the store's frequencies)
+  4. eval     the SAEs the tables read (not the seed runs': those are compared) on 16,384 held-out tokens: FVU,
               L0, dead, CE loss recovered, Δ loss, KL
-  4. compare  the three seeds of each variant at L0 32 with `saelab compare` (the store's frequencies)
   5. steer    g-SAE and TopK latents added in held-out contexts (benchmarks/paper_gsae.py's measures)
   6. report   the tables, printed and written to <root>/results.json
 
@@ -201,14 +201,25 @@ def train_runs(root: Path, scale: Scale, runs: list[RunPlan]) -> None:
         train(train_config(root, scale, run), resume=True)
 
 
+def target_l0(sae: SAEConfig) -> float:
+    """The L0 an SAE of the plan is trained to: its target, or its k."""
+    return sae.target_l0 if sae.target_l0 is not None else sae.k
+
+
 def evaluate_runs(root: Path, scale: Scale, runs: list[RunPlan], model: Any) -> None:
-    for run in (run for run in runs if run.evaluated):
-        missing = [sae.label for sae in run.saes if not (root / run.name / SAE_DIR / sae.label / EVAL_FILE).is_file()]
-        if missing:
-            log(f"eval {run.name}: {', '.join(missing)}")
-            evaluate(
-                EvalConfig(run=str(root / run.name), saes=missing, n_tokens=scale.eval_tokens, device="cpu"), model
-            )
+    """The SAEs at the middle L0 first (the consistency and robustness tables' own), then the rest."""
+    middle = {sae.label for run in runs for sae in run.saes if target_l0(sae) == scale.ks[1]}
+    for first in (True, False):
+        for run in (run for run in runs if run.evaluated):
+            missing = [
+                sae.label
+                for sae in run.saes
+                if (sae.label in middle) == first and not (root / run.name / SAE_DIR / sae.label / EVAL_FILE).is_file()
+            ]
+            if missing:
+                log(f"eval {run.name}: {', '.join(missing)}")
+                config = EvalConfig(run=str(root / run.name), saes=missing, n_tokens=scale.eval_tokens, device="cpu")
+                evaluate(config, model)
 
 
 def compare_seeds(root: Path, scale: Scale) -> None:
@@ -273,6 +284,12 @@ def table(columns: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def read_training_end(root: Path, run: str, label: str) -> dict[str, Any] | None:
+    """FVU and L0 of an SAE's last training batches (each unseen before its step: one epoch)."""
+    path = root / run / SUMMARY_FILE
+    return json.loads(path.read_text()).get(label) if path.is_file() else None
+
+
 def frontier_table(root: Path, scale: Scale) -> list[str]:
     rows = []
     for k in scale.ks:
@@ -280,15 +297,22 @@ def frontier_table(root: Path, scale: Scale) -> list[str]:
             ("frontier-gba", sae) for sae in gba_saes(scale, (k,))
         ]
         for run, sae in runs:
+            trained = read_training_end(root, run, sae.label)
+            cells = [
+                f"`{sae.label}`",
+                "not trained yet" if trained is None else f"{trained['fvu']:.3f} / {trained['l0']:.1f}",
+            ]
             r = read_eval(root, run, sae.label)
             if r is None:
-                rows.append([f"`{sae.label}`", "not evaluated yet", "", "", "", "", ""])
+                rows.append(cells + ["not evaluated yet", "", "", "", "", ""])
                 continue
             rows.append(
-                [f"`{sae.label}`", f"{r['l0']:.1f}", f"{r['fvu']:.3f}", f"{r['dead_fraction']:.1%}"]
+                cells
+                + [f"{r['l0']:.1f}", f"{r['fvu']:.3f}", f"{r['dead_fraction']:.1%}"]
                 + [f"{r['ce_loss_recovered']:.1%}", f"{r['delta_lm_loss']:.3f}", f"{r['kl']:.3f}"]
             )
-    return table(["SAE", "held-out L0", "FVU", "dead", "CE loss recovered", "Δ loss", "KL"], rows)
+    columns = ["SAE", "last training batches: FVU / L0", "held-out L0", "FVU", "dead", "CE loss recovered", "Δ loss"]
+    return table([*columns, "KL"], rows)
 
 
 def consistency_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
@@ -323,10 +347,12 @@ def robustness_table(root: Path, scale: Scale) -> list[str]:
     for label, default in ((f"topk-{d}-k{k}", "frontier"), (f"gba-{d}-l0{k}", "frontier-gba")):
         cells = [f"`{label}`"]
         for run in ("lr-third", default, "lr-triple"):
-            r = read_eval(root, run, label)
+            r, trained = read_eval(root, run, label), read_training_end(root, run, label)
+            cells.append("—" if trained is None else f"{trained['fvu']:.3f} / {trained['l0']:.1f}")
             cells.append("—" if r is None else f"{r['fvu']:.3f} / {r['l0']:.1f}")
         rows.append(cells)
-    return table(["SAE", "lr × 1/3: FVU / L0", "lr × 1", "lr × 3"], rows)
+    columns = [f"lr × {factor}: {where}" for factor in ("1/3", "1", "3") for where in ("training end", "held out")]
+    return table(["SAE (FVU / L0)", *columns], rows)
 
 
 def gsae_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
@@ -416,11 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         harvest_stores(root, scale, runs)
         train_runs(root, scale, runs)
+        compare_seeds(root, scale)  # before the evaluations: minutes, against their hours
         from saelab.models import load_model
 
         model = load_model("smollm2-135m", "cpu")
         evaluate_runs(root, scale, runs, model)
-        compare_seeds(root, scale)
         steer_runs(root, scale, model)
     report(root, scale)
 
