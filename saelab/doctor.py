@@ -121,7 +121,8 @@ def _packages() -> list[Fact]:
     )
     for package in ("transformer-lens", "transformers"):
         found = _version(package)
-        facts.append(Fact("versions", package, found or "not installed: `pip install -e .`", "ok" if found else "fail"))
+        missing = "not installed: harvest, eval, analyze and live text need it (`pip install -e .`)"
+        facts.append(Fact("versions", package, found or missing, "ok" if found else "warn"))
     return facts
 
 

@@ -46,8 +46,9 @@ def test_doctor_on_this_machine(tmp_path):
     assert facts["torch"].startswith(torch.__version__)
     assert facts["python"].startswith(".".join(map(str, sys.version_info[:3])))
     assert set(KERNELS) <= set(facts) and {"backend", "encoder product", "selection", "encoder_tile set"} <= set(facts)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # benchmarks/gpu_check.sh: the self-checks run on the real GPU
         assert facts["jobs run on"].startswith("cuda:") and "gpu memory" in facts
+        assert all(facts[kernel].startswith("Triton, self-check passed") for kernel in KERNELS), facts
     else:
         assert facts["jobs run on"].startswith("cpu (device: auto)")
         assert facts["backend"] == "torch: the cpu device runs torch (Triton kernels run on CUDA)"

@@ -1,5 +1,6 @@
-"""Triton kernels that check themselves (saelab/kernels/self_check.py), on the CPU: CUDA is simulated by letting
-the automatic setting take the CPU for a Triton device, and the kernels run under TRITON_INTERPRET=1 (conftest).
+"""Triton kernels that check themselves (saelab/kernels/self_check.py). On the CPU, CUDA is simulated by letting
+the automatic setting take the CPU for a Triton device, and the kernels run under TRITON_INTERPRET=1 (conftest);
+on a GPU (benchmarks/gpu_check.sh) the same tests run natively on CUDA.
 
 A kernel that fails to compile, or that returns a wrong result, prints one line and runs as torch from then on;
 one that passes keeps the Triton path; the CPU path never runs a check."""
@@ -16,17 +17,19 @@ from saelab.kernels import RowTopK, backend, row_constraints, self_check, sparse
 from saelab.kernels import reference as ref
 
 KERNELS = list(self_check.DEFAULT_KERNELS)
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 FALLBACK = "falling back to torch; `SAELAB_TRITON=0` silences this"
 
 
 @pytest.fixture
 def simulated_cuda(monkeypatch):
-    """The automatic setting with the CPU counted as a Triton device, and no verdict remembered."""
+    """The automatic setting with no verdict remembered; on the CPU, the CPU counted as a Triton device."""
     if not backend.triton_available():
         pytest.skip("triton is not installed (it is in the test extra on Linux x86-64)")
-    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets it on CPU"
+    assert DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets it on CPU"
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(backend, "TRITON_DEVICE_TYPES", ("cuda", "cpu"))
     self_check.forget()
     yield
     self_check.forget()
@@ -39,12 +42,13 @@ def module_of(kernel: str):
 def inputs() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     indices = torch.randint(0, 30, (12, 5), generator=gen)
-    return {
+    tensors = {
         "indices": indices,
         "values": torch.randn(12, 5, generator=gen),
         "rows_n": torch.randn(30, 20, generator=gen),
         "rows_batch": torch.randn(12, 20, generator=gen),
     }
+    return {name: t.to(DEVICE) for name, t in tensors.items()}
 
 
 def dispatched(kernel: str, x: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -71,6 +75,11 @@ def torch_result(kernel: str, monkeypatch) -> torch.Tensor:
     return want
 
 
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit for bit on the CPU; on CUDA torch's own sparse products may sum in another order run to run."""
+    return torch.equal(got, want) if DEVICE.type == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 class CompilationError(Exception):
     """Shaped like Triton's: the source excerpt first, the cause last."""
 
@@ -90,11 +99,11 @@ def test_a_kernel_that_fails_to_compile_says_so_in_one_line_and_runs_on_torch(
     monkeypatch.setattr(module_of(kernel), kernel, broken)
     want = torch_result(kernel, monkeypatch)
     first, second = dispatched(kernel, inputs()), dispatched(kernel, inputs())
-    assert torch.equal(first, want) and torch.equal(second, want)
+    assert same(first, want) and same(second, want)
     assert calls == [1], "only the self-check calls the broken kernel; every later call runs torch"
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
-        f"saelab: Triton kernel {kernel} failed its self-check on cpu (float32): CompilationError: at 12:8: … "
+        f"saelab: Triton kernel {kernel} failed its self-check on {DEVICE} (float32): CompilationError: at 12:8: … "
         f"ValueError('unsupported ptr type'); {FALLBACK}"
     ]
 
@@ -113,10 +122,10 @@ def test_a_kernel_that_computes_wrongly_says_by_how_much_and_runs_on_torch(simul
 
     monkeypatch.setattr(module_of(kernel), kernel, off_by_a_percent)
     want = torch_result(kernel, monkeypatch)
-    assert torch.equal(dispatched(kernel, inputs()), want)
+    assert same(dispatched(kernel, inputs()), want)
     assert calls == [1]
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"saelab: Triton kernel {kernel} failed its self-check on cpu (float32): ")
+    assert line.startswith(f"saelab: Triton kernel {kernel} failed its self-check on {DEVICE} (float32): ")
     assert "max relative difference 0.01 from its torch reference (tolerance 0.0001)" in line and line.endswith(
         FALLBACK
     )
@@ -133,9 +142,11 @@ def test_kernels_that_pass_their_self_check_keep_the_triton_path(simulated_cuda,
             module, kernel, lambda *a, _k=kernel, _f=real: counted.__setitem__(_k, counted[_k] + 1) or _f(*a)
         )
     gen = torch.Generator().manual_seed(0)
-    x, W_enc = torch.randn(10, 16, generator=gen), torch.randn(16, 40, generator=gen).requires_grad_()
-    b_enc, b_dec = torch.zeros(40, requires_grad=True), torch.zeros(16, requires_grad=True)
-    W_dec = torch.randn(40, 16, generator=gen).requires_grad_()
+    x, W_enc = torch.randn(10, 16, generator=gen).to(DEVICE), torch.randn(16, 40, generator=gen).to(DEVICE)
+    b_enc, b_dec = torch.zeros(40, device=DEVICE), torch.zeros(16, device=DEVICE)
+    W_dec = torch.randn(40, 16, generator=gen).to(DEVICE)
+    for parameter in (W_enc, b_enc, b_dec, W_dec):
+        parameter.requires_grad_()
     for _ in range(2):
         encoded = sparse_encode(x, W_enc, b_enc, b_dec, [RowTopK(4)])
         reconstruction = sparse_decode(encoded.indices[0], encoded.values[0].relu(), W_dec)
@@ -153,10 +164,13 @@ def test_kernels_that_pass_their_self_check_keep_the_triton_path(simulated_cuda,
         "remove_parallel_": 3,
         "normalize_rows_": 3,
     }
-    assert torch.allclose(W_dec.norm(dim=1), torch.ones(40))
+    assert torch.allclose(W_dec.norm(dim=1), torch.ones(40, device=DEVICE))
 
 
 def test_the_cpu_path_never_runs_a_check_and_forced_triton_skips_it(monkeypatch):
+    if DEVICE.type == "cuda":
+        pytest.skip("the CPU path's test")
+
     def no_check(*args):
         raise AssertionError("a self-check ran")
 
