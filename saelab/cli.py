@@ -135,17 +135,32 @@ def _explain(args: argparse.Namespace) -> None:
     from saelab.analysis.config import ExplainConfig
     from saelab.analysis.explain_job import explain
     from saelab.config import load_config
-    from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE
+    from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE, TOKEN_SUMMARIES_FILE
 
     cfg = load_config(ExplainConfig, args.config, args.overrides)
     results = explain(cfg, progress=not args.quiet)
-    print(f"explained latents of {cfg.run} (saes/<name>/{EXPLANATIONS_FILE}, {AUTOINTERP_FILE})")
-    columns = [("sae", 24), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22), ("fuzzing", 22)]
+    files = f"saes/<name>/{EXPLANATIONS_FILE}, {TOKEN_SUMMARIES_FILE}, {AUTOINTERP_FILE}"
+    print(f"explained latents of {cfg.run} ({files}); scored by {next(iter(results.values()))['scorer']}")
+    columns = [("sae", 24), ("explainer", 15), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22)]
+    columns += [("fuzzing", 22), ("beat shuffled", 14)]
     rows = []
     for label, r in results.items():
-        cells = [_interval(r.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
-        rows.append([label, str(r["n_latents"]), *cells])
-    _print_table(columns, rows)
+        for explainer, stats in r["explainers"].items():
+            cells = [_interval(stats.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
+            beats = stats.get("beats_shuffled") or {}
+            passed = f"{beats['count']}/{beats['scored']}" if beats else "—"
+            rows.append([label, explainer, str(stats["n_latents"]), *cells, passed])
+    _print_table(columns, rows, left=(0, 1))
+    chance = ", ".join(
+        f"{label}/{name} {stats['beats_shuffled']['chance']:.1%}"
+        for label, r in results.items()
+        for name, stats in r["explainers"].items()
+        if stats.get("beats_shuffled")
+    )
+    print(
+        "  beat shuffled: latents whose own label's detection calls beat p0, the pooled rate of the shuffled labels "
+        f"(≥ 50 %), in a one-sided exact binomial test at α 0.05 (saelab/analysis/label_test.py); p0: {chance}"
+    )
 
 
 def _interval(score: dict | None) -> str:
