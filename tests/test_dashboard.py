@@ -721,31 +721,65 @@ def test_runs_page_tables_probing_absorption_and_explanation_scores(app, runs_ro
     assert row["latents explained"] == 100
 
 
-def test_explanations_show_on_the_feature_page_and_are_searchable(app, runs_root, latent, tmp_path, monkeypatch):
+def greyed_cells(styles: str) -> set[tuple[int, int]]:
+    """(row, column) of every cell a pandas Styler's CSS colours grey (#9e9e9e); the Styler may list many
+    cells' selectors before one rule."""
+    cells = set()
+    for selectors, rule in re.findall(r"([^{}]+)\{([^}]*)\}", styles):
+        if "#9e9e9e" in rule:
+            cells |= {(int(r), int(c)) for r, c in re.findall(r"_row(\d+)_col(\d+)", selectors)}
+    return cells
+
+
+def test_labels_beating_shuffled_are_headlines_the_rest_greyed_and_the_browser_searches_them(
+    app, runs_root, latent, tmp_path, monkeypatch
+):
     from saelab.analysis.explanations import append_record
+    from saelab.analysis.token_summary import token_summary
 
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")
-    path = root / "tiny" / "train" / "saes" / TOPK / "explanations.jsonl"
+    folder = root / "tiny" / "train" / "saes" / TOPK
+    path = folder / "explanations.jsonl"
+    trusted = 3 if latent != 3 else 4
     append_record(path, {"latent": latent, "explanation": "Exceptions being raised", "explainer": "smollm2-135m"})
-    append_record(path, {"latent": 3, "explanation": "closing brackets", "explainer": "smollm2-135m"})
-    scores = {"detection": 0.75, "detection_shuffled": 0.5, "fuzzing": 0.6, "fuzzing_shuffled": 0.55}
-    append_record(path, {"latent": latent, "scores": scores, "scorer": "smollm2-135m"})
+    append_record(path, {"latent": trusted, "explanation": "closing brackets", "explainer": "smollm2-135m"})
+    nine, eleven = ({"detection": n / 12, "detection_shuffled": 0.5, "fuzzing": 0.6} for n in (9, 11))
+    append_record(path, {"latent": latent, "scores": nine, "n_detection": 12, "scorer": "smollm2-135m"})
+    append_record(path, {"latent": trusted, "scores": eleven, "n_detection": 12, "scorer": "smollm2-135m"})
     monkeypatch.setenv("SAELAB_RUNS", str(root))
+    with FeatureStore(folder / "features.sqlite") as store:
+        summary = token_summary(store.feature(latent), 10)
+        peak = store.feature(latent).top_contexts[0]
+        peak_token = json.dumps(peak.tokens[peak.highlight], ensure_ascii=False)[1:-1]  # as the summary shows it
 
+    # 11 of 12 right calls beat the shuffled labels' 50 % (p = 0.003): the headline
+    at = app("feature", run="tiny/train", sae=TOPK, feature=trusted)
+    assert "**Label** (smollm2-135m): closing brackets" in [m.value for m in at.markdown]
+    assert "detection 92%, shuffled labels 50%; beats shuffled (11/12 right, p = 0.0032)" in texts(at.caption)
+    # 9 of 12 do not (p = 0.073): no headline, the explanation and the unscored token summary greyed out
     at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
-    (line,) = [m.value for m in at.markdown if m.value.startswith("**Explanation**")]
-    assert "Exceptions being raised" in line and "detection 75% (shuffled 50%)" in line
-    at = app("feature", run="tiny/train", sae=TOPK, feature=3)
-    assert any("closing brackets" in m.value and "not scored yet" in m.value for m in at.markdown)
+    assert not any(m.value.startswith("**Label**") for m in at.markdown)
+    captions = texts(at.caption)
+    assert "No label of this latent beats the shuffled labels" in captions
+    assert "smollm2-135m: Exceptions being raised · detection 75%, shuffled labels 50%; not above shuffled (9/12" in (
+        captions
+    )
+    assert "token-summary: " in captions and "· not scored" in captions
 
     at = app("features", run="tiny/train", sae=TOPK)
-    at.text_input(key="explanation_query").set_value("EXCEPTIONS raised").run()
-    links = [link.proto.label for link in at.get("page_link")]
-    assert f"latent {latent}: Exceptions being raised · detection 75%" in links
-    assert not any("closing brackets" in label for label in links)
-    table = at.dataframe[0].value
-    assert table.set_index("latent").loc[latent, "explanation"] == "Exceptions being raised"
+    table = at.dataframe[-1].value.set_index("latent")
+    assert table.loc[trusted, "label"] == "closing brackets" and table.loc[trusted, "label test"].startswith("beats")
+    assert table.loc[latent, "label"] == summary and table.loc[latent, "label test"] == "not scored"
+    greyed = greyed_cells(at.dataframe[-1].proto.arrow_data.styler.styles)  # the untrusted labels, not the headline
+    rows = list(at.dataframe[-1].value["latent"])
+    assert (rows.index(latent), 1) in greyed and (rows.index(latent), 2) in greyed
+    assert (rows.index(trusted), 1) not in greyed and (rows.index(trusted), 2) not in greyed
+    at.text_input(key="label_query").set_value("EXCEPTIONS raised").run()
+    assert list(at.dataframe[-1].value["latent"]) == [latent]  # matched by its (greyed) explanation
+    at.text_input(key="label_query").set_value(peak_token).run()
+    assert_clean(at)
+    assert latent in list(at.dataframe[-1].value["latent"])  # matched by its token summary
 
 
 def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):
