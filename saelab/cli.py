@@ -149,7 +149,8 @@ def _explain(args: argparse.Namespace) -> None:
             cells = [_interval(stats.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
             beats = stats.get("beats_shuffled") or {}
             passed = f"{beats['count']}/{beats['scored']}" if beats else "—"
-            rows.append([label, explainer, str(stats["n_latents"]), *cells, passed])
+            name = explainer + (" *" if explainer == r["explainer"] and len(r["explainers"]) > 1 else "")
+            rows.append([label, name, str(stats["n_latents"]), *cells, passed])
     _print_table(columns, rows, left=(0, 1))
     chance = ", ".join(
         f"{label}/{name} {stats['beats_shuffled']['chance']:.1%}"
@@ -161,6 +162,11 @@ def _explain(args: argparse.Namespace) -> None:
         "  beat shuffled: latents whose own label's detection calls beat p0, the pooled rate of the shuffled labels "
         f"(≥ 50 %), in a one-sided exact binomial test at α 0.05 (saelab/analysis/label_test.py); p0: {chance}"
     )
+    if any(len(r["explainers"]) > 1 for r in results.values()):
+        print(
+            "  * the SAE's default explainer, the one with the higher mean detection (autointerp.json's top level); "
+            "the dashboard heads each latent with its best label that beats shuffled, and greys out the rest"
+        )
 
 
 def _interval(score: dict | None) -> str:

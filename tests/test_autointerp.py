@@ -316,12 +316,14 @@ def test_saelab_explain_tables_both_explainers_and_their_shuffled_controls(tiny_
     out = capsys.readouterr().out
     saved = json.loads((run / "saes" / TOPK / AUTOINTERP_FILE).read_text())
     llm, summary = saved["explainers"]["matcher"], saved["explainers"]["token-summary"]
-    assert saved["explainer"] == "matcher" and saved["detection"] == llm["detection"]  # the top level: the LLM's
+    # the default (the top level) is the explainer with the higher mean detection: here the token summary
+    assert saved["explainer"] == "token-summary" and saved["detection"] == summary["detection"]
     summaries = read_explanations(run / "saes" / TOPK / TOKEN_SUMMARIES_FILE)
     # every token summary was scored as its own latent's label and as another's (the shuffle)
     assert {e.text for e in summaries.values()} | {"the letter e"} == scorer.explanations
     assert summary["detection"]["mean"] > llm["detection"]["mean"] and summary["detection"]["mean"] > 0.6
     rows = {line.split()[1]: line for line in out.splitlines() if line.startswith(f"  {TOPK}")}
+    assert f"  {TOPK}" in out and "token-summary *" in rows["token-summary"] and "*" not in rows["matcher"]
     for name, stats in (("matcher", llm), ("token-summary", summary)):
         beats = stats["beats_shuffled"]
         assert f"{stats['detection']['mean']:.1%}" in rows[name] and rows[name].endswith(

@@ -64,7 +64,7 @@ def _explain_sae(
     progress: bool,
 ) -> dict[str, Any]:
     """One SAE: the LLM's explanations and the token summaries, each file scored; its autointerp.json, whose
-    top-level scores are the LLM's (the token summary's without one) and `explainers` holds each's."""
+    top-level scores are the default explainer's (`default_explainer`) and `explainers` holds each's."""
     if not (folder / FEATURES_FILE).is_file():
         raise SaelabError(f"{folder} has no feature store; make it with `saelab analyze run={folder.parent.parent}`")
     with folder_lock(folder, what="explain job"), FeatureStore(folder / FEATURES_FILE) as store:
@@ -83,11 +83,17 @@ def _explain_sae(
             summarize_latents(path, store, latents, cfg.n_explain)
             summarized = score_latents(path, store, latents, scorer, pool, settings, progress)
             explainers[TOKEN_SUMMARY] = autointerp_summary(summarized, latents, cfg.seed)
-        first = next(iter(explainers))
-        summary = explainers[first] | {"explainer": first, "scorer": scorer.name, "explainers": explainers}
+        best = default_explainer(explainers)
+        summary = explainers[best] | {"explainer": best, "scorer": scorer.name, "explainers": explainers}
         summary |= {"latents": latents, "settings": asdict(cfg)}
         atomic_write_json(folder / AUTOINTERP_FILE, summary)
     return summary
+
+
+def default_explainer(explainers: dict[str, dict[str, Any]]) -> str:
+    """The explainer whose labels the SAE is summarised by: the highest mean detection score, the first (the
+    LLM) on a tie or where none was scored. With the weak offline LLM that is usually the token summary."""
+    return max(explainers, key=lambda name: (explainers[name].get("detection") or {}).get("mean", -1.0))
 
 
 def chosen_latents(store: FeatureStore, cfg: ExplainConfig) -> list[int]:
