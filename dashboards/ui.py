@@ -373,3 +373,40 @@ def signed_token_bars(
 
 def percent(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}%}"
+
+
+def strength_kl_figure(sweep: Any) -> go.Figure:
+    """A `saelab.steer.strength.StrengthSweep` drawn: KL against strength (× the latent's max activation, log
+    scales), the budget as a dashed line and the strength chosen as a ring."""
+    rows = [row for row in sweep.rows if row["coefficient"] > 0]
+    x, kl = [row["coefficient"] for row in rows], [max(row["kl"], 1e-6) for row in rows]
+    figure = go.Figure(
+        go.Scatter(
+            x=x,
+            y=kl,
+            mode="lines+markers",
+            name="KL",
+            customdata=[[row["strength"]] for row in rows],
+            hovertemplate="%{x:g} × max = %{customdata[0]:.3g}: KL %{y:.3g} nats<extra></extra>",
+        )
+    )
+    figure.add_hline(y=sweep.budget, line_dash="dash", line_color="#d62728", annotation_text=f"budget {sweep.budget:g}")
+    if sweep.chosen is not None:
+        figure.add_trace(
+            go.Scatter(
+                x=[sweep.chosen["coefficient"]],
+                y=[max(sweep.chosen["kl"], 1e-6)],
+                mode="markers",
+                name="chosen",
+                marker={"size": 16, "symbol": "circle-open", "line": {"width": 3}},
+            )
+        )
+    figure.update_layout(
+        title="D_KL(steered ‖ unsteered) against strength",
+        xaxis={"type": "log", "title": "strength (× max activation)"},
+        yaxis={"type": "log", "title": "KL, nats"},
+        height=360,
+        showlegend=False,
+        **CHART_LAYOUT,
+    )
+    return figure

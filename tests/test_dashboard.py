@@ -505,6 +505,7 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
     # × the latent's max activation: so large that the direction swamps the residual stream, and what
     # the 15 layers after the SAE's hook add barely matters (at 10× they decide; see test_steer.py)
     coefficient = 1000.0
+    locked.clear()  # the first look (below) ran too
     steer_on_page(at, STEER_PROMPT, [(latent, "add", coefficient)], scale=True, max_new=3)
     assert locked == [True, True]  # baseline and steered generation, each holding the live text's lock
 
@@ -537,6 +538,61 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
     (chart,) = charts(at)
     assert chart["data"][0]["y"][-1] == repr(tokenizer.decode([top]))
     assert chart["data"][0]["x"][-1] == pytest.approx(float(change[top]), rel=1e-4)
+
+
+def test_the_playground_opens_on_a_readable_latent_at_the_largest_strength_within_the_kl_budget(
+    app, runs_root, tmp_path, monkeypatch
+):
+    from saelab.analysis.explanations import append_record
+    from saelab.browse.labels import SUMMARY_CONTEXTS, LabelBook
+    from saelab.steer.strength import COEFFICIENTS, KL_BUDGET
+
+    folder = runs_root / "tiny" / "train" / "saes" / TOPK
+    with FeatureStore(folder / "features.sqlite") as store:
+        readable = LabelBook({}, store.peak_tokens(SUMMARY_CONTEXTS)).readable_latent()
+        page = store.feature(readable)
+    fired = [w.tokens[w.highlight] for w in page.top_contexts[:SUMMARY_CONTEXTS]]
+    word = max(set(fired), key=fired.count)
+    assert re.fullmatch(r"\s?[A-Za-z]{3,}", word) and fired.count(word) >= 2 and page.max_activation > 0
+
+    # no explanations yet: the latent whose top contexts most often peak on one word, run at once (no Run)
+    at = app("steering", run="tiny/train", sae=TOPK)
+    assert_clean(at)
+    assert at.number_input(key="steer_latent_0").value == readable and at.checkbox(key="steer_scale").value
+    assert at.selectbox(key="steer_mode_0").value == "add" and at.text_area(key="steer_prompt").value == STEER_PROMPT
+    assert len(at.code) == 2  # baseline and steered continuations
+    (sweep,) = [frame.value for frame in at.dataframe if "× max" in frame.value.columns]
+    assert list(sweep["× max"]) == list(COEFFICIENTS)
+    kls = list(sweep["KL (nats)"])
+    coefficient = at.number_input(key="steer_value_0").value
+    position = list(COEFFICIENTS).index(coefficient)
+    if kls[0] <= KL_BUDGET:  # the largest whose KL stays within the budget all the way up
+        assert all(kl <= KL_BUDGET for kl in kls[: position + 1])
+        assert position == len(kls) - 1 or kls[position + 1] > KL_BUDGET
+    else:  # even the smallest breaks it: shown at the smallest, and said
+        assert position == 0 and "even the smallest swept strength breaks the budget" in texts(at.caption)
+    assert at.code[1].value.startswith(sweep["steered continuation"][position])  # the sweep's, 8 tokens of 16
+    (measured,) = re.findall(r"D_KL\(steered ‖ baseline\) = ([0-9.e+-]+) nats", texts(at.caption))
+    assert float(measured) == pytest.approx(kls[position], rel=1e-3, abs=1e-6)
+    assert f"How hard to steer latent {readable}" in [h.value for h in at.subheader]
+    assert "label (token-summary): fires on\\:" in texts(at.caption) and f'"{word}"' in texts(at.caption)
+    sweep_chart = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("D_KL"))
+    assert sweep_chart["data"][0]["y"] == pytest.approx([max(kl, 1e-6) for kl in kls])
+    assert any(shape.get("y0") == KL_BUDGET for shape in sweep_chart["layout"]["shapes"])
+
+    # a label that beats shuffled is the one to open on
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    trusted = 3 if readable != 3 else 4
+    path = root / "tiny" / "train" / "saes" / TOPK / "explanations.jsonl"
+    append_record(path, {"latent": trusted, "explanation": "closing brackets", "explainer": "smollm2-135m"})
+    scores = {"detection": 11 / 12, "detection_shuffled": 0.5}
+    append_record(path, {"latent": trusted, "scores": scores, "n_detection": 12, "scorer": "smollm2-135m"})
+    monkeypatch.setenv("SAELAB_RUNS", str(root))
+    at = app("steering", run="tiny/train", sae=TOPK)
+    assert_clean(at)
+    assert at.number_input(key="steer_latent_0").value == trusted
+    assert "label (smollm2-135m): closing brackets · beats shuffled" in texts(at.caption)
 
 
 def test_steering_page_turns_bad_input_into_messages(app, monkeypatch):

@@ -11,6 +11,8 @@ so every live latent has something to read and to search by.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 from saelab.analysis.config import ExplainConfig
@@ -20,6 +22,7 @@ from saelab.analysis.token_summary import EXPLAINER as TOKEN_SUMMARY
 from saelab.analysis.token_summary import summary_text
 
 SUMMARY_CONTEXTS = ExplainConfig().n_explain  # the top contexts a token summary reads, as `saelab explain`'s
+WORD = re.compile(r"\s?[A-Za-z]{3,}")  # a token that reads as a word: " file", "import"
 PeakTokens = dict[int, tuple[list[str], list[str]]]  # latent → (peak tokens, promoted tokens): FeatureStore.peak_tokens
 
 
@@ -82,15 +85,37 @@ class LabelBook:
             return labels[0] if labels else None
         return next((label for label in labels if label.explainer == TOKEN_SUMMARY), labels[0])
 
+    def readable_latent(self) -> int | None:
+        """A live latent whose label reads well, for a first look (the steering playground opens on it): the one
+        whose headline has the highest detection score; without any headline (no `saelab explain` yet, or no
+        label beats shuffled), the one whose top contexts most often peak on the same word of 3+ letters (its
+        token summary then says `fires on: " file"`), the more frequently peaking and lower index first."""
+        headlines = [
+            (label.detection or 0.0, -latent) for latent in self._explained() if (label := self.headline(latent))
+        ]
+        if headlines:
+            return -max(headlines)[1]
+        best: tuple[float, int, int] | None = None
+        for latent, (fired, _) in self.peak_tokens.items():
+            if not fired:
+                continue
+            token, count = Counter(fired).most_common(1)[0]
+            if WORD.fullmatch(token) and (best is None or (count / len(fired), count, -latent) > best):
+                best = (count / len(fired), count, -latent)
+        return None if best is None else -best[2]
+
     def search(self, query: str) -> list[int]:
         """The latents one of whose labels holds every word of `query` (case-insensitive), by index."""
         words = query.lower().split()
-        latents = set(self.peak_tokens) | {latent for entries in self.explained.values() for latent in entries}
+        latents = set(self.peak_tokens) | self._explained()
         return [
             latent
             for latent in sorted(latents)
             if any(all(word in label.text.lower() for word in words) for label in self.labels(latent))
         ]
+
+    def _explained(self) -> set[int]:
+        return {latent for entries in self.explained.values() for latent in entries}
 
     def _label(self, name: str, latent: int) -> Label:
         entry = self.explained[name][latent]
