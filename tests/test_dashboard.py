@@ -827,6 +827,8 @@ def test_labels_beating_shuffled_are_headlines_the_rest_greyed_and_the_browser_s
     table = at.dataframe[-1].value.set_index("latent")
     assert table.loc[trusted, "label"] == "closing brackets" and table.loc[trusted, "label test"].startswith("beats")
     assert table.loc[latent, "label"] == summary and table.loc[latent, "label test"] == "not scored"
+    assert table.loc[trusted, "detection %"] == pytest.approx(100 * 11 / 12) and table.loc[trusted, "shuffled %"] == 50
+    assert table[["detection %", "shuffled %"]].loc[latent].isna().all()  # its token summary: not scored
     greyed = greyed_cells(at.dataframe[-1].proto.arrow_data.styler.styles)  # the untrusted labels, not the headline
     rows = list(at.dataframe[-1].value["latent"])
     assert (rows.index(latent), 1) in greyed and (rows.index(latent), 2) in greyed

@@ -114,6 +114,12 @@ chosen = FeatureFilter(
     sort_by=sort_by,
     order=order,
 ).apply(table)
+
+
+def percent_of(score: float | None) -> float | None:
+    return None if score is None else 100 * score
+
+
 book = ui.label_book(sae, ui.peak_tokens(store))
 label_query = st.text_input(
     "label contains",
@@ -126,7 +132,8 @@ if label_query.strip():
     chosen = [row for row in chosen if row[0] in matching]
 st.caption(
     f"{len(chosen):,} of {len(table):,} latents match; the first {min(len(chosen), SHOWN_ROWS):,} are listed. "
-    "label: the latent's headline (a label that beats shuffled labels), else its token summary, greyed out"
+    "label: the latent's headline (a label that beats shuffled labels), else its token summary, greyed out; "
+    "detection %: how well the label tells where the latent fires, shuffled %: another latent's label, same examples"
 )
 shown = [(row, book.shown(row[0])) for row in chosen[:SHOWN_ROWS]]
 frame = pd.DataFrame(
@@ -135,13 +142,24 @@ frame = pd.DataFrame(
             "latent": i,
             "label": label.text if label else "",
             "label test": label.verdict() if label else "",
+            "detection %": percent_of(label.detection if label else None),
+            "shuffled %": percent_of(label.shuffled if label else None),
             "density %": 100 * f,
             "max activation": m,
             "mean activation": mean,
         }
         for (i, f, m, mean), label in shown
     ],
-    columns=["latent", "label", "label test", "density %", "max activation", "mean activation"],
+    columns=[
+        "latent",
+        "label",
+        "label test",
+        "detection %",
+        "shuffled %",
+        "density %",
+        "max activation",
+        "mean activation",
+    ],
 )
 untrusted = [label is None or not label.trusted for _, label in shown]
 grey = frame.style.apply(
@@ -154,6 +172,8 @@ picked = st.dataframe(
     selection_mode="single-row",
     column_config={
         "label": st.column_config.TextColumn(width="large"),
+        "detection %": st.column_config.NumberColumn(format="%.0f", help="the label's detection score"),
+        "shuffled %": st.column_config.NumberColumn(format="%.0f", help="shuffled labels' score, same examples"),
         "density %": st.column_config.NumberColumn(format="%.4f"),
         "max activation": st.column_config.NumberColumn(format="%.3g"),
         "mean activation": st.column_config.NumberColumn(format="%.3g"),
