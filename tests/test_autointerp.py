@@ -330,3 +330,27 @@ def test_saelab_explain_tables_both_explainers_and_their_shuffled_controls(tiny_
             f"{beats['count']}/{beats['scored']}"
         )
     assert "one-sided exact binomial test at α 0.05" in out
+
+
+def test_explainer_none_scores_the_token_summaries_alone(tiny_run, monkeypatch, tmp_path):
+    import shutil
+
+    from saelab.errors import ConfigError
+
+    run = tmp_path / "train"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".lock", "*.jsonl", AUTOINTERP_FILE))
+    asked = []
+
+    def load(spec, *args, **kwargs):
+        asked.append(spec)
+        return TokenMatcher()
+
+    monkeypatch.setattr("saelab.analysis.explain_job.load_chat_model", load)
+    cfg = ExplainConfig(run=str(run), saes=[TOPK], explainer="none", n_latents=4, n_explain=2, n_score=2, device="cpu")
+    summary = explain(cfg, progress=False)[TOPK]
+    assert asked == ["smollm2-135m"]  # the scorer only: an empty scorer is the offline model
+    assert list(summary["explainers"]) == ["token-summary"] and summary["explainer"] == "token-summary"
+    assert not (run / "saes" / TOPK / EXPLANATIONS_FILE).exists()
+    assert len(read_explanations(run / "saes" / TOPK / TOKEN_SUMMARIES_FILE)) == 4
+    with pytest.raises(ConfigError, match="leaves nothing to explain"):
+        ExplainConfig(run=str(run), explainer="none", token_summary=False).validate()
