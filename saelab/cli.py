@@ -141,7 +141,7 @@ def _explain(args: argparse.Namespace) -> None:
     results = explain(cfg, progress=not args.quiet)
     files = f"saes/<name>/{EXPLANATIONS_FILE}, {TOKEN_SUMMARIES_FILE}, {AUTOINTERP_FILE}"
     print(f"explained latents of {cfg.run} ({files}); scored by {next(iter(results.values()))['scorer']}")
-    columns = [("sae", 24), ("explainer", 15), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22)]
+    columns = [("sae", 24), ("explainer", 17), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22)]
     columns += [("fuzzing", 22), ("beat shuffled", 14)]
     rows = []
     for label, r in results.items():
@@ -160,7 +160,8 @@ def _explain(args: argparse.Namespace) -> None:
     )
     print(
         "  beat shuffled: latents whose own label's detection calls beat p0, the pooled rate of the shuffled labels "
-        f"(≥ 50 %), in a one-sided exact binomial test at α 0.05 (saelab/analysis/label_test.py); p0: {chance}"
+        "(≥ 50 %), in a one-sided exact binomial test at α 0.05, and beat the shuffled label on the same examples "
+        f"(saelab/analysis/label_test.py); p0: {chance}"
     )
     if any(len(r["explainers"]) > 1 for r in results.values()):
         print(

@@ -267,6 +267,10 @@ def test_a_label_beats_shuffled_by_a_one_sided_binomial_test_against_the_pooled_
     assert (ten.correct, ten.n, ten.passed) == (10, 12, True) and ten.p_value == pytest.approx(0.01929, abs=1e-4)
     assert (nine.correct, nine.passed) == (9, False) and nine.p_value == pytest.approx(0.07300, abs=1e-4)
     assert not label_test(scored(10 / 12, 0.5), 0.75).passed  # against a scorer that finds them unaided
+    # p < 0.05 against the pooled rate, but another latent's label did as well on these very examples
+    same = label_test(scored(10 / 12, 10 / 12), 0.5)
+    assert same.p_value < 0.05 and same.shuffled_correct == 10 and not same.passed
+    assert label_test(scored(11 / 12, 10 / 12), 0.5).passed
     assert label_test(scored(1.0, 0.5, n=None), 0.5).n == 12  # files written before n_detection was kept
     assert label_test(Explanation(0, "x"), 0.5) is None
     assert chance_rate([scored(0.5, 0.25), scored(0.5, 0.75)]) == 0.5

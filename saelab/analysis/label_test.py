@@ -13,8 +13,11 @@ means the scorer finds the activating contexts without the label (they look alik
 label must beat that too.
 
 A label beats shuffled when P(X ≥ k), X ~ Binomial(n, p0), is below ALPHA = 0.05 (`scipy.stats.binomtest`,
-alternative "greater"). At n = 12 and p0 = 0.5 that takes 10 right calls (p = 0.019; 9 give 0.073): a
-detection score of at least 83 %. There is no correction for testing many latents: the test says which
+alternative "greater"), and it also got more calls right than the shuffled label did on the same
+examples of this latent: where a shuffled label does as well, the contexts give the latent away without
+any label (seen on a demo run: "This feature detects and reports the following:" scored 10/12, and so
+did another latent's label). At n = 12 and p0 = 0.5 that takes 10 right calls (p = 0.019; 9 give 0.073):
+a detection score of at least 83 %. There is no correction for testing many latents: the test says which
 labels to show as trusted, and about 1 in 20 uninformative labels still passes, so a run's pass count
 means something only well above 5 % of its latents.
 """
@@ -38,10 +41,12 @@ class LabelTest:
     n: int  # detection calls
     chance: float  # p0: the pooled shuffled-label rate, at least 0.5
     p_value: float
+    shuffled_correct: int | None = None  # right calls with a shuffled label on the same examples (None: unscored)
 
     @property
     def passed(self) -> bool:
-        return self.p_value < ALPHA
+        beats_own_shuffle = self.shuffled_correct is None or self.correct > self.shuffled_correct
+        return self.p_value < ALPHA and beats_own_shuffle
 
 
 def chance_rate(explanations: Iterable[Explanation]) -> float:
@@ -62,7 +67,9 @@ def label_test(entry: Explanation, chance: float) -> LabelTest | None:
         return None
     n = entry.n_detection or DEFAULT_CALLS
     correct = round(detection * n)
-    return LabelTest(correct, n, chance, float(binomtest(correct, n, chance, alternative="greater").pvalue))
+    shuffled = entry.scores.get("detection_shuffled")
+    p_value = float(binomtest(correct, n, chance, alternative="greater").pvalue)
+    return LabelTest(correct, n, chance, p_value, None if shuffled is None else round(shuffled * n))
 
 
 def tested(explanations: dict[int, Explanation]) -> dict[int, LabelTest]:

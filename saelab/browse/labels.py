@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from saelab.analysis.config import ExplainConfig
 from saelab.analysis.explanations import Explanation
-from saelab.analysis.label_test import LabelTest, tested
+from saelab.analysis.label_test import ALPHA, LabelTest, tested
 from saelab.analysis.token_summary import EXPLAINER as TOKEN_SUMMARY
 from saelab.analysis.token_summary import summary_text
 
@@ -44,7 +44,12 @@ class Label:
         if self.test is None:
             return "not scored"
         p = f"{self.test.correct}/{self.test.n} right, p = {self.test.p_value:.2g}"
-        return f"beats shuffled ({p})" if self.test.passed else f"not above shuffled ({p})"
+        if self.test.passed:
+            return f"beats shuffled ({p})"
+        shuffled = self.test.shuffled_correct
+        if self.test.p_value < ALPHA and shuffled is not None:  # the test passed, its own shuffle did as well
+            return f"not above shuffled ({p}, but a shuffled label got {shuffled}/{self.test.n})"
+        return f"not above shuffled ({p})"
 
     def scores(self) -> str:
         """Its detection score beside the shuffled labels' score on the same examples, when scored."""
