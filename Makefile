@@ -35,12 +35,15 @@ demo: $(STAMP)
 # NVIDIA libraries (~3 GB); for an older driver name PyTorch's index of an older CUDA, e.g.
 #   make gpu-demo TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_CUDA_INDEX ?= https://pypi.org/simple
+# pip's own configuration is set aside for these installs: a find-links folder or extra index holding the CPU
+# wheel (2.13.0+cpu) wins over PyPI's 2.13.0, since a local version sorts higher. GPU_PIP_ENV= keeps it.
+GPU_PIP_ENV ?= env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null
 
 gpu-setup: $(STAMP)
 	# the same torch version, its CUDA build in place of the CPU one; then its dependencies (Triton, CUDA libraries)
-	$(PY) -m pip install --quiet --force-reinstall --no-deps --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
-	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'torch ' + torch.__version__ + ' sees no CUDA GPU: see docs/gpu.md')"
+	$(GPU_PIP_ENV) $(PY) -m pip install --quiet --force-reinstall --no-deps --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
+	$(GPU_PIP_ENV) $(PY) -m pip install --quiet --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'torch ' + torch.__version__ + (' is a CPU build' if torch.version.cuda is None else ' sees no CUDA GPU') + ': see docs/gpu.md')"
 	$(VENV)/bin/saelab doctor
 
 gpu-demo: gpu-setup
