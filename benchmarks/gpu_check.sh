@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # saelab's GPU checks in one go, for a short time on a lent H100 or H200 (4–6 minutes, estimated):
-#   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path);
+#   1. the kernel, step and trainer tests on CUDA (the Triton kernels native, the trainer's GPU path), the
+#      kernels' self-checks and `saelab doctor` (tests/test_kernel_self_check.py, tests/test_doctor.py);
 #   2. benchmarks/data_path.py: `saelab train` from a store and from a tensor beside the bare step, and a
 #      profile of the store run;
 #   3. benchmarks/training_step.py --device cuda: the step against sparsify and the GEMM + Adam floor, four shapes;
@@ -31,7 +32,8 @@ run() {  # run NAME SECONDS COMMAND...: its output to the screen and to $out/NAM
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 run tests 110 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py \
+  tests/test_kernels.py tests/test_sparse_forward.py tests/test_train_parts.py tests/test_kernel_self_check.py \
+  tests/test_doctor.py::test_doctor_on_this_machine \
   "tests/test_trainer.py::test_a_gpu_run_trains_the_sweep_as_a_cpu_run_does"
 run data_path 75 python3 benchmarks/data_path.py --device cuda --n-latents 9216 --steps 300 --log-every 50 --profile
 run kernels 255 python3 benchmarks/training_step.py --device cuda

@@ -7,6 +7,7 @@ query parameters (`?run=…&sae=…&feature=…`), so a feature page can be link
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,15 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from saelab.analysis.explanations import Explanation, read_explanations
-from saelab.analysis.feature_store import FeatureStore
+from saelab.analysis.feature_store import FeaturePage, FeatureStore
+from saelab.analysis.token_summary import EXPLAINER as TOKEN_SUMMARY
 from saelab.browse.feature_filter import SummaryRow
 from saelab.browse.highlight import tokens_html
+from saelab.browse.labels import SUMMARY_CONTEXTS, Label, LabelBook, PeakTokens
 from saelab.browse.model_lock import MODEL_LOCK
 from saelab.browse.runs import RunInfo, SAEInfo, find_runs, runs_root
 from saelab.errors import SaelabError
-from saelab.run_layout import EXPLANATIONS_FILE
+from saelab.run_layout import EXPLANATIONS_FILE, TOKEN_SUMMARIES_FILE
 from saelab.sae.saelens_format import WEIGHTS_FILE
 
 FEATURE_PAGE = "views/feature.py"
@@ -182,22 +185,60 @@ def _explanations(path: str, stamp: tuple[int, int]) -> dict[int, Explanation]:
     return read_explanations(path)
 
 
-def explanations(sae: SAEInfo) -> dict[int, Explanation]:
-    """The SAE's latent explanations (`saelab explain`), read again whenever the file grows; {} when none."""
-    path = sae.folder / EXPLANATIONS_FILE
+def explanations(sae: SAEInfo, file: str = EXPLANATIONS_FILE) -> dict[int, Explanation]:
+    """The SAE's latent explanations (`saelab explain`), read again whenever the file grows; {} when none.
+    `file`: the LLM's (`explanations.jsonl`) or the token summaries' (`token_summaries.jsonl`)."""
+    path = sae.folder / file
     return _explanations(str(path), _stamp(path)) if path.is_file() else {}
 
 
-def explanation_line(entry: Explanation) -> str:
-    """An explanation and its scores as one Markdown line."""
-    scores = entry.scores
-    shown = [
-        f"{key} {scores[key]:.0%} (shuffled {scores[key + '_shuffled']:.0%})"
-        for key in ("detection", "fuzzing")
-        if scores.get(key) is not None and scores.get(key + "_shuffled") is not None
-    ]
-    judged = f" · scored by {entry.scorer}: {', '.join(shown)}" if shown else " · not scored yet"
-    return f"**Explanation** ({entry.explainer}): {entry.text}{judged}"
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _peak_tokens(path: str, stamp: tuple[int, int]) -> PeakTokens:
+    return _open_feature_store(path, stamp).peak_tokens(SUMMARY_CONTEXTS)
+
+
+def peak_tokens(store: FeatureStore) -> PeakTokens | None:
+    """Every latent's peak and promoted tokens (for token summaries), read once per file; None after a message."""
+    try:
+        return _peak_tokens(str(store.path), _stamp(store.path))
+    except (SaelabError, OSError) as error:
+        st.error(f"The feature store `{store.path}` cannot be read: {error}")
+        return None
+
+
+def page_peak_tokens(page: FeaturePage) -> PeakTokens:
+    """One page's peak and promoted tokens, as `peak_tokens` gives every latent's."""
+    fired = [w.tokens[w.highlight] for w in page.top_contexts[:SUMMARY_CONTEXTS]]
+    return {page.index: (fired, [effect.token for effect in page.positive_logits])}
+
+
+def label_book(sae: SAEInfo, tokens: PeakTokens | None = None) -> LabelBook:
+    """The latents' labels (`saelab.browse.labels`): the explanation files' and token summaries from `tokens`."""
+    llm = explanations(sae)
+    name = next((entry.explainer for entry in llm.values() if entry.explainer), "explainer")
+    return LabelBook({name: llm, TOKEN_SUMMARY: explanations(sae, TOKEN_SUMMARIES_FILE)}, tokens)
+
+
+def show_labels(labels: list[Label]) -> None:
+    """A latent's labels: the headline (a label that beats shuffled) in full, the rest greyed out (captions)."""
+    if not labels:
+        return
+    headline = labels[0] if labels[0].trusted else None
+    if headline is not None:
+        st.markdown(f"**Label** ({headline.explainer}): {markdown_text(headline.text)}")
+        st.caption(f"{headline.scores()}")
+    else:
+        st.caption(
+            "No label of this latent beats the shuffled labels (a one-sided binomial test of its detection "
+            "calls, α 0.05), so none is its headline; shown greyed out:"
+        )
+    for label in labels[1:] if headline is not None else labels:
+        st.caption(f"{label.explainer}: {markdown_text(label.text)} · {label.scores()}")
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown literally in Streamlit markdown: its markup characters (and `$`, LaTeX there) escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~<>$:])", r"\\\1", text)
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)
@@ -332,3 +373,40 @@ def signed_token_bars(
 
 def percent(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}%}"
+
+
+def strength_kl_figure(sweep: Any) -> go.Figure:
+    """A `saelab.steer.strength.StrengthSweep` drawn: KL against strength (× the latent's max activation, log
+    scales), the budget as a dashed line and the strength chosen as a ring."""
+    rows = [row for row in sweep.rows if row["coefficient"] > 0]
+    x, kl = [row["coefficient"] for row in rows], [max(row["kl"], 1e-6) for row in rows]
+    figure = go.Figure(
+        go.Scatter(
+            x=x,
+            y=kl,
+            mode="lines+markers",
+            name="KL",
+            customdata=[[row["strength"]] for row in rows],
+            hovertemplate="%{x:g} × max = %{customdata[0]:.3g}: KL %{y:.3g} nats<extra></extra>",
+        )
+    )
+    figure.add_hline(y=sweep.budget, line_dash="dash", line_color="#d62728", annotation_text=f"budget {sweep.budget:g}")
+    if sweep.chosen is not None:
+        figure.add_trace(
+            go.Scatter(
+                x=[sweep.chosen["coefficient"]],
+                y=[max(sweep.chosen["kl"], 1e-6)],
+                mode="markers",
+                name="chosen",
+                marker={"size": 16, "symbol": "circle-open", "line": {"width": 3}},
+            )
+        )
+    figure.update_layout(
+        title="D_KL(steered ‖ unsteered) against strength",
+        xaxis={"type": "log", "title": "strength (× max activation)"},
+        yaxis={"type": "log", "title": "KL, nats"},
+        height=360,
+        showlegend=False,
+        **CHART_LAYOUT,
+    )
+    return figure

@@ -14,12 +14,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saelab import distributed
 from saelab.errors import SaelabError
 from saelab.out_of_memory import out_of_memory_error
 
 if TYPE_CHECKING:  # saelab.sae loads every SAE class and the kernels: commands import what they need
+    from types import ModuleType
+
     from saelab.sae.config import SAEConfig
+
+
+def _distributed() -> ModuleType:
+    """`saelab.distributed`, imported on first use: it imports torch, and `saelab doctor` must run (and say
+    what is wrong) where torch does not import."""
+    from saelab import distributed
+
+    return distributed
 
 
 def _harvest(args: argparse.Namespace) -> None:
@@ -29,7 +38,7 @@ def _harvest(args: argparse.Namespace) -> None:
 
     cfg = load_config(HarvestConfig, args.config, args.overrides)
     manifest = harvest(cfg, progress=not args.quiet)
-    if not distributed.is_main():
+    if not _distributed().is_main():
         return
     size = sum(shard.bytes for shard in manifest.shards) / 2**20
     print(
@@ -46,12 +55,12 @@ def _train(args: argparse.Namespace) -> None:
     from saelab.train.trainer import train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    if distributed.is_main():
+    if _distributed().is_main():
         for sae in cfg.saes:
             if sae.architecture == "gba":
                 print(f"{sae.label}: GBA target frequencies by group (highest first): {_ladder(sae)}")
     saes = train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
-    if not distributed.is_main():
+    if not _distributed().is_main():
         return
     summary = json.loads((Path(cfg.out) / SUMMARY_FILE).read_text())
     print(f"training run: {cfg.out} (metrics.jsonl, checkpoints/, saes/<name>/ in the SAELens format)")
@@ -129,17 +138,39 @@ def _explain(args: argparse.Namespace) -> None:
     from saelab.analysis.config import ExplainConfig
     from saelab.analysis.explain_job import explain
     from saelab.config import load_config
-    from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE
+    from saelab.run_layout import AUTOINTERP_FILE, EXPLANATIONS_FILE, TOKEN_SUMMARIES_FILE
 
     cfg = load_config(ExplainConfig, args.config, args.overrides)
     results = explain(cfg, progress=not args.quiet)
-    print(f"explained latents of {cfg.run} (saes/<name>/{EXPLANATIONS_FILE}, {AUTOINTERP_FILE})")
-    columns = [("sae", 24), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22), ("fuzzing", 22)]
+    files = f"saes/<name>/{EXPLANATIONS_FILE}, {TOKEN_SUMMARIES_FILE}, {AUTOINTERP_FILE}"
+    print(f"explained latents of {cfg.run} ({files}); scored by {next(iter(results.values()))['scorer']}")
+    columns = [("sae", 24), ("explainer", 17), ("latents", 8), ("detection [95% CI]", 22), ("shuffled", 22)]
+    columns += [("fuzzing", 22), ("beat shuffled", 14)]
     rows = []
     for label, r in results.items():
-        cells = [_interval(r.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
-        rows.append([label, str(r["n_latents"]), *cells])
-    _print_table(columns, rows)
+        for explainer, stats in r["explainers"].items():
+            cells = [_interval(stats.get(key)) for key in ("detection", "detection_shuffled", "fuzzing")]
+            beats = stats.get("beats_shuffled") or {}
+            passed = f"{beats['count']}/{beats['scored']}" if beats else "—"
+            name = explainer + (" *" if explainer == r["explainer"] and len(r["explainers"]) > 1 else "")
+            rows.append([label, name, str(stats["n_latents"]), *cells, passed])
+    _print_table(columns, rows, left=(0, 1))
+    chance = ", ".join(
+        f"{label}/{name} {stats['beats_shuffled']['chance']:.1%}"
+        for label, r in results.items()
+        for name, stats in r["explainers"].items()
+        if stats.get("beats_shuffled")
+    )
+    print(
+        "  beat shuffled: latents whose own label's detection calls beat p0, the pooled rate of the shuffled labels "
+        "(≥ 50 %), in a one-sided exact binomial test at α 0.05, and beat the shuffled label on the same examples "
+        f"(saelab/analysis/label_test.py); p0: {chance}"
+    )
+    if any(len(r["explainers"]) > 1 for r in results.values()):
+        print(
+            "  * the SAE's default explainer, the one with the higher mean detection (autointerp.json's top level); "
+            "the dashboard heads each latent with its best label that beats shuffled, and greys out the rest"
+        )
 
 
 def _interval(score: dict | None) -> str:
@@ -194,6 +225,16 @@ def _dashboard(args: argparse.Namespace) -> None:
         code = process.wait()
     if code > 0 and code != 130:  # 130: Ctrl-C; negative: stopped by a signal
         raise SaelabError(f"streamlit exited with status {code}")
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from saelab.doctor import gather, render, usable
+
+    facts = gather(args.runs)
+    print(render(facts))
+    if not usable(facts):
+        problems = "; ".join(f"{fact.name}: {fact.value}" for fact in facts if fact.level == "fail")
+        raise SaelabError(f"saelab cannot run here until this is fixed: {problems}")
 
 
 def _import_sae(args: argparse.Namespace) -> None:
@@ -412,6 +453,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true", help="no progress bar")
     compare.set_defaults(run=_compare)
     _add_command(commands, "steer", "steering sweeps: add / clamp / ablate SAE features over prompts", _steer)
+    doctor = commands.add_parser(
+        "doctor", help="versions, the device, which kernels a training step would run here and why, files, disk"
+    )
+    doctor.add_argument("--runs", default="runs", help="the runs folder whose free disk to report (default: runs)")
+    doctor.set_defaults(run=_doctor)
     imported = commands.add_parser(
         "import-sae", help="a shared SAELens SAE (release + id) as a run that eval, analyze and the dashboard read"
     )
@@ -430,14 +476,15 @@ _DISTRIBUTED_COMMANDS = ("harvest", "train")  # the commands that split their wo
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if distributed.launched():
+    if args.command != "doctor" and _distributed().launched():
         if args.command not in _DISTRIBUTED_COMMANDS:  # N copies would only race for the same files
             print(f"saelab {args.command}: error: runs in one process; start it without torchrun", file=sys.stderr)
             return 2
         signal.signal(signal.SIGTERM, _stopped_by_launcher)  # torchrun stops the other ranks when one fails
     try:
         args.run(args)
-        distributed.shutdown(together=True)
+        if "saelab.distributed" in sys.modules:  # a clean end: the ranks leave together
+            sys.modules["saelab.distributed"].shutdown(together=True)
     except SaelabError as error:
         print(f"saelab {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -450,12 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"saelab {args.command}: error: {out_of_memory}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        if "saelab.distributed" in sys.modules:
+            sys.modules["saelab.distributed"].shutdown()
     return 0
 
 
 def _stopped_by_launcher(signum: int, frame: object) -> None:
     raise SaelabError(
-        f"rank {distributed.rank()}: stopped by the launcher (SIGTERM), usually because another rank failed "
+        f"rank {_distributed().rank()}: stopped by the launcher (SIGTERM), usually because another rank failed "
         "(the launcher's output names it); nothing unfinished is marked complete: rerun the same command to resume"
     )

@@ -7,7 +7,7 @@ dashboard, which must start without importing the model stack) reads them from.
     <run>/compare.json                `saelab compare <run>`: how many features its SAEs share (+ compare.html)
     <run>/checkpoints/                atomic training checkpoints
     <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json, features.sqlite,
-                                      explanations.jsonl and autointerp.json
+                                      explanations.jsonl, token_summaries.jsonl and autointerp.json
 """
 
 CONFIG_FILE = "config.yaml"
@@ -19,5 +19,6 @@ EVAL_FILE = "eval.json"
 FEATURES_FILE = "features.sqlite"
 PROBING_FILE = "probing.json"
 EXPLANATIONS_FILE = "explanations.jsonl"
+TOKEN_SUMMARIES_FILE = "token_summaries.jsonl"  # `saelab explain`'s token-summary labels and their scores
 AUTOINTERP_FILE = "autointerp.json"
 COMPARE_FILE = "compare.json"

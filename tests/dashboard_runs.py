@@ -69,7 +69,8 @@ APP = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
 def open_page(page: str | None = None, **query: object) -> AppTest:
     """The dashboard at `views/<page>.py` (or its first page) with URL query `query`, after one run;
     fails the test on any Streamlit exception. `SAELAB_RUNS` must already point at the runs folder."""
-    at = AppTest.from_file(str(APP), default_timeout=120)
+    # 300 s: the steering playground opens by sweeping six strengths of a latent, minutes on 2 busy cores
+    at = AppTest.from_file(str(APP), default_timeout=300)
     at.query_params.update({key: str(value) for key, value in query.items()})
     at.run()
     if page is not None:

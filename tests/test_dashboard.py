@@ -505,6 +505,7 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
     # × the latent's max activation: so large that the direction swamps the residual stream, and what
     # the 15 layers after the SAE's hook add barely matters (at 10× they decide; see test_steer.py)
     coefficient = 1000.0
+    locked.clear()  # the first look (below) ran too
     steer_on_page(at, STEER_PROMPT, [(latent, "add", coefficient)], scale=True, max_new=3)
     assert locked == [True, True]  # baseline and steered generation, each holding the live text's lock
 
@@ -537,6 +538,61 @@ def test_steering_page_equals_saelab_steer_and_raises_the_latents_top_token(
     (chart,) = charts(at)
     assert chart["data"][0]["y"][-1] == repr(tokenizer.decode([top]))
     assert chart["data"][0]["x"][-1] == pytest.approx(float(change[top]), rel=1e-4)
+
+
+def test_the_playground_opens_on_a_readable_latent_at_the_largest_strength_within_the_kl_budget(
+    app, runs_root, tmp_path, monkeypatch
+):
+    from saelab.analysis.explanations import append_record
+    from saelab.browse.labels import SUMMARY_CONTEXTS, LabelBook
+    from saelab.steer.strength import COEFFICIENTS, KL_BUDGET
+
+    folder = runs_root / "tiny" / "train" / "saes" / TOPK
+    with FeatureStore(folder / "features.sqlite") as store:
+        readable = LabelBook({}, store.peak_tokens(SUMMARY_CONTEXTS)).readable_latent()
+        page = store.feature(readable)
+    fired = [w.tokens[w.highlight] for w in page.top_contexts[:SUMMARY_CONTEXTS]]
+    word = max(set(fired), key=fired.count)
+    assert re.fullmatch(r"\s?[A-Za-z]{3,}", word) and fired.count(word) >= 2 and page.max_activation > 0
+
+    # no explanations yet: the latent whose top contexts most often peak on one word, run at once (no Run)
+    at = app("steering", run="tiny/train", sae=TOPK)
+    assert_clean(at)
+    assert at.number_input(key="steer_latent_0").value == readable and at.checkbox(key="steer_scale").value
+    assert at.selectbox(key="steer_mode_0").value == "add" and at.text_area(key="steer_prompt").value == STEER_PROMPT
+    assert len(at.code) == 2  # baseline and steered continuations
+    (sweep,) = [frame.value for frame in at.dataframe if "× max" in frame.value.columns]
+    assert list(sweep["× max"]) == list(COEFFICIENTS)
+    kls = list(sweep["KL (nats)"])
+    coefficient = at.number_input(key="steer_value_0").value
+    position = list(COEFFICIENTS).index(coefficient)
+    if kls[0] <= KL_BUDGET:  # the largest whose KL stays within the budget all the way up
+        assert all(kl <= KL_BUDGET for kl in kls[: position + 1])
+        assert position == len(kls) - 1 or kls[position + 1] > KL_BUDGET
+    else:  # even the smallest breaks it: shown at the smallest, and said
+        assert position == 0 and "even the smallest swept strength breaks the budget" in texts(at.caption)
+    assert at.code[1].value.startswith(sweep["steered continuation"][position])  # the sweep's, 8 tokens of 16
+    (measured,) = re.findall(r"D_KL\(steered ‖ baseline\) = ([0-9.e+-]+) nats", texts(at.caption))
+    assert float(measured) == pytest.approx(kls[position], rel=1e-3, abs=1e-6)
+    assert f"How hard to steer latent {readable}" in [h.value for h in at.subheader]
+    assert "label (token-summary): fires on\\:" in texts(at.caption) and f'"{word}"' in texts(at.caption)
+    sweep_chart = next(c for c in charts(at) if c["layout"]["title"]["text"].startswith("D_KL"))
+    assert sweep_chart["data"][0]["y"] == pytest.approx([max(kl, 1e-6) for kl in kls])
+    assert any(shape.get("y0") == KL_BUDGET for shape in sweep_chart["layout"]["shapes"])
+
+    # a label that beats shuffled is the one to open on
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    trusted = 3 if readable != 3 else 4
+    path = root / "tiny" / "train" / "saes" / TOPK / "explanations.jsonl"
+    append_record(path, {"latent": trusted, "explanation": "closing brackets", "explainer": "smollm2-135m"})
+    scores = {"detection": 11 / 12, "detection_shuffled": 0.5}
+    append_record(path, {"latent": trusted, "scores": scores, "n_detection": 12, "scorer": "smollm2-135m"})
+    monkeypatch.setenv("SAELAB_RUNS", str(root))
+    at = app("steering", run="tiny/train", sae=TOPK)
+    assert_clean(at)
+    assert at.number_input(key="steer_latent_0").value == trusted
+    assert "label (smollm2-135m): closing brackets · beats shuffled" in texts(at.caption)
 
 
 def test_steering_page_turns_bad_input_into_messages(app, monkeypatch):
@@ -721,31 +777,67 @@ def test_runs_page_tables_probing_absorption_and_explanation_scores(app, runs_ro
     assert row["latents explained"] == 100
 
 
-def test_explanations_show_on_the_feature_page_and_are_searchable(app, runs_root, latent, tmp_path, monkeypatch):
+def greyed_cells(styles: str) -> set[tuple[int, int]]:
+    """(row, column) of every cell a pandas Styler's CSS colours grey (#9e9e9e); the Styler may list many
+    cells' selectors before one rule."""
+    cells = set()
+    for selectors, rule in re.findall(r"([^{}]+)\{([^}]*)\}", styles):
+        if "#9e9e9e" in rule:
+            cells |= {(int(r), int(c)) for r, c in re.findall(r"_row(\d+)_col(\d+)", selectors)}
+    return cells
+
+
+def test_labels_beating_shuffled_are_headlines_the_rest_greyed_and_the_browser_searches_them(
+    app, runs_root, latent, tmp_path, monkeypatch
+):
     from saelab.analysis.explanations import append_record
+    from saelab.analysis.token_summary import token_summary
 
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")
-    path = root / "tiny" / "train" / "saes" / TOPK / "explanations.jsonl"
+    folder = root / "tiny" / "train" / "saes" / TOPK
+    path = folder / "explanations.jsonl"
+    trusted = 3 if latent != 3 else 4
     append_record(path, {"latent": latent, "explanation": "Exceptions being raised", "explainer": "smollm2-135m"})
-    append_record(path, {"latent": 3, "explanation": "closing brackets", "explainer": "smollm2-135m"})
-    scores = {"detection": 0.75, "detection_shuffled": 0.5, "fuzzing": 0.6, "fuzzing_shuffled": 0.55}
-    append_record(path, {"latent": latent, "scores": scores, "scorer": "smollm2-135m"})
+    append_record(path, {"latent": trusted, "explanation": "closing brackets", "explainer": "smollm2-135m"})
+    nine, eleven = ({"detection": n / 12, "detection_shuffled": 0.5, "fuzzing": 0.6} for n in (9, 11))
+    append_record(path, {"latent": latent, "scores": nine, "n_detection": 12, "scorer": "smollm2-135m"})
+    append_record(path, {"latent": trusted, "scores": eleven, "n_detection": 12, "scorer": "smollm2-135m"})
     monkeypatch.setenv("SAELAB_RUNS", str(root))
+    with FeatureStore(folder / "features.sqlite") as store:
+        summary = token_summary(store.feature(latent), 10)
+        peak = store.feature(latent).top_contexts[0]
+        peak_token = json.dumps(peak.tokens[peak.highlight], ensure_ascii=False)[1:-1]  # as the summary shows it
 
+    # 11 of 12 right calls beat the shuffled labels' 50 % (p = 0.003): the headline
+    at = app("feature", run="tiny/train", sae=TOPK, feature=trusted)
+    assert "**Label** (smollm2-135m): closing brackets" in [m.value for m in at.markdown]
+    assert "detection 92%, shuffled labels 50%; beats shuffled (11/12 right, p = 0.0032)" in texts(at.caption)
+    # 9 of 12 do not (p = 0.073): no headline, the explanation and the unscored token summary greyed out
     at = app("feature", run="tiny/train", sae=TOPK, feature=latent)
-    (line,) = [m.value for m in at.markdown if m.value.startswith("**Explanation**")]
-    assert "Exceptions being raised" in line and "detection 75% (shuffled 50%)" in line
-    at = app("feature", run="tiny/train", sae=TOPK, feature=3)
-    assert any("closing brackets" in m.value and "not scored yet" in m.value for m in at.markdown)
+    assert not any(m.value.startswith("**Label**") for m in at.markdown)
+    captions = texts(at.caption)
+    assert "No label of this latent beats the shuffled labels" in captions
+    assert "smollm2-135m: Exceptions being raised · detection 75%, shuffled labels 50%; not above shuffled (9/12" in (
+        captions
+    )
+    assert "token-summary: " in captions and "· not scored" in captions
 
     at = app("features", run="tiny/train", sae=TOPK)
-    at.text_input(key="explanation_query").set_value("EXCEPTIONS raised").run()
-    links = [link.proto.label for link in at.get("page_link")]
-    assert f"latent {latent}: Exceptions being raised · detection 75%" in links
-    assert not any("closing brackets" in label for label in links)
-    table = at.dataframe[0].value
-    assert table.set_index("latent").loc[latent, "explanation"] == "Exceptions being raised"
+    table = at.dataframe[-1].value.set_index("latent")
+    assert table.loc[trusted, "label"] == "closing brackets" and table.loc[trusted, "label test"].startswith("beats")
+    assert table.loc[latent, "label"] == summary and table.loc[latent, "label test"] == "not scored"
+    assert table.loc[trusted, "detection %"] == pytest.approx(100 * 11 / 12) and table.loc[trusted, "shuffled %"] == 50
+    assert table[["detection %", "shuffled %"]].loc[latent].isna().all()  # its token summary: not scored
+    greyed = greyed_cells(at.dataframe[-1].proto.arrow_data.styler.styles)  # the untrusted labels, not the headline
+    rows = list(at.dataframe[-1].value["latent"])
+    assert (rows.index(latent), 1) in greyed and (rows.index(latent), 2) in greyed
+    assert (rows.index(trusted), 1) not in greyed and (rows.index(trusted), 2) not in greyed
+    at.text_input(key="label_query").set_value("EXCEPTIONS raised").run()
+    assert list(at.dataframe[-1].value["latent"]) == [latent]  # matched by its (greyed) explanation
+    at.text_input(key="label_query").set_value(peak_token).run()
+    assert_clean(at)
+    assert latent in list(at.dataframe[-1].value["latent"])  # matched by its token summary
 
 
 def test_runs_page_plots_gba_group_frequencies_against_their_targets(runs_root, smollm2, monkeypatch, tmp_path):

@@ -444,3 +444,50 @@ def test_steering_effect_equals_kl_and_logprob_rise_through_add_feature(smollm2,
     assert kl == pytest.approx(float(torch.stack(kls).mean()), rel=1e-3)
     assert rise == pytest.approx(float(torch.stack(rises).mean()), rel=1e-3, abs=1e-4)
     assert kl > 1e-3 and rise > 0  # the edit moved the model, toward the promoted tokens
+
+
+# ---- how hard to steer: the largest strength within a KL budget ------------------------------------------
+
+
+def test_the_strength_chosen_is_the_largest_whose_kl_stays_within_the_budget():
+    from saelab.steer.strength import largest_within_budget
+
+    def rows(*kls: float) -> list[dict]:
+        return [{"coefficient": c, "kl": kl} for c, kl in zip((0.0, 0.5, 1.0, 2.0, 4.0), kls, strict=True)]
+
+    assert largest_within_budget(rows(0, 0.1, 0.6, 1.5, 9), 1.0)["coefficient"] == 1.0
+    assert largest_within_budget(rows(0, 0.1, 0.6, 0.9, 1.0), 1.0)["coefficient"] == 4.0  # at the budget: kept
+    # KL that dips back under the budget past a break does not count: the text broke on the way
+    assert largest_within_budget(rows(0, 0.1, 3.0, 0.5, 0.2), 1.0)["coefficient"] == 0.5
+    assert largest_within_budget(rows(0, 0.1, float("nan"), 0.5, 0.2), 1.0)["coefficient"] == 0.5
+    assert largest_within_budget(rows(0, 2.0, 3.0, 4.0, 5.0), 1.0) is None  # coefficient 0 is no steering
+    assert largest_within_budget(list(reversed(rows(0, 0.1, 0.6, 1.5, 9))), 1.0)["coefficient"] == 1.0
+
+
+def test_a_strength_sweep_is_saelab_steers_sweep_and_chooses_within_its_budget(smollm2, sae, steer_run):
+    from saelab.steer import SteerConfig, run_steering
+    from saelab.steer.strength import COEFFICIENTS, strength_sweep
+
+    latent, budget = 5, 0.05
+    tokens = smollm2.to_tokens(PROMPT)
+    folder = steer_run / "saes" / "topk-128-k8"
+    with torch.inference_mode():
+        sweep = strength_sweep(smollm2, sae, folder, latent, PROMPT, tokens, budget=budget, max_new_tokens=3)
+    assert [row["coefficient"] for row in sweep.rows] == list(COEFFICIENTS)
+    kls = [row["kl"] for row in sweep.rows]
+    assert kls[-1] > kls[0] > 0  # stronger moves the next token further
+    # the same cells `saelab steer` measures
+    cfg = SteerConfig(
+        run=str(steer_run), sae="topk-128-k8", features=[latent], coefficients=list(COEFFICIENTS),
+        scale="max_activation", prompts=[PROMPT], max_new_tokens=3, name="strength",
+    )  # fmt: skip
+    steered = run_steering(cfg, model=smollm2, progress=False).rows
+    assert [row["kl"] for row in steered] == pytest.approx(kls, abs=1e-6)
+    assert [row["generation"] for row in steered] == [row["generation"] for row in sweep.rows]
+    assert sweep.scale == pytest.approx(steered[0]["scale"])
+    # the choice: within the budget, and the next stronger one (if any) is not
+    chosen = sweep.coefficient
+    assert chosen is not None and sweep.chosen["kl"] <= budget, kls
+    position = COEFFICIENTS.index(chosen)
+    assert all(kl <= budget for kl in kls[: position + 1])
+    assert position == len(COEFFICIENTS) - 1 or kls[position + 1] > budget

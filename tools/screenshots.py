@@ -36,12 +36,12 @@ EXCEPTION_SELECTOR = '[data-testid="stException"]'
 RUNNING_SELECTOR = '[data-testid="stStatusWidget"]'
 URL_PATHS = {"runs": "", "features": "features", "feature": "feature", "steering": "steering"}
 # What a page shows once it is complete, on a run with everything: a text, its number of charts, and
-# the button to press first (the steering playground runs the model only when asked).
+# the button to press first (none: the steering playground opens already run, with its strength sweep).
 PAGES = {
     "runs": ("Training curves", 4, None),
     "features": ("All latents by density", 1, None),
     "feature": ("Top-activating", 2, None),
-    "steering": ("what rose and fell", 1, "Run"),
+    "steering": ("How hard to steer", 2, None),
 }
 
 
@@ -236,7 +236,10 @@ def main() -> None:
     parser.add_argument("--out", default="screenshots")
     parser.add_argument("--run", help="the run to show (default: the dashboard's choice)")
     parser.add_argument("--sae", help="the SAE to show")
-    parser.add_argument("--feature", type=int, default=0, help="the latent of the feature page and the steering one")
+    parser.add_argument("--feature", type=int, default=0, help="the latent of the feature page")
+    parser.add_argument(
+        "--steer-feature", type=int, help="the steering playground's latent (default: the one it opens on itself)"
+    )
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=1800)
     args = parser.parse_args()
@@ -246,11 +249,11 @@ def main() -> None:
     out = Path(args.out)
     with dashboard(Path(args.runs)) as base, Browser(chromium, args.width, args.height) as browser:
         for page, (text, charts, click) in PAGES.items():
-            feature = args.feature if page in ("feature", "steering") else None
+            feature = {"feature": args.feature, "steering": args.steer_feature}.get(page)
             url = page_url(base, page, run=args.run, sae=args.sae, feature=feature)
             # A page may rightly show less (a message instead of a missing feature store): shoot it anyway.
-            # The playground loads the model and generates twice: longer on a CPU.
-            wait = 180 if click else 30
+            # The playground loads the model, sweeps six strengths and generates twice: longer on a CPU.
+            wait = 300 if page == "steering" else 30
             capture = browser.capture(url, out / f"{page}.png", text, charts, timeout=wait, strict=False, click=click)
             state = "ok" if capture.complete else f"shot after {wait} s, not all shown"
             print(f"{capture.png}  {'EXCEPTION: ' + capture.exception if capture.exception else state}  {url}")

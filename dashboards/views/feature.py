@@ -55,9 +55,7 @@ st.page_link(
 def show_page(page: FeaturePage) -> None:
     n_tokens = meta.get("n_tokens")
     st.subheader(f"Latent {page.index} of {sae.label}")
-    explained = ui.explanations(sae).get(page.index)
-    if explained is not None and explained.text:
-        st.markdown(ui.explanation_line(explained))
+    ui.show_labels(ui.label_book(sae, ui.page_peak_tokens(page)).labels(page.index))
     st.caption(f"{meta.get('model', sae.model)} · {meta.get('hook', sae.hook)} · {n_latents:,} latents")
     cells = st.columns(4)
     firing = f"{page.n_firing:,} of {n_tokens:,} tokens" if n_tokens else f"{page.n_firing:,} tokens"

@@ -1,15 +1,15 @@
 """Feature browser: find latents by index, by a token in their logit effects, by text that activates
-them, or by density and max activation; open one on its feature page."""
+them, or by density, max activation and label (an explanation or token summary); open one on its page."""
 
 from __future__ import annotations
 
 import math
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import ui
 
-from saelab.analysis.explanations import search
 from saelab.browse.feature_filter import SORT_KEYS, FeatureFilter, random_live_latent
 from saelab.errors import SaelabError
 
@@ -60,23 +60,6 @@ if token.strip() and store is not None:
         link(latent, f": {direction} {shown} · density {ui.percent(effects.frequency)}")
     if len(found) > LINKS:
         st.caption(f"… and {len(found) - LINKS} more")
-
-explained = ui.explanations(sae)
-if explained:
-    query = st.text_input(
-        f"latents whose explanation says… ({len(explained):,} explained by `saelab explain`)",
-        placeholder="e.g. exceptions",
-        key="explanation_query",
-    )
-    if query.strip():
-        matches = search(explained, query)
-        if not matches:
-            st.info(f"No explanation holds every word of {query.strip()!r}.")
-        for entry in matches[:LINKS]:
-            detection = entry.scores.get("detection")
-            link(entry.latent, f": {entry.text}" + (f" · detection {detection:.0%}" if detection is not None else ""))
-        if len(matches) > LINKS:
-            st.caption(f"… and {len(matches) - LINKS} more")
 
 st.subheader("Latents that fire on a text")
 text = ui.text_to_run("search_text", "search_text_value", "Type a phrase: which latents fire on it?")
@@ -131,17 +114,66 @@ chosen = FeatureFilter(
     sort_by=sort_by,
     order=order,
 ).apply(table)
-st.caption(f"{len(chosen):,} of {len(table):,} latents match; the first {min(len(chosen), SHOWN_ROWS):,} are listed")
-picked = st.dataframe(
+
+
+def percent_of(score: float | None) -> float | None:
+    return None if score is None else 100 * score
+
+
+book = ui.label_book(sae, ui.peak_tokens(store))
+label_query = st.text_input(
+    "label contains",
+    placeholder='words of a label or token summary, e.g. def  or  "self"',
+    key="label_query",
+    help="every word, in any of the latent's labels: its explanations and its token summary",
+)
+if label_query.strip():
+    matching = set(book.search(label_query))
+    chosen = [row for row in chosen if row[0] in matching]
+st.caption(
+    f"{len(chosen):,} of {len(table):,} latents match; the first {min(len(chosen), SHOWN_ROWS):,} are listed. "
+    "label: the latent's headline (a label that beats shuffled labels), else its token summary, greyed out; "
+    "detection %: how well the label tells where the latent fires, shuffled %: another latent's label, same examples"
+)
+shown = [(row, book.shown(row[0])) for row in chosen[:SHOWN_ROWS]]
+frame = pd.DataFrame(
     [
-        {"latent": i, "density %": 100 * f, "max activation": m, "mean activation": mean}
-        | ({"explanation": explained[i].text if i in explained else ""} if explained else {})
-        for i, f, m, mean in chosen[:SHOWN_ROWS]
+        {
+            "latent": i,
+            "label": label.text if label else "",
+            "label test": label.verdict() if label else "",
+            "detection %": percent_of(label.detection if label else None),
+            "shuffled %": percent_of(label.shuffled if label else None),
+            "density %": 100 * f,
+            "max activation": m,
+            "mean activation": mean,
+        }
+        for (i, f, m, mean), label in shown
     ],
+    columns=[
+        "latent",
+        "label",
+        "label test",
+        "detection %",
+        "shuffled %",
+        "density %",
+        "max activation",
+        "mean activation",
+    ],
+)
+untrusted = [label is None or not label.trusted for _, label in shown]
+grey = frame.style.apply(
+    lambda column: ["color: #9e9e9e" if flag and column.name in ("label", "label test") else "" for flag in untrusted]
+)
+picked = st.dataframe(
+    grey,
     hide_index=True,
     on_select="rerun",
     selection_mode="single-row",
     column_config={
+        "label": st.column_config.TextColumn(width="large"),
+        "detection %": st.column_config.NumberColumn(format="%.0f", help="the label's detection score"),
+        "shuffled %": st.column_config.NumberColumn(format="%.0f", help="shuffled labels' score, same examples"),
         "density %": st.column_config.NumberColumn(format="%.4f"),
         "max activation": st.column_config.NumberColumn(format="%.3g"),
         "mean activation": st.column_config.NumberColumn(format="%.3g"),

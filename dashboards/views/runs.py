@@ -171,8 +171,9 @@ if judged:
         "`saelab probe`: held-out accuracy of probes for 8 token concepts (mean over concepts; 50 % is chance) "
         "on the k latents that differ most, beside a dense probe on the residual stream, and the mean "
         "first-letter absorption rate (Chanin et al. 2024; lower is better). `saelab explain`: how well an "
-        "LLM's explanation of a latent tells held-out contexts where it fires from ones where it does not "
-        "(detection balanced accuracy, mean over the latents scored), beside another latent's explanation."
+        "explanation of a latent tells held-out contexts where it fires from ones where it does not "
+        "(detection balanced accuracy, mean over the latents scored), beside another latent's explanation; "
+        "explainer: the LLM's or the token summary's, whichever detects better (the SAE's default)."
     )
     ks = sorted({key for _, sae in judged for key in sae.probing if key != "dense"}, key=lambda key: int(key[1:]))
     table = []
@@ -180,6 +181,7 @@ if judged:
         row = {"run": run.name, "SAE": sae.label, "dense probe %": _percent(sae.probing.get("dense"))}
         row |= {f"{key[1:]}-sparse %": _percent(sae.probing.get(key)) for key in ks}
         row["absorption %"] = _percent(sae.absorption_rate)
+        row["explainer"] = sae.autointerp.get("explainer")
         for key, name in (("detection", "detection %"), ("detection_shuffled", "shuffled %"), ("fuzzing", "fuzzing %")):
             row[name] = _percent((sae.autointerp.get(key) or {}).get("mean"))
         table.append(row | {"latents explained": sae.autointerp.get("n_latents")})

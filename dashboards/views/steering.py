@@ -1,5 +1,9 @@
 """Steering playground: continue a prompt with and without some latents added, clamped or ablated, and
-see which next tokens rose and fell. What it computes is `saelab.browse.playground` (over `saelab.steer`)."""
+see which next tokens rose and fell. What it computes is `saelab.browse.playground` (over `saelab.steer`).
+
+A first visit opens already run: on the feature page's latent (`?feature=`), else a live latent with a
+readable label (`LabelBook.readable_latent`), added at the largest strength whose KL stays within the
+budget (`saelab.steer.strength`), with that sweep of strengths against KL shown beside the text."""
 
 from __future__ import annotations
 
@@ -28,15 +32,65 @@ st.caption(
 )
 
 # Defaults, set once per visit: the first row's latent is the one the feature page (or `?feature=`) had.
+linked = st.session_state.get("latent")
 if "steer_latent_0" not in st.session_state:
     try:
-        st.session_state["steer_latent_0"] = max(int(st.session_state.get("latent", 0)), 0)
+        st.session_state["steer_latent_0"] = max(int(linked if linked is not None else 0), 0)
     except (TypeError, ValueError):
         st.session_state["steer_latent_0"] = 0
 st.session_state.setdefault("steer_prompt", DEFAULT_PROMPT)
 if st.session_state.get("steer_sae") != str(sae.folder):  # another SAE: its own hook by default
     st.session_state["steer_sae"] = str(sae.folder)
     st.session_state["steer_hook"] = sae.hook or meta.get("hook") or ""
+book = ui.label_book(sae, ui.peak_tokens(store)) if store is not None else None
+
+
+def first_look() -> bool:
+    """Once per visit and SAE: pick the latent (the linked one, else `readable_latent`), sweep its strength on
+    the default prompt (`saelab.steer.strength`) and fill the form with the largest strength within the KL
+    budget. True when the form was filled, so the page runs it at once."""
+    import torch  # the model stack, on first use
+
+    from saelab.browse.model_lock import MODEL_LOCK
+    from saelab.browse.playground import MAX_PROMPT_TOKENS, prompt_ids
+    from saelab.steer.strength import strength_sweep
+
+    if st.session_state.get("steer_opened") == str(sae.folder) or store is None or book is None:
+        return False
+    st.session_state["steer_opened"] = str(sae.folder)
+    try:
+        latent = int(linked) if linked is not None else book.readable_latent()
+        if latent is None or not 0 <= latent < n_latents or store.feature(latent).max_activation <= 0:
+            return False
+    except (TypeError, ValueError, SaelabError):
+        return False  # the feature page says what is wrong with a bad ?feature=
+    loaded = ui.model_and_sae(sae, meta)
+    if loaded is None:
+        return False
+    model, sae_module, own_hook = loaded
+    hook = st.session_state["steer_hook"] or own_hook
+    try:
+        ids, _ = prompt_ids(model, DEFAULT_PROMPT, MAX_PROMPT_TOKENS)
+        tokens = torch.tensor([ids], device=next(model.parameters()).device)
+        with st.spinner(f"a first look: sweeping the strength of latent {latent}…"), MODEL_LOCK:
+            sweep = strength_sweep(model, sae_module, sae.folder, latent, DEFAULT_PROMPT, tokens, hook=hook)
+    except SaelabError as error:
+        st.warning(f"No first look at latent {latent}: {error}")
+        return False
+    coefficient = sweep.coefficient if sweep.coefficient is not None else sweep.rows[0]["coefficient"]
+    st.session_state.update(
+        steer_rows=1, steer_latent_0=latent, steer_mode_0="add", steer_value_0=coefficient, steer_scale=True
+    )
+    st.session_state.update(steer_positions="all", steer_max_new=16, steer_prompt=DEFAULT_PROMPT)
+    st.session_state["steer_sweep"] = (sweep_key(DEFAULT_PROMPT, latent, hook, "all", 16), sweep)
+    return True
+
+
+def sweep_key(prompt: str, latent: int, hook: str, positions: str, max_new: int) -> tuple:
+    return (str(sae.folder), prompt, latent, hook, positions, max_new)
+
+
+opened = first_look()
 
 n_rows = st.number_input("feature rows", min_value=1, max_value=MAX_ROWS, value=1, step=1, key="steer_rows")
 with st.form("steer"):
@@ -124,7 +178,7 @@ def run() -> tuple[SteeringComparison, list[FeatureEdit]] | None:
 
 
 loaded = None
-if submitted:
+if submitted or opened:
     loaded = ui.model_and_sae(sae, meta)
     outcome = run()
     st.session_state["steer_result"] = (inputs, outcome) if outcome is not None else None
@@ -156,6 +210,7 @@ def show(result: SteeringComparison, strengths: list[FeatureEdit]) -> None:
     left.code(result.baseline_text, language=None, wrap_lines=True)
     right.markdown("**steered**")
     right.code(result.steered_text, language=None, wrap_lines=True)
+    show_sweep(strengths)
 
     st.subheader("Next token at the prompt's last token: what rose and fell")
     if positions == "generated":
@@ -196,6 +251,45 @@ def show(result: SteeringComparison, strengths: list[FeatureEdit]) -> None:
         hovertemplate="%{y}: %{customdata[0]:.4f} → %{customdata[1]:.4f}<extra></extra>",
     )
     right.plotly_chart(figure, key="steer_changes")
+
+
+def show_sweep(strengths: list[FeatureEdit]) -> None:
+    """The latent's strength sweep beside the text, when the page has one for exactly this input."""
+    if len(strengths) != 1 or strengths[0].mode != "add" or not inputs[3]:
+        return
+    kept = st.session_state.get("steer_sweep")
+    key = sweep_key(prompt, strengths[0].latent, hook.strip() or sae.hook or "", positions, int(max_new))
+    if kept is None or kept[0] != key:
+        return
+    sweep = kept[1]  # a saelab.steer.strength.StrengthSweep
+    label = book.shown(sweep.latent) if book is not None else None
+    st.subheader(f"How hard to steer latent {sweep.latent}")
+    if label is not None:
+        st.caption(f"label ({label.explainer}): {ui.markdown_text(label.text)} · {label.verdict()}")
+    chosen = sweep.coefficient
+    said = (
+        f"{chosen:g} × its max activation ({sweep.scale:.3g}), the largest swept strength whose"
+        if chosen is not None
+        else f"even the smallest swept strength breaks the budget; shown at {sweep.rows[0]['coefficient']:g} ×. The"
+    )
+    st.caption(
+        f"add at {said} D_KL(steered ‖ unsteered) of the next token at the prompt's end stays within "
+        f"{sweep.budget:g} nat (`saelab.steer.strength`, the sweep `saelab steer` runs). Past it the text breaks."
+    )
+    left, right = st.columns([2, 3])
+    left.plotly_chart(ui.strength_kl_figure(sweep), key="steer_sweep_chart")
+    right.dataframe(
+        pd.DataFrame(
+            {
+                "× max": [row["coefficient"] for row in sweep.rows],
+                "KL (nats)": [row["kl"] for row in sweep.rows],
+                "steered continuation": [row["generation"] for row in sweep.rows],
+            }
+        ),
+        hide_index=True,
+        column_config={"KL (nats)": st.column_config.NumberColumn(format="%.3g")},
+        key="steer_sweep_table",
+    )
 
 
 if outcome is not None:

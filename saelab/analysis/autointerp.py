@@ -16,7 +16,12 @@ The scorer's P(yes) ranks a latent's examples; the top half are called positive,
 accuracy of those calls is the score (0.5 is chance; a ranking needs no calibration, and weak
 scorers that say yes to everything still rank). Each latent is scored with its own explanation and
 with another latent's (a random derangement of the explained latents): an explanation counts only
-where it beats the shuffle. The run's means come with a bootstrap 95 % interval over latents.
+where it beats the shuffle. The run's means come with a bootstrap 95 % interval over latents, and each
+latent's label is tested against the shuffled control (`label_test`).
+
+Beside the LLM's explanation, every latent gets a deterministic token summary (`token_summary`: the
+tokens it fires on in the same top contexts, and the tokens it promotes), scored by the same scorer on
+the same examples against the same shuffle, so a weak offline LLM is measured against a baseline.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from tqdm.auto import tqdm
 from saelab.analysis.chat_models import ChatModel
 from saelab.analysis.explanations import Explanation, append_record, read_explanations
 from saelab.analysis.feature_store import ContextWindow, FeaturePage, FeatureStore
+from saelab.analysis.label_test import ALPHA, chance_rate, tested
+from saelab.analysis.token_summary import EXPLAINER as TOKEN_SUMMARY
+from saelab.analysis.token_summary import token_summary
 from saelab.harvest.store import ActivationStore
 from saelab.sae.base import SparseAutoencoder
 
@@ -206,16 +214,37 @@ def score_latents(
         own = score(scorer, explained[latent].text, examples)
         other = score(scorer, explained[shuffled[latent]].text, examples)
         scores = dict(zip(SCORE_KEYS, (own[0], other[0], own[1], other[1]), strict=True))
-        append_record(path, {"latent": latent, "scores": scores, "scorer": scorer.name})
+        record = {"latent": latent, "scores": scores, "n_detection": len(examples.detection), "scorer": scorer.name}
+        append_record(path, record)
+    return read_explanations(path)
+
+
+def summarize_latents(path: Path, store: FeatureStore, latents: list[int], n_explain: int) -> dict[int, Explanation]:
+    """The token-summary explainer's labels (`token_summary`) of the latents `path` has none for yet, from the
+    same `n_explain` top contexts an LLM explainer reads; returns the file's contents."""
+    done = read_explanations(path)
+    for latent in latents:
+        if not (latent in done and done[latent].text):
+            text = token_summary(store.feature(latent), n_explain) or "(none)"
+            append_record(path, {"latent": latent, "explanation": text, "explainer": TOKEN_SUMMARY})
     return read_explanations(path)
 
 
 def autointerp_summary(explanations: dict[int, Explanation], latents: list[int], seed: int = 0) -> dict[str, Any]:
-    """Mean scores over the latents, each with a bootstrap 95 % interval, and how many were scored."""
+    """Mean scores over the latents, each with a bootstrap 95 % interval, how many were scored, and how many
+    labels beat the shuffled control (`label_test`: a one-sided binomial test at α 0.05)."""
     summary: dict[str, Any] = {"n_latents": len(latents)}
     for key in SCORE_KEYS:
         values = [explanations[i].scores[key] for i in latents if explanations[i].scores.get(key) is not None]
         if values:
             interval = bootstrap_interval(values, seed=seed)
             summary[key] = {"mean": float(np.mean(values)), "ci95": interval, "n": len(values)}
+    chosen = {i: explanations[i] for i in latents if i in explanations}
+    tests = tested(chosen)
+    summary["beats_shuffled"] = {
+        "count": sum(test.passed for test in tests.values()),
+        "scored": len(tests),
+        "chance": chance_rate(chosen.values()),
+        "alpha": ALPHA,
+    }
     return summary

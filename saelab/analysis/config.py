@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from saelab.errors import ConfigError
 
+NO_EXPLAINER = "none"  # `explainer: none`: only the token summaries are explained (and scored)
+
 
 @dataclass
 class AnalyzeConfig:
@@ -65,6 +67,9 @@ class ExplainConfig:
     scorer judges `n_score` held-out activating and as many non-activating contexts. `explainer` and
     `scorer` are chat-model specs (`saelab.analysis.chat_models`: `smollm2-135m`, a Hugging Face model
     folder or name, or an OpenAI-compatible URL with `endpoint_model`); an empty scorer is the explainer.
+    `explainer: none` runs no LLM explainer (then an empty scorer is `smollm2-135m`). `token_summary`
+    also labels every latent by its token summary (the tokens it fires on and promotes,
+    `saelab.analysis.token_summary`), scored by the same scorer against the same shuffled control.
     """
 
     run: str = "runs/smollm2-135m/train"
@@ -76,12 +81,17 @@ class ExplainConfig:
     endpoint_model: str = ""
     n_explain: int = 10
     n_score: int = 6
+    token_summary: bool = True
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
         if not self.run.strip():
             raise ConfigError("run: must name a training run's folder, got ''")
+        if not self.explainer.strip():
+            raise ConfigError("explainer: empty; name a chat model (smollm2-135m, a folder, a URL) or none")
+        if self.explainer == NO_EXPLAINER and not self.token_summary:
+            raise ConfigError("explainer: none with token_summary: false leaves nothing to explain; enable one")
         if self.n_latents < 0:
             raise ConfigError(f"n_latents: must be 0 (all) or positive, got {self.n_latents}")
         for key in ("n_explain", "n_score"):

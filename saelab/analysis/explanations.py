@@ -1,7 +1,8 @@
 """The explanations file beside a feature store: one JSON line per explained or scored latent, appended.
 
     {"latent": 12, "explanation": "closing parentheses", "explainer": "smollm2-135m"}
-    {"latent": 12, "scores": {"detection": 0.7, "detection_shuffled": 0.5, …}, "scorer": "smollm2-135m"}
+    {"latent": 12, "scores": {"detection": 0.7, "detection_shuffled": 0.5, …}, "n_detection": 12,
+     "scorer": "smollm2-135m"}
 
 `saelab explain` appends a line (flushed and synced) as each latent is done, so a killed run loses at
 most the latent in hand and resumes from the file; a torn last line is ignored. The feature store
@@ -25,6 +26,7 @@ class Explanation:
     explainer: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     scorer: str = ""
+    n_detection: int | None = None  # detection calls behind the scores (files before it was kept: None)
 
 
 def read_explanations(path: str | Path) -> dict[int, Explanation]:
@@ -45,6 +47,8 @@ def read_explanations(path: str | Path) -> dict[int, Explanation]:
             entry.text, entry.explainer = str(record["explanation"]), str(record.get("explainer", ""))
         if "scores" in record:
             entry.scores, entry.scorer = dict(record["scores"]), str(record.get("scorer", ""))
+            calls = record.get("n_detection")
+            entry.n_detection = calls if isinstance(calls, int) and calls > 0 else None
     return found
 
 

@@ -339,6 +339,23 @@ class FeatureStore:
         """`(index, frequency, max, mean)` of every latent, by index: for sorting and filtering by density and max."""
         return self._query("SELECT latent, frequency, max, mean FROM features ORDER BY latent")
 
+    def peak_tokens(self, n_contexts: int) -> dict[int, tuple[list[str], list[str]]]:
+        """Every latent's tokens at the peaks of its first `n_contexts` top contexts (strongest first) and its
+        promoted tokens (its logit effects, largest first), in one pass over the file: what the token
+        summaries of all latents need (`saelab.analysis.token_summary`), without building every page."""
+        rows = self._query("SELECT latent, page FROM features ORDER BY latent")
+        try:
+            contexts = {c: json.loads(tokens) for c, tokens in self._query("SELECT context, tokens FROM contexts")}
+            texts = dict(self._query("SELECT id, text FROM tokens"))
+            found = {}
+            for latent, record in rows:
+                data = json.loads(record)
+                fired = [texts[contexts[w["c"]][w["p"]]] for w in data["top"][:n_contexts]]
+                found[latent] = (fired, [token for _, token, _ in data["positive_logits"]])
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise self._damaged(error) from error
+        return found
+
     def search_by_logit_token(self, token: str, sign: Literal["positive", "negative"] = "positive") -> list[int]:
         """Latents whose top (`positive`) or bottom (`negative`) logit effects include `token`, strongest
         first. Matched exactly after stripping surrounding whitespace, so `Paris` finds ` Paris`."""

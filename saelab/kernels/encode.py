@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from saelab.kernels.backend import use_triton
+from saelab.kernels.backend import backend_choice
 from saelab.kernels.selection import RowTopK, Selected
 from saelab.kernels.sparse_ops import latent_sums, rows_matmul, rows_transpose_matmul, sampled_dot
 
@@ -118,20 +118,43 @@ def _fused_topk(
     observe: TileObserver | None,
 ) -> list[Selected] | None:
     """The tiled mode of a plain per-token top-k on a Triton device: the product fused with the top-k
-    (`triton_topk`), which never holds u at all. None where it does not apply, and the scan runs: no
-    tile asked for (holding u whole is the measured fast path), another rule or a second one (AuxK's
-    rule needs u over its dead latents), a tile observer, or a k or dtype the kernel does not take."""
-    rule = rules[0]
-    plain_topk = len(rules) == 1 and isinstance(rule, RowTopK) and rule.ranks_all_by_u
-    if tile is None or observe is not None or not plain_topk or not use_triton(W_enc):
+    (`triton_topk`), which never holds u at all. None where it does not apply (`fused_topk_choice`)."""
+    dtype = matmul_dtype or W_enc.dtype
+    if not fused_topk_choice(rules, tile, observe, W_enc.device, dtype)[0]:
         return None
     from saelab.kernels import triton_topk
 
-    dtype = matmul_dtype or W_enc.dtype
-    if not triton_topk.supports(rule.k, dtype):
-        return None
-    values, indices = triton_topk.encode_topk(centered, W_enc, b_enc, min(rule.k, W_enc.shape[1]), dtype)
+    k = rules[0].k
+    values, indices = triton_topk.encode_topk(centered, W_enc, b_enc, min(k, W_enc.shape[1]), dtype)
     return [Selected(indices, values)]
+
+
+def fused_topk_choice(
+    rules: Sequence[SelectionRule],
+    tile: int | None,
+    observe: TileObserver | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[bool, str]:
+    """Whether the selection runs as the fused Triton product + top-k, and why (or why not): the scan runs
+    where no tile is asked for (holding u whole is the measured fast path), for another rule or a second
+    one (AuxK's rule needs u over its dead latents), with a tile observer, or for a k or dtype the kernel
+    does not take. `dtype`: the product's."""
+    rule = rules[0]
+    if tile is None:
+        return False, "no encoder_tile: u is computed whole, then selected (the measured fast path)"
+    if observe is not None:
+        return False, "a tile observer (GBA's firing statistics) reads every tile of u"
+    if not (len(rules) == 1 and isinstance(rule, RowTopK) and rule.ranks_all_by_u):
+        return False, "not one plain per-token top-k (AuxK, a score hook, BatchTopK or a threshold)"
+    backend = backend_choice(device)
+    if not backend.triton:
+        return False, backend.reason
+    from saelab.kernels import triton_topk
+
+    if not triton_topk.supports(rule.k, dtype):
+        return False, f"the fused kernel does not take k {rule.k} in {dtype} (or this Triton has no tl.topk)"
+    return True, "encoder_tile set, one plain top-k, Triton on: u is never stored"
 
 
 def _scan(

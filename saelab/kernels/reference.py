@@ -46,3 +46,14 @@ def dense_topk_encode(
 def dense_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """x̂ = z W_dec with z the dense form of the rows; differentiable through torch autograd."""
     return dense_rows(indices, values, W_dec.shape[0]) @ W_dec
+
+
+def remove_parallel(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g_i − (g_i·w_i / ‖w_i‖²) w_i per row (a zero row keeps its whole gradient); grad, weight: [n, d]."""
+    squared = (weight * weight).sum(1, keepdim=True)
+    return grad - torch.where(squared > 0, (grad * weight).sum(1, keepdim=True) / squared, 0) * weight
+
+
+def normalize_rows(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """w_i / max(‖w_i‖, eps) per row; weight: [n, d]."""
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(eps)

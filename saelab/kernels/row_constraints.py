@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from saelab.kernels.backend import use_triton
+from saelab.kernels.backend import use_triton_kernel
 
 TINY_SQUARED_NORM = 1e-24  # a zero row: no direction to remove (as `clamp_min` in the torch path)
 
 
 def remove_parallel_(grad: torch.Tensor, weight: torch.Tensor) -> None:
     """g_i ← g_i − (g_i·w_i / ‖w_i‖²) w_i for every row i, in place; grad, weight: [n, d], same layout."""
-    if use_triton(weight) and _row_major(grad, weight):
+    if _row_major(grad, weight) and use_triton_kernel("remove_parallel_", weight):
         from saelab.kernels import triton_rows
 
         triton_rows.remove_parallel_(grad, weight, TINY_SQUARED_NORM)
@@ -34,7 +34,7 @@ def remove_parallel_(grad: torch.Tensor, weight: torch.Tensor) -> None:
 
 def normalize_rows_(weight: torch.Tensor, eps: float = 1e-12) -> None:
     """w_i ← w_i / max(‖w_i‖, eps) for every row i, in place; weight: [n, d]."""
-    if use_triton(weight) and _row_major(weight):
+    if _row_major(weight) and use_triton_kernel("normalize_rows_", weight):
         from saelab.kernels import triton_rows
 
         triton_rows.normalize_rows_(weight, eps)

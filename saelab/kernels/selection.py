@@ -44,13 +44,19 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     batch, n = scores.shape
     m = n // GROUP
-    if scores.is_cuda or n % GROUP or m <= k:
+    if not group_maxima_applies(n, k, scores.is_cuda):
         return scores.topk(k, dim=-1, sorted=False)
     group_max = scores.view(batch, GROUP, m).amax(dim=1)  # [batch, m]
     groups = group_max.topk(k, dim=-1, sorted=False).indices  # [batch, k]
     candidates = (groups.unsqueeze(-1) + torch.arange(0, n, m, device=scores.device)).view(batch, -1)
     top = scores.gather(-1, candidates).topk(k, dim=-1, sorted=False)
     return top.values, candidates.gather(-1, top.indices)
+
+
+def group_maxima_applies(n: int, k: int, on_cuda: bool) -> bool:
+    """Whether `row_topk` of k among n takes the group-maxima route: on the CPU, with n a multiple of GROUP
+    and more groups than k (on a GPU `torch.topk` is already fast)."""
+    return not on_cuda and n % GROUP == 0 and n // GROUP > k
 
 
 @dataclass

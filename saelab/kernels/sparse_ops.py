@@ -8,7 +8,8 @@ in a space of n latents (duplicate indices add up). With `dense` a matrix:
     sampled_dot(indices, left, dense)              out[b, j] = left[b] · dense[indices[b, j]]        [batch, k]
 
 Each costs batch·k·d multiply-adds instead of the batch·n·d of the dense product. On CUDA with
-Triton they run as Triton kernels (`triton_ops.py`); elsewhere as torch's sparse CSR products (MKL
+Triton they run as Triton kernels (`triton_ops.py`), each once checked against its reference
+(`self_check.py`); elsewhere as torch's sparse CSR products (MKL
 on x86), which never materialise a [batch, k, d] tensor. `reference.py` holds the dense definitions.
 
 Rows that hold every latent in order (`full_rows`: what a selection returns when most pairs are kept,
@@ -23,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels.backend import use_triton
+from saelab.kernels.backend import use_triton_kernel
 
 # torch flags every CSR tensor as beta; these products are covered by saelab's own tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -57,7 +58,7 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
     """out[b] = Σ_j values[b, j] · dense[indices[b, j]]; dense: [n, d] → [batch, d]."""
     if is_full(indices, dense.shape[0]):
         return values.to(dense.dtype) @ dense
-    if use_triton(dense):
+    if use_triton_kernel("rows_matmul", dense):
         from saelab.kernels import triton_ops
 
         return triton_ops.rows_matmul(indices, values, dense)
@@ -68,7 +69,7 @@ def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: to
     """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]; dense: [batch, d] → [n, d]."""
     if is_full(indices, n):
         return values.to(dense.dtype).T @ dense
-    if use_triton(dense):
+    if use_triton_kernel("rows_transpose_matmul", dense):
         from saelab.kernels import triton_ops
 
         return triton_ops.rows_transpose_matmul(indices, values, dense, n)
@@ -83,7 +84,7 @@ def sampled_dot(indices: torch.Tensor, left: torch.Tensor, dense: torch.Tensor) 
     """out[b, j] = left[b] · dense[indices[b, j]]; left: [batch, d], dense: [n, d] → [batch, k]."""
     if is_full(indices, dense.shape[0]):
         return left @ dense.T
-    if use_triton(dense):
+    if use_triton_kernel("sampled_dot", dense):
         from saelab.kernels import triton_ops
 
         return triton_ops.sampled_dot(indices, left, dense)

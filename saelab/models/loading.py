@@ -14,20 +14,8 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from saelab.errors import SaelabError
+from saelab.models.device import resolve_device
 from saelab.models.smollm2 import SMOLLM2_HF_NAME, SMOLLM2_SPEC, converted_smollm2_dir
-
-
-def resolve_device(device: str) -> str:
-    """`auto` means the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise SaelabError(f"device: {device!r} is not a device (auto, cpu, cuda, cuda:1, mps, …)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SaelabError(f"device: {device!r}, but no CUDA GPU is available here; use cpu or auto")
-    return device
 
 
 def load_model(spec: str, device: str = "auto") -> TransformerBridge:

@@ -86,12 +86,40 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
         raise ConfigError(f"hook: mode {cfg.mode} edits the SAE's latents, so it must be the SAE's hook {own_hook}")
     targets = target_token_ids(model.tokenizer, cfg.targets)
 
+    device = next(model.parameters()).device
+    prompts = [model.to_tokens(prompt).to(device) for prompt in cfg.prompts]
+    rows = sweep_rows(cfg, label, model, sae, own_hook, hook, prompts, scales, targets, progress)
+
+    jsonl, html, yaml = (run / STEER_DIR / f"{cfg.name}.{suffix}" for suffix in ("jsonl", "html", "yaml"))
+    result = SteeringResult(rows, jsonl, html, yaml)
+    atomic_write_text(result.jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    title = f"{label} at {hook}: {cfg.mode}, scale {cfg.scale}, positions {cfg.positions}"
+    figure = steering_figure(rows, cfg.targets, title)
+    atomic_write_text(result.figure, figure.to_html(include_plotlyjs=True, full_html=True))
+    save_config(cfg, result.config)
+    return result
+
+
+def sweep_rows(
+    cfg: SteerConfig,
+    label: str,
+    model: Any,
+    sae: SparseAutoencoder,
+    own_hook: str,
+    hook: str,
+    prompts: list[torch.Tensor],
+    scales: dict[int, float],
+    targets: dict[str, int] | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """The sweep itself, writing nothing: each prompt (`prompts[i]`: cfg.prompts[i]'s tokens, [1, P]) once
+    unsteered, then one row per (feature, coefficient, prompt) cell (module docstring), strength = coefficient
+    × `scales[feature]`. `saelab steer` and the dashboard's steering playground both call it."""
     coefficients = [0.0] if cfg.mode == "ablate" else cfg.coefficients
-    cells = list(product(cfg.features, coefficients, range(len(cfg.prompts))))
-    bar = tqdm(total=len(cfg.prompts) + len(cells), unit="cell", disable=not progress, desc=f"steer {label}")
+    cells = list(product(cfg.features, coefficients, range(len(prompts))))
+    bar = tqdm(total=len(prompts) + len(cells), unit="cell", disable=not progress, desc=f"steer {label}")
     baselines = []
-    for prompt in cfg.prompts:
-        tokens = model.to_tokens(prompt).to(next(model.parameters()).device)
+    for tokens in prompts:
         baselines.append(_measure(model, sae, own_hook, tokens, [], cfg))
         bar.update()
     rows = []
@@ -102,18 +130,10 @@ def run_steering(cfg: SteerConfig, model: Any = None, progress: bool = True) -> 
         )
         base = baselines[p]
         cell = _measure(model, sae, own_hook, base["tokens"], [intervention], cfg)
-        rows.append(_row(cfg, label, hook, feature, coefficient, scales[feature], p, base, cell, targets, model))
+        rows.append(_row(cfg, label, hook, feature, coefficient, scales[feature], p, base, cell, targets or {}, model))
         bar.update()
     bar.close()
-
-    jsonl, html, yaml = (run / STEER_DIR / f"{cfg.name}.{suffix}" for suffix in ("jsonl", "html", "yaml"))
-    result = SteeringResult(rows, jsonl, html, yaml)
-    atomic_write_text(result.jsonl, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    title = f"{label} at {hook}: {cfg.mode}, scale {cfg.scale}, positions {cfg.positions}"
-    figure = steering_figure(rows, cfg.targets, title)
-    atomic_write_text(result.figure, figure.to_html(include_plotlyjs=True, full_html=True))
-    save_config(cfg, result.config)
-    return result
+    return rows
 
 
 def feature_scales(
