@@ -49,6 +49,9 @@ with st.form("circuit"):
     )
     max_nodes = middle.number_input("max nodes", min_value=5, max_value=1000, value=60, step=5, key="circuit_max")
     edges = right.checkbox("edges", value=False, key="circuit_edges", help="one backward pass per kept node")
+    exact_errors = right.checkbox(
+        "exact errors and tokens", value=False, key="circuit_exact_errors", help="few, large, far from linear"
+    )
     evaluate = right.checkbox("faithfulness", value=False, key="circuit_evaluate", help="mean ablation, N = 10 … 1000")
     submitted = st.form_submit_button("Attribute", type="primary")
 
@@ -65,6 +68,7 @@ def new_graph() -> dict | None:
         target=target or None,
         contrast=contrast or None,
         method=method,
+        exact_errors=exact_errors,
         edges=edges,
         max_nodes=int(max_nodes),
         evaluate=evaluate,
