@@ -12,11 +12,11 @@ All three hold the other dictionaries spliced with their errors, i.e. the model 
 shrinks together, so they estimate each node's effect in the company of the others' partial removal;
 `benchmarks/circuits.py` measures how close each estimate comes to `exact`.
 
-Where the estimates fail. Zeroing a latent is a small change, and on SmolLM2 AtP's estimates of latents are
-near exact (r 0.9–0.99 per prompt); an error term carries a third of a residual hook's variance or more, and
-zeroing a token's embedding makes another input, so their effects are far from linear and both estimates
-miss them, AtP worst. They are few (one per hook and position, one per token), so `exact_errors` measures
-them exactly (one batched pass each) and keeps the estimate for the latents (`with_exact_errors`).
+Where the estimates fail. Zeroing a latent is a small change, and on SmolLM2 AtP's estimates of latents
+are near exact (docs/circuits.md); an error term carries 10–30 % of a residual hook's variance there (the
+SAEs' FVU) and zeroing a token's embedding makes another input, so their effects are far from linear and
+both estimates miss them, AtP worst. They are few (one per hook and position, one per token), so
+`with_exact_errors` measures them exactly (one batched pass each) and keeps the estimate for the latents.
 """
 
 from __future__ import annotations
