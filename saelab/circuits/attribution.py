@@ -13,8 +13,8 @@ shrinks together, so they estimate each node's effect in the company of the othe
 `benchmarks/circuits.py` measures how close each estimate comes to `exact`.
 
 Where the estimates fail. Zeroing a latent is a small change, and on SmolLM2 AtP's estimates of latents
-are near exact (docs/circuits.md); an error term carries 10–30 % of a residual hook's variance there (the
-SAEs' FVU) and zeroing a token's embedding makes another input, so their effects are far from linear and
+are near exact (docs/circuits.md); an error term carries 14–35 % of a residual hook's variance there (the
+SAEs' held-out FVU) and zeroing a token's embedding makes another input, so their effects are far from linear and
 both estimates miss them, AtP worst. They are few (one per hook and position, one per token), so
 `with_exact_errors` measures them exactly (one batched pass each) and keeps the estimate for the latents.
 """
