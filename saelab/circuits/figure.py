@@ -102,7 +102,7 @@ def _node_trace(
         sizes.append(
             MAX_SIZE if kind == "metric" else MIN_SIZE + (MAX_SIZE - MIN_SIZE) * (abs(effect) / largest) ** 0.5
         )
-        colours.append("#444" if kind in ("metric", "token") else (UP if effect < 0 else DOWN))
+        colours.append("#444" if kind == "metric" else (UP if effect < 0 else DOWN))
         texts.append(_hover(node))
     return go.Scatter(
         x=[places[n["node_id"]][0] for n in members],

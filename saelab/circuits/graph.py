@@ -72,12 +72,14 @@ def build_graph(
     tokenizer: Any,
     info: dict[str, Any],
     labels: dict[tuple[int, int], str] | None = None,
+    n_layers: int | None = None,
 ) -> dict[str, Any]:
     """The graph file of the kept nodes and edges; `info` goes to `metadata.saelab`, `labels` (by (site,
-    latent)) to the latents' `clerp`."""
+    latent)) to the latents' `clerp`; the metric's logit node sits at layer `n_layers` + 1 (the model's block
+    count; default: one past the last dictionary's block), as circuit-tracer places it."""
     tokens = [tokenizer.decode([i]) for i in trace.tokens[0].tolist()]
     layers = graph_layers(trace)
-    n_layers = max(d.layer for d in trace.dictionaries) + 1
+    n_layers = n_layers if n_layers is not None else max(d.layer for d in trace.dictionaries) + 1
     influence = cumulative_influence(nodes, effects)
     ids, entries = {}, []
     for index in kept.nonzero().flatten().tolist():
