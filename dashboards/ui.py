@@ -221,13 +221,13 @@ def cached_model(spec: str) -> Any:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _circuit_dictionaries(run: str, labels: tuple[str, ...], stamp: tuple) -> Any:
-    from saelab.circuits.job import run_dictionaries
+    from saelab.circuits.sources import run_dictionaries
 
     return run_dictionaries(run, labels=list(labels))
 
 
 def circuit_dictionaries(run: RunInfo, labels: list[str]) -> Any | None:
-    """The run's SAEs `labels` as a circuit's dictionaries (`saelab.circuits.job.Dictionaries`), loaded once
+    """The run's SAEs `labels` as a circuit's dictionaries (`saelab.circuits.sources.Dictionaries`), loaded once
     until their weights change; None after a message saying why they cannot be used."""
     try:
         stamp = tuple(_stamp(sae.folder / WEIGHTS_FILE) for sae in run.saes if sae.label in labels)

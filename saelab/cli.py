@@ -328,8 +328,9 @@ def _attribute(args: argparse.Namespace) -> None:
     from saelab.atomic import atomic_write_text
     from saelab.circuits.figure import circuit_figure
     from saelab.circuits.graph import write_graph
-    from saelab.circuits.job import CircuitRequest, attribute_circuit, folder_dictionaries, run_dictionaries
+    from saelab.circuits.job import CircuitRequest, attribute_circuit
     from saelab.circuits.pruning import Pruning
+    from saelab.circuits.sources import folder_dictionaries, run_dictionaries
     from saelab.models import load_model
 
     if bool(args.run_dir) == bool(args.sae):

@@ -12,10 +12,11 @@ from saelab.circuits.dictionaries import Dictionary, load_dictionaries
 from saelab.circuits.edges import Edges, edge_effects, exact_edge_effects
 from saelab.circuits.faithfulness import evaluate_circuits
 from saelab.circuits.graph import build_graph, read_graph, write_graph
-from saelab.circuits.job import CircuitRequest, attribute_circuit, folder_dictionaries, run_dictionaries
+from saelab.circuits.job import CircuitRequest, attribute_circuit
 from saelab.circuits.metric import Metric
 from saelab.circuits.nodes import Nodes, enumerate_nodes
 from saelab.circuits.pruning import Pruning, prune
+from saelab.circuits.sources import folder_dictionaries, run_dictionaries
 from saelab.circuits.trace import Trace, trace_prompt
 
 __all__ = [

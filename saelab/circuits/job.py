@@ -1,4 +1,4 @@
-"""One circuit, end to end: the dictionaries of a run (or SAE folders), a prompt, a metric → a graph file.
+"""One circuit, end to end: dictionaries (`saelab.circuits.sources`), a prompt, a metric → a graph file.
 
     trace (one forward + backward) → node effects (atp / ig / exact) → the nodes a graph keeps →
     edges between them (optional) → pruning → faithfulness and completeness (optional) → graph file
@@ -10,104 +10,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from saelab.circuits.attribution import METHODS, Method, node_effects, with_exact_errors
-from saelab.circuits.dictionaries import Dictionary, check_against_model, load_dictionaries
+from saelab.circuits.dictionaries import check_against_model
 from saelab.circuits.edges import Edges, edge_effects
 from saelab.circuits.faithfulness import SIZES, evaluate_circuits
 from saelab.circuits.graph import build_graph, graph_layers
 from saelab.circuits.labels import latent_labels
-from saelab.circuits.means import dictionary_means
 from saelab.circuits.metric import resolve_metric
 from saelab.circuits.nodes import KIND_NAMES, LATENT, TOKEN, TOKENS, Nodes, enumerate_nodes
 from saelab.circuits.pruning import Pruning, drop_dangling, keep_edges, keep_nodes
+from saelab.circuits.sources import Dictionaries, circuit_means, means_store
 from saelab.circuits.trace import EMBED_HOOK, Trace, trace_prompt
 from saelab.errors import SaelabError
-from saelab.harvest.manifest import read_manifest
 from saelab.harvest.packing import text_token_ids
-from saelab.harvest.store import ActivationStore
-from saelab.run_layout import SAE_DIR
-from saelab.train.run_folder import read_run_config, sae_labels
-
-
-@dataclass
-class Dictionaries:
-    """The dictionaries of a circuit and where they came from: the model they were trained on, the
-    activation store their means come from (None: no evaluation), the first position a node may sit at
-    (the store's: earlier positions, the BOS and SmolLM2's position-1 sinks, were never trained on)."""
-
-    dictionaries: list[Dictionary]
-    model: str
-    store: Path | None
-    first_position: int
-    folders: dict[int, Path] = field(default_factory=dict)
-
-
-def run_dictionaries(run: str | Path, hooks: list[str] | None = None, labels: list[str] | None = None) -> Dictionaries:
-    """The SAEs of a training run in forward order: those named `labels` (all when None), at `hooks` (all when None)."""
-    run = Path(run)
-    cfg = read_run_config(run)
-    labels = sae_labels(run, labels or [])
-    dictionaries = load_dictionaries([run / SAE_DIR / label for label in labels], labels)
-    store, model, first = Path(cfg.store), "", 1
-    try:
-        manifest = read_manifest(store)
-        model, first = manifest.model, manifest.first_position
-    except SaelabError:
-        store = None  # moved or deleted: attribution goes on; --evaluate says what is missing
-    return _chosen(Dictionaries(dictionaries, model or _model_of(dictionaries), store, first), hooks, str(run))
-
-
-def folder_dictionaries(
-    folders: list[str | Path], store: str | Path | None = None, hooks: list[str] | None = None
-) -> Dictionaries:
-    """SAE folders (saelab's or SAELens's format); `store`, an activation store of their model, for means."""
-    paths = [Path(folder) for folder in folders]
-    labels = [path.name for path in paths]
-    if len(set(labels)) != len(labels):
-        labels = [str(path) for path in paths]
-    dictionaries = load_dictionaries(paths, labels)
-    first, model = 1, _model_of(dictionaries)
-    if store is not None:
-        manifest = read_manifest(store)
-        first, model = manifest.first_position, manifest.model or model
-    return _chosen(Dictionaries(dictionaries, model, Path(store) if store else None, first), hooks, "the SAE folders")
-
-
-def _model_of(dictionaries: list[Dictionary]) -> str:
-    """The one model the dictionaries were trained on (a one-line error when they disagree)."""
-    names = {d.sae.cfg.model_name for d in dictionaries if d.sae.cfg.model_name}
-    if len(names) > 1:
-        listed = ", ".join(f"{d.label}: {d.sae.cfg.model_name}" for d in dictionaries)
-        raise SaelabError(
-            f"the dictionaries come from different models ({listed}); attribute dictionaries of one model"
-        )
-    return names.pop() if names else ""
-
-
-def _chosen(found: Dictionaries, hooks: list[str] | None, where: str) -> Dictionaries:
-    """Only the dictionaries writing (or reading) `hooks`; each hook asked for must have one."""
-    if not hooks:
-        found.folders = _folders_of(found.dictionaries)
-        return found
-    have = {h for d in found.dictionaries for h in (d.writes, d.reads)}
-    unknown = [hook for hook in hooks if hook not in have]
-    if unknown:
-        raise SaelabError(
-            f"no dictionary of {where} reads or writes {', '.join(unknown)}; its hooks are "
-            f"{', '.join(sorted({d.writes for d in found.dictionaries}))} (--hooks picks among them)"
-        )
-    found.dictionaries = [d for d in found.dictionaries if d.writes in hooks or d.reads in hooks]
-    found.folders = _folders_of(found.dictionaries)
-    return found
-
-
-def _folders_of(dictionaries: list[Dictionary]) -> dict[int, Path]:
-    return {k: d.folder for k, d in enumerate(dictionaries) if d.folder is not None}
 
 
 @dataclass
@@ -199,6 +118,8 @@ def attribute_circuit(model: Any, found: Dictionaries, request: CircuitRequest) 
     """The circuit of `request` on `model` with the dictionaries `found` (see the module docstring)."""
     request.check()
     check_against_model(found.dictionaries, model, found.model)
+    if request.evaluate:
+        means_store(found)  # no store: the one-line error before any work
     tokens = prompt_tokens(model, request.prompt, found.model)
     first = found.first_position if request.first_position is None else request.first_position
     last = (request.position % tokens.shape[1]) if -tokens.shape[1] <= request.position < tokens.shape[1] else None
@@ -240,19 +161,10 @@ def attribute_circuit(model: Any, found: Dictionaries, request: CircuitRequest) 
         seconds["evaluation"] = _lap(clock)
     info = _info(trace, found, request, model.tokenizer, nodes, effects, evaluation, seconds)
     labels = latent_labels(found.folders, _wanted_latents(nodes, kept | _top_mask(nodes, effects, 50)))
-    graph = build_graph(trace, nodes, effects, kept, edges, kept_edges, model.tokenizer, info, labels)
+    graph = build_graph(
+        trace, nodes, effects, kept, edges, kept_edges, model.tokenizer, info, labels, model.cfg.n_layers
+    )
     return Circuit(trace, nodes, effects, kept, edges, kept_edges, graph, seconds, labels)
-
-
-def circuit_means(found: Dictionaries) -> list:
-    """Every dictionary's node means over its store (a one-line error when there is no store)."""
-    if found.store is None:
-        raise SaelabError(
-            "faithfulness mean-ablates nodes to their means over an activation store, and these dictionaries name "
-            "none that can be read; pass --store DIR (a store of their model at their hooks) or leave out --evaluate"
-        )
-    store = ActivationStore(found.store, verify=False)
-    return [dictionary_means(store, d) for d in found.dictionaries]
 
 
 def _lap(start: float) -> float:
