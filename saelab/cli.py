@@ -332,6 +332,7 @@ def _attribute(args: argparse.Namespace) -> None:
     from saelab.circuits.pruning import Pruning
     from saelab.circuits.sources import folder_dictionaries, run_dictionaries
     from saelab.models import load_model
+    from saelab.run_layout import GRAPHS_DIR
 
     if bool(args.run_dir) == bool(args.sae):
         raise SaelabError("give the dictionaries as --run DIR (a training run) or --sae DIR [DIR …] (SAE folders)")
@@ -365,7 +366,7 @@ def _attribute(args: argparse.Namespace) -> None:
     request.check()
     model = load_model(spec, args.device)
     circuit = attribute_circuit(model, found, request)
-    out = Path(args.out) if args.out else Path(args.run_dir or ".") / "circuits" / f"{args.slug}.json"
+    out = Path(args.out) if args.out else Path(args.run_dir or ".") / GRAPHS_DIR / f"{args.slug}.json"
     html = Path(args.html) if args.html else out.with_suffix(".html")
     write_graph(out, circuit.graph)
     atomic_write_text(html, circuit_figure(circuit.graph).to_html(include_plotlyjs=True, full_html=True))
@@ -555,7 +556,7 @@ def _attribute_parser(commands: argparse._SubParsersAction) -> None:
     out = attribute.add_argument_group("output")
     out.add_argument("--top", type=int, default=20, help="nodes in the printed table (default 20)")
     out.add_argument("--slug", default="circuit", help="the graph's name (default circuit)")
-    out.add_argument("--out", help="the graph file (default <run>/circuits/<slug>.json, or ./circuits/<slug>.json)")
+    out.add_argument("--out", help="the graph file (default <run>/graphs/<slug>.json, or ./graphs/<slug>.json)")
     out.add_argument("--html", help="the figure (default: the graph file's name with .html)")
     out.add_argument("--device", default="auto", help="where the model runs (default auto)")
     attribute.set_defaults(run=_attribute)

@@ -5,6 +5,7 @@ dashboard, which must start without importing the model stack) reads them from.
     <run>/metrics.jsonl               one line per logged step and SAE (and per `saelab eval`)
     <run>/summary.json                each SAE's numbers over the last training steps
     <run>/compare.json                `saelab compare <run>`: how many features its SAEs share (+ compare.html)
+    <run>/graphs/<slug>.json          `saelab attribute --run <run>`: circuit graph files (+ <slug>.html)
     <run>/checkpoints/                atomic training checkpoints
     <run>/saes/<label>/               an SAE in the SAELens format, plus eval.json, probing.json, features.sqlite,
                                       explanations.jsonl and autointerp.json
@@ -21,3 +22,4 @@ PROBING_FILE = "probing.json"
 EXPLANATIONS_FILE = "explanations.jsonl"
 AUTOINTERP_FILE = "autointerp.json"
 COMPARE_FILE = "compare.json"
+GRAPHS_DIR = "graphs"

@@ -1,6 +1,6 @@
 """Circuit: which latents, at which layers and positions, make the model predict a token, and what happens when
 some of them are ablated or boosted. The graph is `saelab.circuits`' graph file (a new one, or one saved by
-`saelab attribute` under the run's `circuits/`); the edits go through `saelab.steer` (`saelab.browse.circuit_edits`)."""
+`saelab attribute` under the run's `graphs/`); the edits go through `saelab.steer` (`saelab.browse.circuit_edits`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from saelab.browse.circuit_edits import edit_graph_nodes
 from saelab.circuits.figure import circuit_figure
 from saelab.circuits.graph import read_graph
 from saelab.errors import SaelabError
+from saelab.run_layout import GRAPHS_DIR
 
 DEFAULT_PROMPT = "def add(a, b):\n    return a + b\n\nprint(add(1, 2"
 NEW = "a new graph (the form below)"
@@ -30,7 +31,7 @@ st.caption(
 )
 
 # ---- which graph: a saved one, or a new one from the form -------------------------------------------
-saved = sorted((run.path / "circuits").glob("*.json")) if (run.path / "circuits").is_dir() else []
+saved = sorted((run.path / GRAPHS_DIR).glob("*.json")) if (run.path / GRAPHS_DIR).is_dir() else []
 source = st.selectbox("graph", [NEW, *(path.name for path in saved)], key="circuit_source")
 usable = [sae for sae in run.saes if sae.has_weights]
 one_per_hook: dict[str, str] = {}
@@ -85,7 +86,7 @@ def new_graph() -> dict | None:
 
 if source != NEW:
     try:
-        st.session_state["circuit_graph"] = read_graph(run.path / "circuits" / source)
+        st.session_state["circuit_graph"] = read_graph(run.path / GRAPHS_DIR / source)
     except SaelabError as error:
         st.error(str(error))
         st.stop()
