@@ -21,6 +21,7 @@ the clean pass), by the same passes without the linearisation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +68,12 @@ class _Leaves:
     tensors: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
 
     @classmethod
-    def of(cls, trace: Trace, sites: list[int], copies: int, removed: dict[int, torch.Tensor] | None = None) -> _Leaves:
+    def of(
+        cls, trace: Trace, sites: list[int], copies: int, removed: dict[tuple[int, int], torch.Tensor] | None = None
+    ) -> _Leaves:
         """Clean values; `removed[(site, 0 latents / 1 errors)]`, [copies, T, ·], is subtracted (pair patching's u)."""
 
-        def copy(tensor: torch.Tensor, key: Any) -> torch.Tensor:
+        def copy(tensor: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
             out = tensor.float().expand(copies, *tensor.shape).clone()
             if removed is not None and key in removed:
                 out -= removed[key]
@@ -88,7 +91,12 @@ class _Leaves:
     def flat(self) -> list[torch.Tensor]:
         return [t for pair in self.tensors.values() for t in pair if t is not None]
 
-    def hooks(self, trace: Trace, on_target: Any | None = None, target: int | None = None) -> Hooks:
+    def hooks(
+        self,
+        trace: Trace,
+        on_target: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        target: int | None = None,
+    ) -> Hooks:
         """Hooks writing the leaves at their sites (and calling `on_target(x, y)` at dictionary `target`)."""
 
         def on_write(k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,7 +119,9 @@ def _start(trace: Trace, sites: list[int]) -> int | None:
     return None if sites[0] == TOKENS else trace.dictionaries[sites[0]].layer
 
 
-def _downstream_values(trace: Trace, target: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _downstream_values(
+    trace: Trace, target: int, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hook `target`'s nodes (latents [B, T, d_sae], errors [B, T, d]) as this pass makes them, on the clean
     pass's decomposition (base and scale), so that only the nodes move."""
     state = split_activation(trace.dictionaries[target], x, y, trace.first, trace.states[target])
@@ -253,7 +263,9 @@ def _exact_pairs(
     return metric[1:] - metric[0]
 
 
-def _removals(trace: Trace, nodes: Nodes, sources: torch.Tensor, fraction: float) -> dict:
+def _removals(
+    trace: Trace, nodes: Nodes, sources: torch.Tensor, fraction: float
+) -> dict[tuple[int, int], torch.Tensor]:
     """What copy b (1 …) takes away from source b − 1: {(site, 0 latents / 1 errors): [copies, T, ·]}."""
     removed: dict[tuple[int, int], torch.Tensor] = {}
     for b, u in enumerate(sources.tolist(), start=1):
