@@ -12,6 +12,9 @@ beside `random_draws` random sets of N nodes. Nodes are recomputed on each pass 
 hook (an ablation upstream changes them), as in Marks et al.'s code; positions before the first node
 position are never touched. All circuits run as copies of the prompt in one batched pass.
 
+`by="feature"` ranks and counts features instead, as Marks et al. aggregate over positions: a latent of a
+dictionary (or its error) kept at every position it is a node at, ranked by its summed effect.
+
 Latents that did not fire on the prompt are not nodes, so no circuit holds them: they sit at their means in
 every F(C), as in Marks et al.'s code. Even the circuit of all nodes then differs from the model by the sum of
 those means; its faithfulness (`all_nodes`) is the ceiling of the curve, reported beside it.
@@ -19,7 +22,7 @@ those means; its faithfulness (`all_nodes`) is the ceiling of the curve, reporte
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -84,15 +87,24 @@ def evaluate_circuits(
     sizes: tuple[int, ...] = SIZES,
     random_draws: int = 3,
     seed: int = 0,
+    by: Literal["node", "feature"] = "node",
 ) -> dict[str, Any]:
-    """Faithfulness, completeness and random circuits' faithfulness at each size (see the module docstring)."""
+    """Faithfulness, completeness and random circuits' faithfulness at each size (see the module docstring).
+
+    `by="feature"` counts and ranks features instead of nodes, as Marks et al. aggregate over positions: a
+    dictionary's latent (or its error) at every position it is a node at, ranked by its summed effect."""
     candidates = (nodes.kind != TOKEN).nonzero().flatten()
-    ranked = candidates[effects[candidates].abs().argsort(descending=True)]
+    unit, unit_effect = _units(nodes, effects, candidates, by)
+    ranked = unit_effect.abs().argsort(descending=True)
     sizes = tuple(sorted({min(n, len(ranked)) for n in sizes}))
     generator = torch.Generator().manual_seed(seed)
-    top = [ranked[:n] for n in sizes]
+
+    def circuit(units: torch.Tensor) -> torch.Tensor:
+        return candidates[torch.isin(unit, units)]
+
+    top = [circuit(ranked[:n]) for n in sizes]
     randoms = [
-        candidates[torch.randperm(len(candidates), generator=generator)[:n]] for n in sizes for _ in range(random_draws)
+        circuit(torch.randperm(len(ranked), generator=generator)[:n]) for n in sizes for _ in range(random_draws)
     ]
     empty = torch.zeros(0, dtype=torch.long)
     kept = _metric_in_batches(model, trace, nodes, [empty, candidates, *top, *randoms], means, complement=False)
@@ -106,7 +118,9 @@ def evaluate_circuits(
 
     by_size = kept[1 + len(sizes) :].view(len(sizes), random_draws)
     return {
+        "by": by,
         "sizes": list(sizes),
+        "circuit_nodes": [len(c) for c in top],
         "faithfulness": [share(v) for v in kept[1 : 1 + len(sizes)]],
         "completeness": [share(v) for v in removed],
         "random_faithfulness": [share(row.mean()) for row in by_size],
@@ -116,6 +130,17 @@ def evaluate_circuits(
         "metric_empty": f_empty,
         "n_nodes": len(candidates),
     }
+
+
+def _units(nodes: Nodes, effects: torch.Tensor, candidates: torch.Tensor, by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a circuit counts: (the unit of each candidate node [n], each unit's effect [n_units])."""
+    if by == "node":
+        return torch.arange(len(candidates)), effects[candidates]
+    if by != "feature":
+        raise ValueError(f"by must be 'node' or 'feature', not {by!r}")
+    key = nodes.site[candidates] * (int(nodes.latent.max()) + 2) + nodes.latent[candidates] + 1
+    _, unit = key.unique(return_inverse=True)
+    return unit, torch.zeros(int(unit.max()) + 1).index_add_(0, unit, effects[candidates])
 
 
 def _metric_in_batches(
