@@ -85,7 +85,8 @@ def _title(graph: dict[str, Any]) -> str:
         if metric.get("contrast")
         else (f"log p({metric.get('target')!r})")
     )
-    return f"{what} = {metric.get('value', float('nan')):.3f} · {info.get('method', '?')} · {len(graph['nodes'])} nodes"
+    method = info.get("method", "?") + (" (errors and tokens exact)" if info.get("exact_errors") else "")
+    return f"{what} = {metric.get('value', float('nan')):.3f} · {method} · {len(graph['nodes'])} nodes"
 
 
 def _row_labels(graph: dict[str, Any], rows: list[str]) -> list[str]:
