@@ -26,6 +26,7 @@ navigation = st.navigation(
         st.Page("views/features.py", title="Feature browser", icon=":material/search:"),
         st.Page("views/feature.py", title="Feature page", icon=":material/extension:"),
         st.Page("views/steering.py", title="Steering playground", icon=":material/tune:"),
+        st.Page("views/circuit.py", title="Circuit", icon=":material/account_tree:"),
     ]
 )
 ui.sidebar()

@@ -30,6 +30,7 @@ from saelab.sae.saelens_format import WEIGHTS_FILE
 
 FEATURE_PAGE = "views/feature.py"
 STEERING_PAGE = "views/steering.py"
+CIRCUIT_PAGE = "views/circuit.py"
 # Every chart: tight margins, the plotly toolbar upright at the right so it never covers the title.
 CHART_LAYOUT = {"margin": {"l": 10, "r": 40, "t": 40, "b": 10}, "modebar": {"orientation": "v"}}
 MAKE_A_RUN = (
@@ -252,6 +253,29 @@ def model_lock() -> threading.Lock:
     """One model serves every browser tab, each in its own thread; a pass adds hooks to the model for
     its duration, so passes take turns (`saelab.browse.model_lock`: the steering playground holds it too)."""
     return MODEL_LOCK
+
+
+def cached_model(spec: str) -> Any:
+    """The model `spec`, loaded once per dashboard process (the pages share it; passes hold `model_lock`)."""
+    return _model(spec)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _circuit_dictionaries(run: str, labels: tuple[str, ...], stamp: tuple) -> Any:
+    from saelab.circuits.sources import run_dictionaries
+
+    return run_dictionaries(run, labels=list(labels))
+
+
+def circuit_dictionaries(run: RunInfo, labels: list[str]) -> Any | None:
+    """The run's SAEs `labels` as a circuit's dictionaries (`saelab.circuits.sources.Dictionaries`), loaded once
+    until their weights change; None after a message saying why they cannot be used."""
+    try:
+        stamp = tuple(_stamp(sae.folder / WEIGHTS_FILE) for sae in run.saes if sae.label in labels)
+        return _circuit_dictionaries(str(run.path), tuple(labels), stamp)
+    except (SaelabError, OSError) as error:
+        st.error(f"cannot use these SAEs as a circuit's dictionaries: {error}")
+        return None
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)

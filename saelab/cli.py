@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from saelab.errors import SaelabError
 from saelab.out_of_memory import out_of_memory_error
@@ -368,6 +368,102 @@ def _print_comparison(report: dict) -> None:
         print(f"  left out (another hook than the rest): {', '.join(report['left_out'])}")
 
 
+def _attribute(args: argparse.Namespace) -> None:
+    from saelab.atomic import atomic_write_text
+    from saelab.circuits.figure import circuit_figure
+    from saelab.circuits.graph import write_graph
+    from saelab.circuits.job import CircuitRequest, attribute_circuit
+    from saelab.circuits.pruning import Pruning
+    from saelab.circuits.sources import folder_dictionaries, run_dictionaries
+    from saelab.models import load_model
+    from saelab.run_layout import GRAPHS_DIR
+
+    if bool(args.run_dir) == bool(args.sae):
+        raise SaelabError("give the dictionaries as --run DIR (a training run) or --sae DIR [DIR …] (SAE folders)")
+    if args.saes and not args.run_dir:
+        raise SaelabError("--saes picks SAEs of a run by name: give --run DIR too (or list SAE folders with --sae)")
+    if args.run_dir:
+        found = run_dictionaries(args.run_dir, args.hooks, args.saes)
+    else:
+        found = folder_dictionaries(args.sae, args.store, args.hooks)
+    if args.store and args.run_dir:
+        found.store = Path(args.store)
+    spec = found.model = args.model or found.model  # what the dictionaries are checked against
+    if not spec:
+        raise SaelabError("the dictionaries do not say which model they were trained on; name it with --model SPEC")
+    pruning = Pruning(args.prune, args.node_threshold, args.edge_threshold, args.top_nodes)
+    request = CircuitRequest(
+        prompt=args.prompt,
+        target=args.target,
+        contrast=args.contrast,
+        position=args.position,
+        method=args.method,
+        steps=args.steps,
+        exact_errors=args.exact_errors,
+        edges=args.edges,
+        max_nodes=args.max_nodes,
+        pruning=pruning,
+        evaluate=args.evaluate,
+        first_position=args.first_position,
+        slug=args.slug,
+    )
+    request.check()
+    model = load_model(spec, args.device)
+    circuit = attribute_circuit(model, found, request)
+    out = Path(args.out) if args.out else Path(args.run_dir or ".") / GRAPHS_DIR / f"{args.slug}.json"
+    html = Path(args.html) if args.html else out.with_suffix(".html")
+    write_graph(out, circuit.graph)
+    atomic_write_text(html, circuit_figure(circuit.graph).to_html(include_plotlyjs=True, full_html=True))
+    _print_circuit(circuit, args.top)
+    print(f"graph: {out} (circuit-tracer's graph-file format)\nfigure: {html}")
+
+
+def _print_circuit(circuit: Any, top: int) -> None:
+    """The metric, the top nodes, the graph's size, the evaluation and the timings."""
+    info = circuit.graph["metadata"]["saelab"]
+    metric = info["metric"]
+    what = f"log p({metric['target']!r})"
+    if metric["contrast"] is not None:
+        what = f"logit({metric['target']!r}) − logit({metric['contrast']!r})"
+    shown = ", ".join(f"{t['token']!r} {t['probability']:.1%}" for t in info["top_next_tokens"][:3])
+    print(
+        f"{what} at position {metric['position']} = {metric['value']:.4f} (p = {metric['probability']:.1%}; "
+        f"top next tokens {shown})\n{info['n_nodes']:,} nodes ({info['method']}"
+        + (f", {info['steps']} steps" if info["method"] == "ig" else "")
+        + ("; errors and tokens exact" if info["exact_errors"] else "")
+        + f"); effect = change of the metric when the node is zeroed; top {top} by |effect|:"
+    )
+    rows = []
+    for index in circuit.top(top, tokens=True):
+        row = circuit.node_row(index)
+        latent = row["latent"] if row["kind"] == "latent" else row["kind"]
+        cells = [row["hook"], str(row["position"]), _excerpt(row["token"], 12), str(latent), f"{row['effect']:+.4f}"]
+        rows.append([*cells, _excerpt(row["label"], 60)])
+    columns = [("hook", 28), ("pos", 5), ("token", 14), ("latent", 8), ("effect", 10), ("label", 62)]
+    _print_table(columns, rows, left=(0, 2, 5))
+    n_nodes, n_links = len(circuit.graph["nodes"]), len(circuit.graph["links"])
+    print(f"kept: {n_nodes} nodes (tokens and the metric included), {n_links} edges; seconds: {info['seconds']}")
+    evaluation = info.get("evaluation")
+    if evaluation:
+        print(
+            f"mean ablation (F(M) = {evaluation['metric_model']:.3f}, F(∅) = {evaluation['metric_empty']:.3f}; "
+            f"all {evaluation['n_nodes']:,} nodes kept: faithfulness {_number(evaluation['all_nodes'])}):"
+        )
+        _print_table(
+            [("nodes", 7), ("faithfulness", 14), ("completeness", 14), (f"random ×{evaluation['random_draws']}", 12)],
+            [
+                [str(n), _number(f), _number(c), _number(r)]
+                for n, f, c, r in zip(
+                    evaluation["sizes"],
+                    evaluation["faithfulness"],
+                    evaluation["completeness"],
+                    evaluation["random_faithfulness"],
+                    strict=True,
+                )
+            ],
+        )
+
+
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -458,6 +554,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--runs", default="runs", help="the runs folder whose free disk to report (default: runs)")
     doctor.set_defaults(run=_doctor)
+    _attribute_parser(commands)
     imported = commands.add_parser(
         "import-sae", help="a shared SAELens SAE (release + id) as a run that eval, analyze and the dashboard read"
     )
@@ -469,6 +566,49 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--label", help="the SAE's name in the run (default: <release>__<id>)")
     imported.set_defaults(run=_import_sae)
     return parser
+
+
+def _attribute_parser(commands: argparse._SubParsersAction) -> None:
+    attribute = commands.add_parser(
+        "attribute", help="which latents, at which layers and positions, make the model predict a token (a circuit)"
+    )
+    where = attribute.add_argument_group("dictionaries")
+    where.add_argument(
+        "--run", dest="run_dir", help="a training run: its SAEs, its store (means) and its feature stores (labels)"
+    )
+    where.add_argument("--saes", nargs="+", metavar="NAME", help="only these SAEs of the run (one per hook)")
+    where.add_argument("--sae", nargs="+", metavar="DIR", help="SAE or transcoder folders instead of a run")
+    where.add_argument(
+        "--store", help="an activation store of their model, for --evaluate's means (default: the run's)"
+    )
+    where.add_argument("--hooks", nargs="+", metavar="HOOK", help="only the dictionaries at these hooks")
+    where.add_argument("--model", help="the model (default: the one the dictionaries were trained on)")
+    what = attribute.add_argument_group("the metric")
+    what.add_argument("--prompt", required=True, help="the text; BOS is prepended as the store's contexts have it")
+    what.add_argument("--target", help="one token, e.g. ' Paris' (default: the model's top next token)")
+    what.add_argument("--contrast", help="one token: the metric becomes logit(target) − logit(contrast)")
+    what.add_argument("--position", type=int, default=-1, help="the position whose prediction (default -1, the last)")
+    how = attribute.add_argument_group("attribution")
+    how.add_argument("--method", choices=["atp", "ig", "exact"], default="atp", help="node effects (default atp)")
+    how.add_argument("--steps", type=int, default=10, help="integrated gradients' steps (default 10)")
+    how.add_argument(
+        "--exact-errors", action="store_true", help="error and token nodes by exact ablation (few; far from linear)"
+    )
+    how.add_argument("--edges", action="store_true", help="also the edges between the graph's nodes")
+    how.add_argument("--max-nodes", type=int, default=200, help="the most nodes a graph keeps (default 200)")
+    how.add_argument("--prune", choices=["influence", "top", "threshold"], default="influence", help="node rule")
+    how.add_argument("--node-threshold", type=float, help="influence/top: share kept (0.8); threshold: min |effect|")
+    how.add_argument("--edge-threshold", type=float, help="influence/top: share kept (0.98); threshold: min |effect|")
+    how.add_argument("--top-nodes", type=int, default=100, help="--prune top keeps this many nodes (default 100)")
+    how.add_argument("--first-position", type=int, help="nodes start here (default: the store's first position)")
+    how.add_argument("--evaluate", action="store_true", help="faithfulness and completeness by mean ablation")
+    out = attribute.add_argument_group("output")
+    out.add_argument("--top", type=int, default=20, help="nodes in the printed table (default 20)")
+    out.add_argument("--slug", default="circuit", help="the graph's name (default circuit)")
+    out.add_argument("--out", help="the graph file (default <run>/graphs/<slug>.json, or ./graphs/<slug>.json)")
+    out.add_argument("--html", help="the figure (default: the graph file's name with .html)")
+    out.add_argument("--device", default="auto", help="where the model runs (default auto)")
+    attribute.set_defaults(run=_attribute)
 
 
 _DISTRIBUTED_COMMANDS = ("harvest", "train")  # the commands that split their work over torchrun's ranks

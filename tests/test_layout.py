@@ -1,5 +1,5 @@
 """The package's stages import only downward: data flows corpus → activations → SAE → evaluation and
-analysis → steering → the dashboard, and no module reaches back up (README, "Layout")."""
+analysis → steering and circuits → the dashboard, and no module reaches back up (README, "Layout")."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ LEVEL = {
     "eval": 5,
     "analysis": 5,
     "steer": 6,
+    "circuits": 6,  # beside steering: attribution reads SAEs and feature stores; the dashboard edits through steer
     "browse": 7,
 }
 # What the dashboard's readers may take from training: the run's config schema, never training code.

@@ -57,8 +57,11 @@ class UpperLayers:
         finally:
             handle.remove()
 
-    def __call__(self) -> torch.Tensor:
-        """The recorded pass's logits `[batch, T, vocab]`, computed from block `start` on (hooks active fire)."""
+    def __call__(self, copies: int = 1) -> torch.Tensor:
+        """The recorded pass's logits `[batch, T, vocab]`, computed from block `start` on (hooks active fire).
+
+        `copies` > 1 runs that many copies of a recorded single sequence as one batch, `[copies, T, vocab]`,
+        for hooks that edit each copy differently (the recorded masks and rotary tables broadcast)."""
         if self._args is None:
             raise RuntimeError("nothing was recorded: run the model inside `recording()` first")
         args, kwargs = self._args, dict(self._kwargs)
@@ -66,6 +69,8 @@ class UpperLayers:
             hidden, args = args[0], args[1:]
         else:
             hidden = kwargs.pop("hidden_states")
+        if copies > 1:
+            hidden = hidden.expand(copies, *hidden.shape[1:])
         for block in self.model.blocks[self.start :]:
             out = block(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out

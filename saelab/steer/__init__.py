@@ -7,6 +7,7 @@ from saelab.steer.generation import generate
 from saelab.steer.interventions import (
     AddDirection,
     Intervention,
+    NodeEdit,
     SAEEdit,
     ablate_feature,
     add_feature,
@@ -19,6 +20,7 @@ from saelab.steer.steering import Steering, steer
 __all__ = [
     "AddDirection",
     "Intervention",
+    "NodeEdit",
     "SAEEdit",
     "SteerConfig",
     "Steering",

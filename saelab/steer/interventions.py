@@ -128,6 +128,56 @@ class SAEEdit(Intervention):
         return x + norm.direction((edited - z) @ sae.W_dec)
 
 
+@dataclass(eq=False)
+class NodeEdit(Intervention):
+    """Scale single nodes of `sae` at given positions, the way a circuit names them: `nodes` maps
+    (position, latent) to a factor, and (position, None) the SAE's error term there; 0 ablates, 2 doubles.
+
+        x_t ← x_t + Σ_i (f_ti − 1) z_ti W_dec[i] / c_t  +  (f_t − 1) ε_t        ε_t = x_t − x̂_t
+
+    Every other latent, the other positions and (but where it is scaled) the error term are left as they
+    are; positions past the sequence (a shorter pass) are skipped. `positions` does not apply: the nodes
+    name their positions (`saelab.circuits`; node positions count the BOS as 0)."""
+
+    sae: SparseAutoencoder = field(kw_only=True)
+    nodes: dict[tuple[int, int | None], float] = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.sae.cfg.hook_name_out:
+            raise SaelabError(
+                f"{self.sae.cfg.label} is a transcoder (it reads {self.sae.cfg.hook_name}): its nodes cannot be "
+                f"edited at {self.hook} alone; edit the nodes of SAEs, or steer with add_feature"
+            )
+        for position, latent in self.nodes:
+            if latent is not None:
+                check_feature(self.sae, latent)
+            if position < 0:
+                raise SaelabError(f"node position {position} is negative; positions count from 0 (the BOS)")
+
+    def apply(self, x: torch.Tensor, prompt_length: int | None = None) -> torch.Tensor:
+        """`x: [batch, seq, d]` with the named nodes scaled; a new tensor, `x` is not modified."""
+        rows = sorted({position for position, _ in self.nodes if position < x.shape[1]})
+        if not rows:
+            return x
+        sae, out = self.sae, x.clone()
+        selected = x[:, rows].to(sae.W_dec.dtype)  # [batch, n, d]
+        norm = sae.token_norm(selected)
+        z = sae.encode(selected, norm=norm)
+        error = selected - sae.decode(z, norm)
+        change = torch.zeros_like(selected)
+        for (position, latent), factor in self.nodes.items():
+            if position >= x.shape[1]:
+                continue
+            row = rows.index(position)
+            if latent is None:
+                change[:, row] += (factor - 1) * error[:, row]
+            else:
+                scale = norm.scale if norm.scale.dim() == 0 else norm.scale[:, row]
+                change[:, row] += (factor - 1) * z[:, row, latent, None] * sae.W_dec[latent] / scale
+        out[:, rows] = x[:, rows] + change.to(x.dtype)
+        return out
+
+
 def check_feature(sae: SparseAutoencoder, index: int) -> None:
     """A SaelabError unless `index` is one of the SAE's latents."""
     if not 0 <= index < sae.cfg.d_sae:
