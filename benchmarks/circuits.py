@@ -37,6 +37,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +389,17 @@ def done_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def measured_rows(path: Path, items: list[dict], measure: Callable[[dict, int], dict]) -> list[dict]:
+    """`measure(item, index)` of every item, each row appended to `path` as it is measured: a rerun measures
+    only the items after the rows already there."""
+    rows = done_rows(path)
+    for index, item in enumerate(items[len(rows) :], start=len(rows)):
+        rows.append(measure(item, index))
+        with path.open("a") as file:
+            file.write(json.dumps(rows[-1]) + "\n")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(REPO / "runs" / "smollm2-135m" / "circuits"))
@@ -406,46 +418,40 @@ def main() -> None:
     print(f"{args.run}: {labels} on {found.model}; nodes from position {found.first_position}")
     if "accuracy" in args.sections:
         items = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()][: args.limit]
-        path = out / "accuracy.jsonl"
-        rows = done_rows(path)
         means = circuit_means(found)
-        for index, item in enumerate(items[len(rows) :], start=len(rows)):
+
+        def accuracy(item: dict, index: int) -> dict:
             clock = time.perf_counter()
             row = accuracy_and_faithfulness(model, found, item, means, seed=index)
-            with path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
-            rows.append(row)
             print(
                 f"  prompt {index} ({item['family']}, {row['n_tokens']} tokens): r atp {row['r_atp']:.3f}, r ig "
                 f"{row['r_ig']:.3f}, r edges {row['r_edges']:.3f} ({time.perf_counter() - clock:.0f} s)",
                 flush=True,
             )
+            return row
+
+        rows = measured_rows(out / "accuracy.jsonl", items, accuracy)
         report_accuracy(rows)
         report_faithfulness(rows)
     if "features" in args.sections:
         items = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()][: args.limit]
-        path = out / "features.jsonl"
-        rows = done_rows(path)
         means = circuit_means(found)
-        for index, item in enumerate(items[len(rows) :], start=len(rows)):
-            row = feature_faithfulness(model, found, item, means, seed=index)
-            with path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
-            rows.append(row)
-        report_feature_faithfulness(rows)
+
+        def by_feature(item: dict, index: int) -> dict:
+            return feature_faithfulness(model, found, item, means, seed=index)
+
+        report_feature_faithfulness(measured_rows(out / "features.jsonl", items, by_feature))
     if "hooks" in args.sections:  # families taken in turn, so that a part of the prompts is a fair sample
         items = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()]
         items = [item for _, item in sorted(enumerate(items), key=lambda pair: _turn(items, pair[0]))][: args.limit]
-        path = out / "hooks.jsonl"
-        rows = done_rows(path)
         means = circuit_means(found)
-        for index, item in enumerate(items[len(rows) :], start=len(rows)):
+
+        def hooks(item: dict, index: int) -> dict:
             row = hook_faithfulness(model, found, item, means, seed=index)
-            with path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
-            rows.append(row)
             print(f"  prompt {index}: hooks done", flush=True)
-        report_hook_faithfulness(rows)
+            return row
+
+        report_hook_faithfulness(measured_rows(out / "hooks.jsonl", items, hooks))
     if "cost" in args.sections:
         report_cost(cost_rows(model, found, out / "cost.jsonl"))
     if "page" in args.sections:

@@ -59,7 +59,7 @@ class SAEConfig:
         `train_b_dec: false`: trained against a small a·Σ z w, b_dec drifts far from the data.
       * reconstruction regime (fewer latents a token than d_in, as on any LLM): untied, its own W_enc
         and free unit decoder rows, the JumpReLU gate set by the adapted biases. On SmolLM2 at L0 32 the
-        tied form with trained a_i reconstructs 11 % worse than TopK, the untied one within 3 % (README).
+        tied form with trained a_i reconstructs 19 % worse than TopK, the untied one level (docs/variants.md).
       `tied: true/false` forces the form; `output_scale` (tied): a number fixes every a_i there,
       `trained` starts them at 0.1 and trains them.
     - standard, transcoder, skip_transcoder (ReLU, Anthropic's April 2024 recipe) and gated: an L1 penalty
