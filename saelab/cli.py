@@ -623,8 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stopped_by_launcher)  # torchrun stops the other ranks when one fails
     try:
         args.run(args)
-        if "saelab.distributed" in sys.modules:  # a clean end: the ranks leave together
-            sys.modules["saelab.distributed"].shutdown(together=True)
+        _leave_process_group(together=True)  # a clean end: the ranks leave together
     except SaelabError as error:
         print(f"saelab {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -637,9 +636,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"saelab {args.command}: error: {out_of_memory}", file=sys.stderr)
         return 2
     finally:
-        if "saelab.distributed" in sys.modules:
-            sys.modules["saelab.distributed"].shutdown()
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group(together: bool = False) -> None:
+    """Leave torchrun's process group, if this process imported `saelab.distributed` (only then can it have
+    joined one); `together` waits for every rank first (`distributed.shutdown`)."""
+    if "saelab.distributed" in sys.modules:
+        sys.modules["saelab.distributed"].shutdown(together)
 
 
 def _stopped_by_launcher(signum: int, frame: object) -> None:
