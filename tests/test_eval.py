@@ -17,7 +17,7 @@ from saelab.cli import main
 from saelab.config import load_config, save_config
 from saelab.errors import SaelabError
 from saelab.eval import metrics as M
-from saelab.eval.ce_loss import CELossAccumulator, ce_loss_recovered
+from saelab.eval.ce_loss import CELossAccumulator, CleanPredictions, ce_loss_recovered
 from saelab.eval.config import EvalConfig
 from saelab.eval.evaluate import evaluate, held_out_contexts
 from saelab.harvest.config import CorpusConfig, HarvestConfig
@@ -119,6 +119,29 @@ def test_streaming_accumulator_equals_one_shot_and_numpy():
     assert result["fvu"] == pytest.approx(fvu, rel=1e-10)
     assert result["explained_variance_per_dim"] == pytest.approx(per_dim, rel=1e-10)
     assert 0 < result["fvu"] < 1
+
+
+def test_clean_predictions_give_the_loss_and_kl_of_a_float64_log_softmax():
+    """The logsumexp-and-dot form against the textbook one, on random logits of a realistic spread."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length, vocab = 3, 9, 500
+    tokens = torch.randint(0, vocab, (batch, length), generator=generator)
+    clean = 4 * torch.randn(batch, length, vocab, generator=generator)
+    other = clean + torch.randn(batch, length, vocab, generator=generator)
+
+    def reference(logits: torch.Tensor) -> tuple[float, float]:
+        log_p = torch.log_softmax(logits[:, :-1].double(), -1)
+        log_c = torch.log_softmax(clean[:, :-1].double(), -1)
+        loss = -log_p.gather(-1, tokens[:, 1:, None]).sum()
+        return float(loss), float((log_c.exp() * (log_c - log_p)).sum())
+
+    predictions = CleanPredictions(clean, tokens)
+    loss, kl = predictions.compare(other)
+    expected_loss, expected_kl = reference(other)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert kl == pytest.approx(expected_kl, rel=1e-5) and expected_kl > 1
+    assert predictions.loss_sum == pytest.approx(reference(clean)[0], rel=1e-6)
+    assert predictions.compare(clean)[1] == pytest.approx(0.0, abs=1e-4)
 
 
 # ---- CE loss recovered on the real model --------------------------------------------------------

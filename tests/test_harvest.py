@@ -187,6 +187,19 @@ def test_a_store_from_before_gradients_existed_reads_and_resumes(tiny_model, tin
     assert store_digest(tmp_path / "store") == expected
 
 
+def test_a_rerun_may_change_the_batch_size_and_ends_with_the_same_store(tiny_model, tiny_model_dir, tmp_path):
+    cfg = tiny_config(tmp_path / "store", tiny_model_dir)
+    harvest(cfg, model=tiny_model, progress=False)
+    expected = store_digest(tmp_path / "store")
+    manifest_path = tmp_path / "store" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["shards"], raw["complete"] = raw["shards"][:1], False  # as if killed after shard 0
+    manifest_path.write_text(json.dumps(raw))
+    cfg.batch_size = 3  # a shard of 4 contexts now runs as batches of 3 and 1
+    harvest(cfg, model=tiny_model, progress=False)
+    assert store_digest(tmp_path / "store") == expected
+
+
 def test_refuses_a_store_made_with_another_config(tiny_model, tiny_model_dir, tmp_path):
     cfg = tiny_config(tmp_path / "store", tiny_model_dir)
     harvest(cfg, model=tiny_model, progress=False)

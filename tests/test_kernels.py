@@ -29,7 +29,7 @@ from saelab.kernels import (
 )
 from saelab.kernels import reference as ref
 from saelab.kernels.backend import triton_available
-from saelab.kernels.selection import GROUP, row_topk
+from saelab.kernels.selection import GROUP, SAMPLE_STRIDE, largest_relu, row_topk
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 # (batch, d, n, k, tile): k = 1, k = n, a batch of 1, tiles that do not divide n.
@@ -429,3 +429,23 @@ def test_row_topk_equals_torch_topk(n, k):
     want = scores.topk(k, dim=-1)
     assert torch.equal(indices.sort(-1).values, want.indices.sort(-1).values)
     torch.testing.assert_close(values.sort(-1).values, want.values.sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    "shift,k",
+    [(0.0, 32), (-2.35, 32), (-3.0, 32), (0.0, 1), (0.0, 200)],
+    ids=["typical", "threshold-not-positive", "fewer-positive-than-kept", "k1", "threshold-path-off"],
+)
+def test_largest_relu_equals_one_topk_over_the_batch(shift, k):
+    """BatchTopK's sampled-threshold selection keeps exactly relu(u).flatten().topk's entries, including where
+    too few entries clear the threshold (the fallback) or too few are positive at all (zeros kept)."""
+    pre = torch.randn(128, 4096, generator=torch.Generator().manual_seed(k)) + shift
+    n = k * len(pre)
+    assert (n * SAMPLE_STRIDE * 4 <= pre.numel()) == (k <= 32)  # the sampled threshold is tried for k ≤ 32
+    values, indices = largest_relu(pre, n)
+    want = pre.relu().flatten().topk(n)
+    positive = want.values > 0
+    assert positive.any()
+    kept = values > 0
+    assert torch.equal(indices[kept].sort().values, want.indices[positive].sort().values)
+    assert torch.equal(values.sort().values, want.values.sort().values)

@@ -66,10 +66,51 @@ def next_token_loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
 
 
-def next_token_kl_sum(clean_log_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Σ_{b, t ≤ T−2} D_KL(p_clean ‖ p) with p = softmax(logits); clean_log_probs: [batch, T−1, vocab] (float32)."""
-    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return F.kl_div(log_probs, clean_log_probs, log_target=True, reduction="sum")
+class CleanPredictions:
+    """The clean pass's next-token distributions on one batch, which each spliced pass is measured against.
+
+    With l a row of logits, lse = log Σ_v exp(l_v) and p_c the clean distribution,
+
+        loss           = lse − l[next token]
+        KL(p_c ‖ p)    = Σ_v p_c,v (log p_c,v − log p_v) = p_c·l_c − p_c·l − (lse_c − lse)
+
+    so a spliced pass costs one logsumexp and one dot product per row, where a log-softmax, a KL over the
+    vocabulary and a second log-softmax (for the loss) each read and wrote [rows, vocab] floats (about a
+    quarter of the evaluation's time on a CPU). Every position is computed (the logits stay a view); the
+    last one, which predicts nothing, is dropped from the sums.
+    """
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """logits: [batch, T, vocab] of the clean pass; tokens: [batch, T]."""
+        flat, self.lse = _rows_and_normalizers(logits)
+        self.tokens = tokens
+        self.probs = torch.sub(flat, self.lse.reshape(-1, 1)).exp_()  # p_c, [batch·T, vocab] float32
+        self.self_dot = _row_dots(self.probs, flat)  # p_c·l_c, [batch·T]
+        self.loss_sum = _loss_sum(flat, self.lse, tokens)
+
+    def compare(self, logits: torch.Tensor) -> tuple[float, float]:
+        """(Σ next-token loss, Σ KL(p_clean ‖ p)) over the batch's predictions for the logits of another pass."""
+        flat, lse = _rows_and_normalizers(logits)
+        kl = (self.self_dot - _row_dots(self.probs, flat)) - (self.lse - lse)
+        return _loss_sum(flat, lse, self.tokens), float(kl.view(self.tokens.shape)[:, :-1].double().sum())
+
+
+def _rows_and_normalizers(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [batch, T, vocab] → (the rows [batch·T, vocab] in float32, their logsumexp [batch·T])."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return flat, torch.logsumexp(flat, dim=-1)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] · [rows, vocab] row by row → [rows] (a batched product: no [rows, vocab] temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _loss_sum(flat: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Σ_{b, t ≤ T−2} lse[b, t] − l[b, t, tokens[b, t + 1]]."""
+    batch, length = tokens.shape
+    next_logit = flat.view(batch, length, -1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return float((lse.view(batch, length)[:, :-1] - next_logit).double().sum())
 
 
 @dataclass
@@ -223,8 +264,8 @@ class CELossAccumulator:
                     clean_logits = self.model(tokens)
         with torch.inference_mode():
             self._check_upper(clean_logits)
-            self.clean_sum += float(next_token_loss_sum(clean_logits, tokens))
-            clean_log_probs = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
+            clean = CleanPredictions(clean_logits, tokens)
+            self.clean_sum += clean.loss_sum
             del clean_logits
             passes = {"zero": zero_ablation, **self.reconstructions}
             if gradient is not None:
@@ -233,8 +274,9 @@ class CELossAccumulator:
                     passes[label] = _with_rows(reconstruct, rows)
             for label, reconstruct in passes.items():
                 logits = spliced_logits(self.model, tokens, self.hook, reconstruct, self.first_position, self.upper)
-                self.loss_sums[label] += float(next_token_loss_sum(logits, tokens))
-                self.kl_sums[label] += float(next_token_kl_sum(clean_log_probs, logits))
+                loss_sum, kl_sum = clean.compare(logits)
+                self.loss_sums[label] += loss_sum
+                self.kl_sums[label] += kl_sum
         self.n_predictions += tokens.shape[0] * (tokens.shape[1] - 1)
 
     def _check_upper(self, clean_logits: torch.Tensor) -> None:

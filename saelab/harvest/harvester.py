@@ -1,9 +1,11 @@
 """Run a language model over a corpus and write its activations at chosen hooks to a sharded store.
 
 The harvest is deterministic and resumable: contexts are numbered in corpus order, shard `i`
-holds contexts `[i·S, (i+1)·S)` computed in the same batches every time, and the manifest lists
-a shard only after the shard is safely on disk. A rerun of the same command after a kill skips the
-listed shards, deletes anything unlisted, and ends with the store an uninterrupted run would make.
+holds contexts `[i·S, (i+1)·S)`, and the manifest lists a shard only after the shard is safely on
+disk. A rerun of the same command after a kill skips the listed shards, deletes anything unlisted,
+and ends with the store an uninterrupted run would make. `batch_size` and `device` say how the
+model runs, not what a shard holds (contexts are whole and unpadded, so a batch's rows do not see
+each other), and a rerun may change them.
 
 Under `torchrun` (several ranks) shard `i` is harvested by rank `i mod world_size`: every rank reads
 and tokenises the corpus and skips the contexts it does not own. Each rank lists its finished
@@ -55,7 +57,7 @@ from saelab.models import HookPoint, load_model, parse_hook
 from saelab.models.gradients import GRADIENT_LOSS
 
 # Settings that do not change what a store contains; everything else must match to resume.
-_NOT_IDENTITY = ("out", "device")
+_NOT_IDENTITY = ("out", "device", "batch_size")
 
 
 def harvest(cfg: HarvestConfig, model: TransformerBridge | None = None, progress: bool = True) -> StoreManifest:

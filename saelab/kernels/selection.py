@@ -14,12 +14,14 @@ Rules whose number of pairs varies per token pad their rows: `valid` marks real 
 hold latent 0 and value 0 and get no gradient.
 
 On the CPU, `row_topk` finds each row's top-k through group maxima (exact; see its docstring),
-which is ~1.4× faster than `torch.topk` over 9216 latents; on a GPU it is `torch.topk`.
+which is ~1.4× faster than `torch.topk` over 9216 latents, and `largest_relu` BatchTopK's through a
+sampled threshold (exact; ~4× faster); on a GPU both are `torch.topk`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from saelab.kernels.sparse_ops import full_rows
 # score(u_tile: [batch, T], start) -> [batch, T]: larger is kept first.
 ScoreHook = Callable[[torch.Tensor, int], torch.Tensor]
 GROUP = 16  # latents per group in row_topk's first pass
+SAMPLE_STRIDE = 16  # largest_relu reads its threshold from one entry in this many
 # AboveThreshold keeps a tile dense when more than this fraction of its pairs pass (the class docstring).
 DENSE_FRACTION = 1 / 8
 
@@ -57,6 +60,28 @@ def group_maxima_applies(n: int, k: int, on_cuda: bool) -> bool:
     """Whether `row_topk` of k among n takes the group-maxima route: on the CPU, with n a multiple of GROUP
     and more groups than k (on a GPU `torch.topk` is already fast)."""
     return not on_cuda and n % GROUP == 0 and n // GROUP > k
+
+
+def largest_relu(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, flat indices) of the n largest entries of relu(pre) over the whole tensor, unsorted: the same
+    as `pre.relu().flatten().topk(n)` (ties aside).
+
+    On the CPU one top-k over a [4096, 9216] tensor costs several matmuls; instead a threshold is read from
+    every SAMPLE_STRIDE-th entry (a rank a quarter above n's share, so that more than n entries clear it),
+    the entries ≥ it are gathered, and the top-k runs over those. Exact whenever at least n entries, all
+    positive, clear the threshold (checked); otherwise, and on a GPU, the plain top-k.
+    """
+    flat = pre.reshape(-1)
+    if pre.is_cuda or n * SAMPLE_STRIDE * 4 > flat.numel():
+        return flat.relu().topk(n, sorted=False)
+    sample = flat[::SAMPLE_STRIDE]
+    rank = min(len(sample), math.ceil(1.25 * n / SAMPLE_STRIDE) + 64)
+    threshold = sample.topk(rank, sorted=False).values.min()
+    candidates = (flat >= threshold).nonzero().squeeze(1) if threshold > 0 else flat[:0].long()
+    if len(candidates) < n:
+        return flat.relu().topk(n, sorted=False)
+    top = flat[candidates].topk(n, sorted=False)
+    return top.values, candidates[top.indices]
 
 
 @dataclass
@@ -107,8 +132,8 @@ class BatchTopK:
 
     def update(self, pre: torch.Tensor, start: int) -> None:
         batch, width = pre.shape
-        top = pre.relu().flatten().topk(min(self.k * batch, pre.numel()), sorted=False)
-        candidate = (top.values, top.indices // width, top.indices % width + start)
+        values, flat = largest_relu(pre, min(self.k * batch, pre.numel()))
+        candidate = (values, flat // width, flat % width + start)
         if self._best is not None:
             merged = [torch.cat(pair) for pair in zip(self._best, candidate, strict=True)]
             keep = merged[0].topk(min(self.k * batch, merged[0].numel()), sorted=False).indices
@@ -143,7 +168,7 @@ class AboveThreshold:
             threshold = threshold[start : start + pre.shape[1]]
         passed = pre > threshold
         self._batch, self._n = pre.shape[0], max(self._n, start + pre.shape[1])
-        if int(passed.sum()) > DENSE_FRACTION * passed.numel():
+        if int(passed.count_nonzero()) > DENSE_FRACTION * passed.numel():  # a bool sum() is ~18× slower
             self._dense.append((start, torch.where(passed, pre, 0), passed))
             return
         rows, latents = passed.nonzero(as_tuple=True)

@@ -260,8 +260,9 @@ class SparseAutoencoder(nn.Module):
         """What a variant logs beside the losses, read when the trainer logs (GBA: each group's frequency)."""
         return {}
 
-    def selected_(self, values: torch.Tensor) -> None:
-        """Called with the kept values after a training-mode selection (BatchTopK moves its threshold)."""
+    def selected_(self, indices: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Called with the kept pairs after a sparse selection ([batch, k'] each; `valid`: see `SparseOutput`):
+        BatchTopK moves its threshold, GBA counts firings."""
 
     def sparse_forward(
         self,
@@ -296,7 +297,7 @@ class SparseAutoencoder(nn.Module):
         )
         indices, pre, valid = encoded.indices[0], encoded.values[0], encoded.valid[0]
         values = self.kept_values(indices, pre, valid)
-        self.selected_(values.detach())
+        self.selected_(indices, values.detach(), valid)
         decoded = sparse_decode(indices, values, self.W_dec) + self.b_dec
         skip = self.skip(x, norm)
         out_norm = self.output_norm(norm)

@@ -93,6 +93,7 @@ from torch import nn
 
 from saelab.kernels import AboveThreshold
 from saelab.kernels.encode import SelectionRule, TileObserver
+from saelab.kernels.sparse_ops import is_full
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
 
@@ -217,8 +218,9 @@ class GBASAE(SparseAutoencoder):
         return AboveThreshold(0.0)
 
     def tile_observer(self) -> TileObserver | None:
-        """In training, `sparse_forward` feeds every tile of u to `observe`."""
-        return self.observe if self.training else None
+        """In training, `sparse_forward` feeds every tile of u to `_observe_reach`, and `selected_` counts the
+        firings from the kept pairs (u > 0: the same count, without another pass over u)."""
+        return self._observe_reach if self.training else None
 
     @torch.no_grad()
     def observe(self, pre_activations: torch.Tensor, start: int = 0) -> None:
@@ -229,15 +231,38 @@ class GBASAE(SparseAutoencoder):
         over ranks, whose slices are equal, so every rank holds the global window.
         """
         u = pre_activations.reshape(-1, pre_activations.shape[-1])
+        self._observe_reach(u, start)
+        self._count_fires((u > 0).sum(0), slice(start, start + u.shape[-1]))
+
+    @torch.no_grad()
+    def selected_(self, indices: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """The firings of a training batch, from its kept pairs: `valid` marks u > 0 (`AboveThreshold(0)`)."""
+        if not self.training:
+            return
+        kept = valid if valid is not None else values > 0
+        if is_full(indices, self.cfg.d_sae):  # a dense selection: every latent's slot, in order
+            fires = kept.sum(0)
+        else:
+            fires = torch.zeros_like(self.fires).index_add_(0, indices.reshape(-1), kept.reshape(-1).long())
+        self._count_fires(fires, slice(None))
+
+    @torch.no_grad()
+    def _observe_reach(self, pre_activations: torch.Tensor, start: int = 0) -> None:
+        """r_i of latents [start, start + width) and, at start 0, the batch's tokens (see `observe`)."""
+        u = pre_activations.reshape(-1, pre_activations.shape[-1])
         latents = slice(start, start + u.shape[-1])
-        fires, reach, tokens = (u > 0).sum(0), u.amax(0), u.shape[0]
+        reach, tokens = u.amax(0), u.shape[0]
         if self.data_parallel is not None:
-            fires, reach = self.data_parallel.sum_(fires), self.data_parallel.max_(reach)
+            reach = self.data_parallel.max_(reach)
             tokens *= self.data_parallel.world_size
-        self.fires[latents] += fires
         self.max_pre_activation[latents] = torch.maximum(self.max_pre_activation[latents], reach)
         if start == 0:
             self.tokens_observed += tokens
+
+    def _count_fires(self, fires: torch.Tensor, latents: slice) -> None:
+        if self.data_parallel is not None:
+            fires = self.data_parallel.sum_(fires)
+        self.fires[latents] += fires
 
     def adaptation_due(self) -> bool:
         return bool(self._due_groups().any())

@@ -81,7 +81,7 @@ class BatchTopKSAE(SparseAutoencoder):
     def selection_rule(self, x: torch.Tensor, gradient: torch.Tensor | None) -> SelectionRule:
         return BatchTopK(self.cfg.k) if self.training else AboveThreshold(self.threshold)
 
-    def selected_(self, values: torch.Tensor) -> None:
+    def selected_(self, indices: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
         if self.training:
             self._update_threshold(values.flatten())
 
