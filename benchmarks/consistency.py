@@ -366,7 +366,7 @@ def gsae_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
             if topk and gsae:
                 per_seed[seed] = (topk, gsae)
         if not per_seed:
-            rows.append([str(k), "not evaluated yet", "", "", "", ""])
+            rows.append([str(k), "not evaluated yet", "", "", "", "", ""])
             continue
         difference = [g["delta_lm_loss"] - t["delta_lm_loss"] for t, g in per_seed.values()]
         kl_difference = [g["kl"] - t["kl"] for t, g in per_seed.values()]
@@ -376,6 +376,7 @@ def gsae_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
                 str(k),
                 " / ".join(f"{t['delta_lm_loss']:.3f}" for t, _ in per_seed.values()),
                 " / ".join(f"{g['delta_lm_loss']:.3f}" for _, g in per_seed.values()),
+                " / ".join(_with_gradient(g) for _, g in per_seed.values()),
                 mean_spread(difference),
                 mean_spread(kl_difference),
                 " / ".join(f"{t['fvu']:.3f} vs {g['fvu']:.3f}" for t, g in per_seed.values()),
@@ -386,6 +387,7 @@ def gsae_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
             "k",
             "TopK Δ loss (seeds 0 / 1)",
             "g-SAE Δ loss",
+            "g-SAE Δ loss, selecting with g",
             "g-SAE − TopK Δ loss",
             "g-SAE − TopK KL",
             "FVU TopK vs g-SAE",
@@ -402,6 +404,12 @@ def gsae_table(root: Path, scale: Scale) -> tuple[list[str], dict[str, Any]]:
         ]
         results["steering"] = steering
     return lines, results
+
+
+def _with_gradient(evaluation: dict[str, Any]) -> str:
+    """A g-SAE's Δ loss when it selects with the held-out gradient, as it trains (β > 0 only)."""
+    value = evaluation.get("delta_lm_loss_with_gradient")
+    return "—" if value is None else f"{value:.3f}"
 
 
 def report(root: Path, scale: Scale) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     .venv-bench/bin/python benchmarks/training_step.py    # CPU: d_model 576, k 32, batch 4096, n ∈ {4608, 9216, 36864}
     python benchmarks/training_step.py --device cuda      # a GPU: the four shapes of CUDA_SHAPES
     python benchmarks/training_step.py --device cuda --profile saelab-bf16 --shapes 4096,131072,64,4096  # profile
+    python benchmarks/training_step.py --breakdown        # saelab's step by phase (encoder GEMM, top-k, …)
 
 Each implementation runs in its own process (so its peak memory is its own). In that process the
 step and its floors are timed in turn, so the ratios are measured under the same machine load.
@@ -258,6 +259,50 @@ def profile(implementation: str, shape: Shape, device: str) -> None:
     print(trace.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
 
 
+def breakdown(shape: Shape, device: str, steps: int = 3) -> list[tuple[str, float]]:
+    """saelab's step split into its phases (`saelab.kernels.phases`), in seconds per step, from a profile
+    of `steps` steps after warm-up; "other" is the rest (loss, AuxK bookkeeping, metrics, autograd)."""
+    from torch.profiler import profile as profiler
+    from torch.profiler import record_function
+
+    from saelab.kernels.phases import PHASES
+
+    x = torch.randn(shape.batch, shape.d_model, device=device)
+    step = saelab_step(shape, device)
+    for _ in range(3):
+        step(x)
+    with profiler() as trace:
+        for _ in range(steps):
+            with record_function("step"):
+                step(x)
+    totals = {event.key: event.cpu_time_total / 1e6 / steps for event in trace.key_averages()}
+    parts = [(name.removeprefix("step: "), totals.get(name, 0.0)) for name in PHASES]
+    return [*parts, ("other", totals["step"] - sum(seconds for _, seconds in parts)), ("step", totals["step"])]
+
+
+def warm_gemm_seconds(shape: Shape) -> float:
+    """The median of five encoder products [batch, d] × [d, n] into a warm output (the main table's GEMM)."""
+    W_enc, warm, x = (
+        torch.randn(shape.d_model, shape.n),
+        torch.empty(shape.batch, shape.n),
+        torch.randn(shape.batch, shape.d_model),
+    )
+    return statistics.median(timed(lambda: torch.mm(x, W_enc, out=warm)) for _ in range(5))
+
+
+def print_breakdown(shapes: list[Shape], device: str) -> None:
+    """One column per width: each phase's milliseconds and its multiple of one warm encoder GEMM."""
+    columns = {shape.n: (breakdown(shape, device), warm_gemm_seconds(shape)) for shape in shapes}
+    header = f"{'phase (ms, ×GEMM)':<32}" + "".join(f"{n:>20,}" for n in columns)
+    print(header + "\n" + "-" * len(header))
+    names = [name for name, _ in next(iter(columns.values()))[0]]
+    for i, name in enumerate(names):
+        cells = [f"{parts[i][1] * 1e3:>11.1f} {parts[i][1] / gemm_s:>6.2f}×" for parts, gemm_s in columns.values()]
+        print(f"{name:<32}" + "".join(f"{cell:>20}" for cell in cells))
+    print(f"{'one warm GEMM':<32}" + "".join(f"{gemm_s * 1e3:>11.1f} {1:>6.2f}×" for _, gemm_s in columns.values()))
+    print("\n(under a profiler, which adds to every op: the step's own ratio to the GEMM is the main table's)")
+
+
 def run_worker(implementation: str, shape: Shape, device: str, rounds: int) -> dict[str, float] | str:
     root = str(Path(__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
@@ -347,6 +392,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=parse_shape, nargs="+", help="d_model,n_latents,k,batch each")
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS)
     parser.add_argument("--profile", choices=IMPLEMENTATIONS, nargs="+", help="print profiler tables of these instead")
+    parser.add_argument("--breakdown", action="store_true", help="saelab's step by phase at each width instead")
     args = parser.parse_args()
     rounds = args.rounds or (10 if args.device == "cuda" else 5)
     if args.worker:
@@ -355,6 +401,10 @@ def main() -> None:
     shapes = args.shapes or (CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES)
     if args.widths:
         shapes = [Shape(576, n, 32, 4096) for n in args.widths]
+    if args.breakdown:
+        describe(args.device)
+        print_breakdown(shapes, args.device)
+        return
     if args.profile:
         for shape in shapes:
             for implementation in args.profile:

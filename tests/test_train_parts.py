@@ -229,3 +229,20 @@ def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_float32_and_says_so(s
     trainer.train(run, source=TensorSource(torch.randn(512, 16, generator=torch.Generator().manual_seed(0))))
     assert used == [torch.bfloat16 if fast else None] * 2
     assert (notice in capsys.readouterr().err) == (not fast)
+
+
+def test_the_step_breakdown_times_every_phase_and_adds_up_to_the_step():
+    """`benchmarks/training_step.py --breakdown`: each phase's profiler range is reached in a real step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import training_step
+
+    from saelab.kernels.phases import PHASES
+
+    parts = dict(training_step.breakdown(training_step.Shape(32, 256, 8, 128), "cpu", steps=2))
+    assert set(parts) == {name.removeprefix("step: ") for name in PHASES} | {"other", "step"}
+    measured = {name: seconds for name, seconds in parts.items() if name not in ("other", "step")}
+    assert all(seconds > 0 for seconds in measured.values()), measured
+    assert 0 <= parts["other"] < parts["step"]  # the phases do not overlap: together they fit inside the step

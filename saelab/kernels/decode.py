@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from saelab.kernels.phases import DECODE, DECODER_BACKWARD, phase
 from saelab.kernels.sparse_ops import rows_matmul, rows_transpose_matmul, sampled_dot
 
 
@@ -22,16 +23,18 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, values, W_dec):
         ctx.save_for_backward(indices, values, W_dec)
-        return rows_matmul(indices, values, W_dec)
+        with phase(DECODE):
+            return rows_matmul(indices, values, W_dec)
 
     @staticmethod
     def backward(ctx, grad):
         indices, values, W_dec = ctx.saved_tensors
-        grad = grad.contiguous().to(W_dec.dtype)
-        grad_values = sampled_dot(indices, grad, W_dec) if ctx.needs_input_grad[1] else None
-        grad_W = (
-            rows_transpose_matmul(indices, values.to(W_dec.dtype), grad, W_dec.shape[0])
-            if ctx.needs_input_grad[2]
-            else None
-        )
+        with phase(DECODER_BACKWARD):
+            grad = grad.contiguous().to(W_dec.dtype)
+            grad_values = sampled_dot(indices, grad, W_dec) if ctx.needs_input_grad[1] else None
+            grad_W = (
+                rows_transpose_matmul(indices, values.to(W_dec.dtype), grad, W_dec.shape[0])
+                if ctx.needs_input_grad[2]
+                else None
+            )
         return None, grad_values, grad_W

@@ -34,6 +34,7 @@ from typing import Protocol
 import torch
 
 from saelab.kernels.backend import backend_choice
+from saelab.kernels.phases import ENCODER_BACKWARD, ENCODER_GEMM, SELECTION, phase
 from saelab.kernels.selection import RowTopK, Selected
 from saelab.kernels.sparse_ops import latent_sums, rows_matmul, rows_transpose_matmul, sampled_dot
 
@@ -175,11 +176,13 @@ def _scan(
         end = min(n, start + (tile or n))
         out = workspace.take((len(left), end - start), dtype, left.device) if workspace is not None else None
         # In bf16 the tile stays bf16: rules only rank it, and the kept values are recomputed in float32.
-        pre = torch.addmm(b_enc[start:end].to(dtype), left, W_enc[:, start:end].to(dtype), out=out)
-        for rule in rules:
-            rule.update(pre, start)
-        if observe is not None:
-            observe(pre, start)
+        with phase(ENCODER_GEMM):
+            pre = torch.addmm(b_enc[start:end].to(dtype), left, W_enc[:, start:end].to(dtype), out=out)
+        with phase(SELECTION):
+            for rule in rules:
+                rule.update(pre, start)
+            if observe is not None:
+                observe(pre, start)
         del pre
 
 
@@ -201,6 +204,11 @@ class _GatheredPreactivations(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with phase(ENCODER_BACKWARD):
+            return _GatheredPreactivations._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         centered, W_enc, indices, valid = ctx.saved_tensors
         if valid is not None:
             grad = grad * valid

@@ -20,8 +20,8 @@ sampled threshold (exact; ~4× faster); on a GPU both are `torch.topk`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saelab.kernels.phases import ADAM, DECODER_CONSTRAINT, phase
 from saelab.sae.base import SparseAutoencoder
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.loss import batch_variance, normalized_mse
@@ -86,9 +87,12 @@ def train_step(
     loss.backward()
     if data_parallel is not None:
         data_parallel.sum_gradients_(sae)
-    sae.remove_decoder_parallel_grad_()
-    optimizer.step()
-    sae.constrain_()
+    with phase(DECODER_CONSTRAINT):
+        sae.remove_decoder_parallel_grad_()
+    with phase(ADAM):
+        optimizer.step()
+    with phase(DECODER_CONSTRAINT):
+        sae.constrain_()
 
     tracker.update(out.indices, out.values)
     metrics = {"loss": loss, "fvu": fvu, "aux_loss": aux, "l0": (out.values > 0).sum(-1).float().mean()}
