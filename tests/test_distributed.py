@@ -265,7 +265,7 @@ def batchtopk_per_rank_slice(monkeypatch) -> None:
     def selection_rule(self, x, gradient):
         return BatchTopKPerSlice(self.cfg.k) if self.training else AboveThreshold(self.threshold)
 
-    def selected_(self, values):
+    def selected_(self, indices, values, valid):
         if not self.training:
             return
         start, start_weight, thresholds = self.threshold.clone(), self.threshold_weight.clone(), []
