@@ -132,15 +132,21 @@ def test_resume_after_sigkill_gives_the_uninterrupted_store(tmp_path):
     assert leftovers == []
 
 
+def killed_after(store: Path, n_shards: int) -> Path:
+    """Rewrite a finished store's manifest as a harvest killed after its first `n_shards` shards leaves it."""
+    manifest_path = store / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["shards"], raw["complete"] = raw["shards"][:n_shards], False
+    manifest_path.write_text(json.dumps(raw))
+    return manifest_path
+
+
 def test_unlisted_shards_and_temporaries_are_rebuilt(tiny_model, tiny_model_dir, tmp_path):
     cfg = tiny_config(tmp_path / "store", tiny_model_dir)
     harvest(cfg, model=tiny_model, progress=False)
     expected = store_digest(tmp_path / "store")
     # Fake a kill after shard 1 was renamed into place but before the manifest listed it.
-    manifest_path = tmp_path / "store" / "manifest.json"
-    raw = json.loads(manifest_path.read_text())
-    raw["shards"], raw["complete"] = raw["shards"][:1], False
-    manifest_path.write_text(json.dumps(raw))
+    killed_after(tmp_path / "store", 1)
     (tmp_path / "store" / "shards" / "shard-000001.safetensors").write_bytes(b"half a shard")
     (tmp_path / "store" / "shards" / ".shard-000002.safetensors.abc.tmp").write_bytes(b"junk")
     harvest(cfg, model=tiny_model, progress=False)
@@ -155,10 +161,7 @@ def test_unlisted_shards_and_temporaries_are_rebuilt(tiny_model, tiny_model_dir,
 def test_resume_finds_a_damaged_listed_shard_before_appending(tiny_model, tiny_model_dir, tmp_path):
     cfg = tiny_config(tmp_path / "store", tiny_model_dir)
     harvest(cfg, model=tiny_model, progress=False)
-    manifest_path = tmp_path / "store" / "manifest.json"
-    raw = json.loads(manifest_path.read_text())
-    raw["shards"], raw["complete"] = raw["shards"][:2], False  # as if killed after shard 1
-    manifest_path.write_text(json.dumps(raw))
+    manifest_path = killed_after(tmp_path / "store", 2)
     (tmp_path / "store" / "shards" / "shard-000002.safetensors").unlink()
     shard = tmp_path / "store" / "shards" / "shard-000000.safetensors"
     data = bytearray(shard.read_bytes())
@@ -191,10 +194,7 @@ def test_a_rerun_may_change_the_batch_size_and_ends_with_the_same_store(tiny_mod
     cfg = tiny_config(tmp_path / "store", tiny_model_dir)
     harvest(cfg, model=tiny_model, progress=False)
     expected = store_digest(tmp_path / "store")
-    manifest_path = tmp_path / "store" / "manifest.json"
-    raw = json.loads(manifest_path.read_text())
-    raw["shards"], raw["complete"] = raw["shards"][:1], False  # as if killed after shard 0
-    manifest_path.write_text(json.dumps(raw))
+    killed_after(tmp_path / "store", 1)
     cfg.batch_size = 3  # a shard of 4 contexts now runs as batches of 3 and 1
     harvest(cfg, model=tiny_model, progress=False)
     assert store_digest(tmp_path / "store") == expected
