@@ -15,7 +15,7 @@ hold latent 0 and value 0 and get no gradient.
 
 On the CPU, `row_topk` finds each row's top-k through group maxima (exact; see its docstring),
 which is ~1.4× faster than `torch.topk` over 9216 latents, and `largest_relu` BatchTopK's through a
-sampled threshold (exact; ~4× faster); on a GPU both are `torch.topk`.
+sampled threshold (exact; ~7× faster over [4096, 4608]); on a GPU both are `torch.topk`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def largest_relu(pre: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]
     positive, clear the threshold (checked); otherwise, and on a GPU, the plain top-k.
     """
     flat = pre.reshape(-1)
-    if pre.is_cuda or n * SAMPLE_STRIDE * 4 > flat.numel():
+    if pre.is_cuda or n * SAMPLE_STRIDE * 4 > flat.numel():  # keeping over 1/64 of the entries: no gain
         return flat.relu().topk(n, sorted=False)
     sample = flat[::SAMPLE_STRIDE]
     rank = min(len(sample), math.ceil(1.25 * n / SAMPLE_STRIDE) + 64)
