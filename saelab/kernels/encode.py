@@ -38,7 +38,7 @@ from saelab.kernels.phases import ENCODER_BACKWARD, ENCODER_GEMM, SELECTION, pha
 from saelab.kernels.selection import RowTopK, Selected
 from saelab.kernels.sparse_ops import latent_sums, rows_matmul, rows_transpose_matmul, sampled_dot
 
-# observe(u_tile: [batch, T], start): sees every tile of pre-activations (GBA's firing statistics).
+# observe(u_tile: [batch, T], start): sees every tile of pre-activations (GBA's largest u per latent).
 TileObserver = Callable[[torch.Tensor, int], None]
 
 
@@ -145,7 +145,7 @@ def fused_topk_choice(
     if tile is None:
         return False, "no encoder_tile: u is computed whole, then selected (the measured fast path)"
     if observe is not None:
-        return False, "a tile observer (GBA's firing statistics) reads every tile of u"
+        return False, "a tile observer (GBA's largest u per latent) reads every tile of u"
     if not (len(rules) == 1 and isinstance(rule, RowTopK) and rule.ranks_all_by_u):
         return False, "not one plain per-token top-k (AuxK, a score hook, BatchTopK or a threshold)"
     backend = backend_choice(device)

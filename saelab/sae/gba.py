@@ -79,8 +79,9 @@ have ‖x'‖ ≈ √d_in (either `input_norm`), so the bounds used are the conf
 target frequency on a sample, so the adaptation steers from the targets rather than from L0 ≈ d_sae/2.
 
 All state lives in buffers, so `state_dict()` checkpoints it exactly. In data-parallel training
-`observe` adds each batch's window statistics summed (fires, tokens) or maxed (reach) over ranks, so
-every rank holds the global window and adapts its biases identically.
+the window's statistics (`observe`, or in training `_observe_reach` per tile and `selected_` from the kept
+pairs) are summed (fires, tokens) or maxed (reach) over ranks, so every rank holds the global window and
+adapts its biases identically.
 """
 
 from __future__ import annotations
