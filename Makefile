@@ -82,7 +82,8 @@ bench-env: $(BENCH_VENV)/.peers-installed
 $(BENCH_VENV)/.peers-installed: Makefile
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) pytest "$(TORCH_SPEC)"
+	# numba: saelab's CPU kernels (installed below without its dependencies, which the peers bring but this one)
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(PEERS_SPEC) pytest numba "$(TORCH_SPEC)"
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

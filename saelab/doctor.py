@@ -119,6 +119,15 @@ def _packages() -> list[Fact]:
     facts.append(
         Fact("versions", "triton", triton or "not installed (the kernels run as torch; Triton runs only on CUDA)")
     )
+    numba = _version("numba")
+    facts.append(
+        Fact(
+            "versions",
+            "numba",
+            numba or "not installed: the CPU kernels run as torch (a slower step)",
+            "ok" if numba else "warn",
+        )
+    )
     for package in ("transformer-lens", "transformers"):
         found = _version(package)
         missing = "not installed: harvest, eval, analyze and live text need it (`pip install -e .`)"
@@ -153,6 +162,7 @@ def _kernels() -> list[Fact]:
     import torch
 
     from saelab.kernels import RowTopK, backend, self_check
+    from saelab.kernels.backend import use_compiled
     from saelab.kernels.encode import fused_topk_choice
     from saelab.kernels.selection import group_maxima_applies
     from saelab.models.device import resolve_device
@@ -164,7 +174,9 @@ def _kernels() -> list[Fact]:
     choice = backend.backend_choice(device)
     rule = [RowTopK(STEP["k"])]
     grouped = group_maxima_applies(STEP["d_sae"], STEP["k"], device.type == "cuda")
-    topk = "top-k by group maxima (row_topk)" if grouped else "torch.topk"
+    pre_activations = torch.empty((), dtype=dtype).expand(4096, STEP["d_sae"])  # a step's u, of no memory
+    compiled = device.type == "cpu" and use_compiled(pre_activations)
+    topk = f"top-k by group maxima (row_topk{', compiled' if compiled else ''})" if grouped else "torch.topk"
     fused_default = fused_topk_choice(rule, None, None, device, dtype)
     fused_tiled = fused_topk_choice(rule, STEP["tile"], None, device, dtype)
     facts = [
@@ -178,17 +190,24 @@ def _kernels() -> list[Fact]:
         ),
     ]
     for kernel, what in self_check.DEFAULT_KERNELS.items():
-        facts.append(_kernel_fact(kernel, what, choice, device))
+        facts.append(_kernel_fact(kernel, what, choice, device, compiled))
     return facts
 
 
-def _kernel_fact(kernel: str, what: str, choice: BackendChoice, device: torch.device) -> Fact:
-    """One default Triton kernel: torch, Triton forced, or Triton after its self-check (run here)."""
+# The default kernels that the CPU runs compiled where numba is installed (`saelab/kernels/compiled_*.py`; the
+# decoder's backward computes its ∂L/∂values there too, in the pass of its rows_transpose_matmul).
+COMPILED_ON_CPU = ("rows_transpose_matmul", "remove_parallel_")
+
+
+def _kernel_fact(kernel: str, what: str, choice: BackendChoice, device: torch.device, compiled: bool) -> Fact:
+    """One default Triton kernel: torch or numba-compiled (`COMPILED_ON_CPU`), Triton forced, or Triton after
+    its self-check (run here)."""
     from saelab.kernels import self_check
 
     what = what.split(" (")[0]
     if not choice.triton:
-        return Fact("kernels", kernel, f"torch ({what})")
+        route = "compiled with numba" if compiled and kernel in COMPILED_ON_CPU else "torch"
+        return Fact("kernels", kernel, f"{route} ({what})")
     if not choice.self_check:
         return Fact("kernels", kernel, f"Triton, unchecked (SAELAB_TRITON=1) ({what})")
     result = self_check.check(kernel, device)

@@ -1,9 +1,9 @@
 """The whole family on the real SmolLM2: one sweep over one store, then `saelab eval` and `saelab analyze`.
 
 A tiny store holds three hooks of block 15 (the residual after it, and what enters and leaves its MLP);
-one training pass trains a TopK SAE, the standard, JumpReLU, Gated and Matryoshka SAEs on the residual
-and a transcoder and a skip transcoder from the MLP's input to its output. Eval splices each in (the
-transcoders in place of the MLP) and analysis writes every feature store.
+one training pass (its CPU kernels compiled) trains a TopK SAE, the standard, JumpReLU, Gated and
+Matryoshka SAEs on the residual and a transcoder and a skip transcoder from the MLP's input to its output.
+Eval splices each in (the transcoders in place of the MLP) and analysis writes every feature store.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from saelab.eval.evaluate import evaluate, held_out_contexts
 from saelab.harvest.config import HarvestConfig
 from saelab.harvest.harvester import harvest
 from saelab.harvest.store import ActivationStore
+from saelab.kernels.backend import NUMBA_ENV_VAR
 from saelab.run_layout import EVAL_FILE
 from saelab.sae import load_sae
 from saelab.sae.config import SAEConfig
@@ -60,7 +61,9 @@ def family_run(smollm2, tmp_path_factory) -> Path:
     cfg = TrainConfig(
         store=str(root / "store"), hook=RESID, out=str(root / "run"), n_tokens=4096, batch_size=256, saes=SWEEP
     )
-    train(cfg, progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # the CPU kernels compiled, as at full size (too small here)
+        patch.setenv(NUMBA_ENV_VAR, "1")
+        train(cfg, progress=False)
     return root / "run"
 
 

@@ -28,13 +28,32 @@ from saelab.kernels import (
     sparse_ops,
 )
 from saelab.kernels import reference as ref
-from saelab.kernels.backend import triton_available
-from saelab.kernels.selection import GROUP, SAMPLE_STRIDE, largest_relu, row_topk
+from saelab.kernels.backend import COMPILED_MIN_ENTRIES, NUMBA_ENV_VAR, numba_available, triton_available, use_compiled
+from saelab.kernels.selection import COMPILED_GROUP, GROUP, SAMPLE_STRIDE, largest_relu, row_topk
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
-# (batch, d, n, k, tile): k = 1, k = n, a batch of 1, tiles that do not divide n.
-SHAPES = [(37, 24, 300, 5, None), (37, 24, 300, 5, 64), (1, 16, 50, 1, 7), (9, 8, 40, 40, 16), (64, 33, 129, 8, 128)]
+# (batch, d, n, k, tile): k = 1, k = n, a batch of 1, tiles that do not divide n; n 512: the compiled top-k.
+SHAPES = [
+    (37, 24, 300, 5, None),
+    (37, 24, 300, 5, 64),
+    (1, 16, 50, 1, 7),
+    (9, 8, 40, 40, 16),
+    (64, 33, 129, 8, 128),
+    (29, 20, 512, 7, None),
+]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CPU kernels compiled with numba (`compiled_*.py`), or as torch (`SAELAB_NUMBA=0`, as where numba
+    is missing): each route must equal the references."""
+    if request.param == "torch":
+        monkeypatch.setenv(NUMBA_ENV_VAR, "0")
+    else:
+        assert numba_available(), "numba is a dependency: the compiled route should be tested"
+        monkeypatch.setenv(NUMBA_ENV_VAR, "1")  # whatever the size (small ones run as torch by default)
+    return request.param
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -83,7 +102,7 @@ def assert_grads_match(p: dict[str, torch.Tensor], loss: torch.Tensor, want_loss
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-d{}-n{}-k{}-tile{}".format(*s))
-def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype, device):
+def test_topk_encode_and_decode_equal_the_dense_reference(shape, dtype, device, cpu_route):
     batch, d, n, k, tile = shape
     p = random_sae(batch, d, n, dtype, device=device)
     indices, loss = kernel_loss(p, RowTopK(k), tile)
@@ -106,6 +125,10 @@ def check_products(indices: torch.Tensor, k: int, n: int, dtype: torch.dtype, se
             sparse_ops.rows_transpose_matmul(indices, values, dense_b, n),
             ref.rows_transpose_matmul(indices, values, dense_b, n),
         ),
+        (
+            sparse_ops.rows_transpose_matmul(indices, values, dense_b, n, transposed=True),
+            ref.rows_transpose_matmul(indices, values, dense_b, n).T,
+        ),
         (sparse_ops.sampled_dot(indices, left, dense_n), ref.sampled_dot(indices, left, dense_n)),
         (sparse_ops.latent_sums(indices, values, n), ref.dense_rows(indices, values, n).sum(0)),
         (sparse_ops.gather_latents(dense_n[:, 0], indices), dense_n[:, 0][indices]),
@@ -117,7 +140,7 @@ def check_products(indices: torch.Tensor, k: int, n: int, dtype: torch.dtype, se
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dtype, device):
+def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dtype, device, cpu_route):
     batch, n, k = 17, 23, 9
     indices = torch.randint(0, n, (batch, k), generator=torch.Generator().manual_seed(3))
     indices[:, 1] = indices[:, 0]  # a latent listed twice in a row adds up
@@ -126,7 +149,7 @@ def test_sparse_products_equal_their_dense_definitions_with_duplicate_indices(dt
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_full_rows_are_multiplied_densely_and_equal_their_dense_definitions(dtype, device):
+def test_full_rows_are_multiplied_densely_and_equal_their_dense_definitions(dtype, device, cpu_route):
     """Rows that hold every latent in order (what a mostly-passing selection returns) take the dense path."""
     batch, n = 13, 29
     indices = sparse_ops.full_rows(batch, n, torch.device(device))
@@ -420,15 +443,70 @@ def test_tiled_encode_stays_under_its_memory_bound():
     assert tiled < bound, f"tiled peak {tiled >> 20} MiB exceeds the bound {bound >> 20} MiB"
 
 
-@pytest.mark.parametrize("n,k", [(9216, 32), (4608, 1), (160, 9), (100, 7), (64, 4), (48, 40)])
-def test_row_topk_equals_torch_topk(n, k):
-    """The grouped two-pass top-k keeps exactly torch.topk's entries (random floats: no ties)."""
+@pytest.mark.parametrize("n,k", [(9216, 32), (4608, 1), (160, 9), (100, 7), (64, 4), (48, 40), (640, 19)])
+def test_row_topk_equals_torch_topk(n, k, cpu_route):
+    """The grouped top-k, in torch or compiled, keeps exactly torch.topk's entries (random floats: no ties)."""
     scores = torch.randn(53, n, generator=torch.Generator().manual_seed(n + k))
     scores[:5] = scores[:5].abs() * -1  # rows where every score is negative
     values, indices = row_topk(scores, k)
     want = scores.topk(k, dim=-1)
     assert torch.equal(indices.sort(-1).values, want.indices.sort(-1).values)
     torch.testing.assert_close(values.sort(-1).values, want.values.sort(-1).values)
+
+
+def test_compiled_row_topk_keeps_k_of_the_tied_largest_and_runs_where_it_should(monkeypatch):
+    """Scores from {0, 1, 2}: many ties at the k-th value; the compiled route keeps k distinct latents whose
+    scores are the k largest. And it is the route taken for CPU float32 rows of n = 32·m, m > k."""
+    from saelab.kernels import compiled_topk
+
+    monkeypatch.setenv(NUMBA_ENV_VAR, "1")
+    calls = []
+    monkeypatch.setattr(compiled_topk, "row_topk", lambda *a, f=compiled_topk.row_topk: calls.append(1) or f(*a))
+    scores = torch.randint(0, 3, (41, COMPILED_GROUP * 20), generator=torch.Generator().manual_seed(5)).float()
+    values, indices = row_topk(scores, 19)
+    assert calls, "the compiled route should have run"
+    assert torch.equal(scores.gather(-1, indices), values)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "k distinct latents per row"
+    assert torch.equal(values.sort(-1).values, scores.topk(19, dim=-1).values.sort(-1).values)
+
+
+def test_cpu_kernels_run_compiled_where_it_pays_unless_told(monkeypatch):
+    """Automatic: float32/float64 CPU operands of COMPILED_MIN_ENTRIES entries or more; SAELAB_NUMBA 1 / 0 decide."""
+    monkeypatch.delenv(NUMBA_ENV_VAR, raising=False)
+    big = torch.empty((), dtype=torch.float32).expand(COMPILED_MIN_ENTRIES // 256, 256)
+    assert use_compiled(big) and use_compiled(big.double()) and not use_compiled(big[:-1])
+    assert not use_compiled(torch.empty((), dtype=torch.bfloat16).expand(big.shape)), "numba reads no bf16"
+    monkeypatch.setenv(NUMBA_ENV_VAR, "1")
+    assert use_compiled(torch.empty(3))
+    monkeypatch.setenv(NUMBA_ENV_VAR, "0")
+    assert not use_compiled(big)
+
+
+def test_latent_order_is_recomputed_when_the_indices_change_in_place(monkeypatch):
+    """The decoder's and encoder's backwards share the grouping of one step's indices (compiled route); indices
+    changed in place (same memory, new version) must be grouped anew, or the product would use stale pairs."""
+    monkeypatch.setenv(NUMBA_ENV_VAR, "1")
+    gen = torch.Generator().manual_seed(6)
+    indices = torch.randint(0, 40, (12, 5), generator=gen)
+    values, dense = torch.randn(12, 5, generator=gen), torch.randn(12, 7, generator=gen)
+    first = sparse_ops.rows_transpose_matmul(indices, values, dense, 40)
+    indices.copy_(torch.randint(0, 40, (12, 5), generator=gen))
+    again = sparse_ops.rows_transpose_matmul(indices, values, dense, 40)
+    want = ref.rows_transpose_matmul(indices, values, dense, 40)
+    assert relative_error(again, want) < TOLERANCE[torch.float32] and not torch.allclose(first, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_row_constraints_equal_their_definitions(dtype, cpu_route):
+    """g_i − (g_i·w_i / ‖w_i‖²) w_i (compiled with numba or three torch kernels); a zero row keeps its gradient."""
+    gen = torch.Generator().manual_seed(12)
+    weight, grad = torch.randn(70, 33, generator=gen, dtype=dtype) * 3, torch.randn(70, 33, generator=gen, dtype=dtype)
+    weight[4] = 0
+    squared = (weight * weight).sum(1, keepdim=True)
+    want = grad - torch.where(squared > 0, (grad * weight).sum(1, keepdim=True) / squared, 0) * weight
+    got = grad.clone()
+    row_constraints.remove_parallel_(got, weight)
+    assert relative_error(got, want) < TOLERANCE[dtype] and torch.equal(got[4], grad[4])
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Which implementation a kernel runs: Triton on CUDA when Triton is installed, plain torch otherwise.
+"""Which implementation a kernel runs: Triton on CUDA when Triton is installed, numba-compiled loops on the
+CPU when numba is installed (`use_compiled`), plain torch otherwise.
 
 `SAELAB_TRITON=1` forces the Triton kernels (on CPU only under `TRITON_INTERPRET=1`, which is how
 the tests check them without a GPU) and skips their self-checks; `SAELAB_TRITON=0` forces torch.
@@ -8,6 +9,7 @@ process (`self_check.py`), and a kernel that fails runs as torch from then on.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -15,6 +17,11 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "SAELAB_TRITON"
+NUMBA_ENV_VAR = "SAELAB_NUMBA"  # 0: the CPU kernels run as torch; 1: compiled whatever the size (tests)
+COMPILED_DTYPES = (torch.float32, torch.float64)
+# Smaller operands run as torch: there numba's import (~0.5 s a process) and per-call overhead outweigh the
+# gain. 2^20 entries: a [4096, 256] batch of pre-activations, or a [2048, 512] decoder.
+COMPILED_MIN_ENTRIES = 2**20
 TRITON_DEVICE_TYPES = ("cuda",)  # where the automatic setting runs Triton (ROCm's torch also says "cuda")
 
 
@@ -70,3 +77,18 @@ def use_triton_kernel(kernel: str, tensor: torch.Tensor) -> bool:
     from saelab.kernels.self_check import passes
 
     return passes(kernel, tensor.device, tensor.dtype)
+
+
+def use_compiled(tensor: torch.Tensor) -> bool:
+    """Whether a CPU kernel whose largest operand is `tensor` runs compiled (`compiled_*.py`): a float32 or
+    float64 CPU tensor (numba reads no bf16) of at least COMPILED_MIN_ENTRIES entries, with numba installed;
+    `SAELAB_NUMBA` 0 or 1 decides instead of the size."""
+    setting = os.environ.get(NUMBA_ENV_VAR)
+    if setting == "0" or tensor.device.type != "cpu" or tensor.dtype not in COMPILED_DTYPES:
+        return False
+    return (setting == "1" or tensor.numel() >= COMPILED_MIN_ENTRIES) and numba_available()
+
+
+@functools.cache
+def numba_available() -> bool:
+    return importlib.util.find_spec("numba") is not None

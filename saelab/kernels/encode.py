@@ -219,12 +219,24 @@ class _GatheredPreactivations(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = rows_matmul(indices, grad, W_enc.T.contiguous())
         if ctx.needs_input_grad[1]:
-            grad_W = _in_layout_of(W_enc, rows_transpose_matmul(indices, grad, centered.to(W_enc.dtype), n).T)
+            grad_W = _encoder_gradient(indices, grad, centered.to(W_enc.dtype), W_enc)
         if ctx.needs_input_grad[2]:
             grad_b_enc = per_latent
         if ctx.needs_input_grad[3]:
             grad_b_dec = -(W_enc @ per_latent)
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+
+
+def _encoder_gradient(
+    indices: torch.Tensor, grad: torch.Tensor, centered: torch.Tensor, W_enc: torch.Tensor
+) -> torch.Tensor:
+    """∂L/∂W_enc = (x − b_dec)ᵀ S, [d, n], in W_enc's layout: a row-major W_enc (the CPU's) gets it written
+    column by column, which the compiled product does directly; a column-major one (CUDA's, a tied encoder)
+    gets the [n, d] product's transpose, a view."""
+    n = W_enc.shape[1]
+    if W_enc.is_contiguous():
+        return rows_transpose_matmul(indices, grad, centered, n, transposed=True)
+    return _in_layout_of(W_enc, rows_transpose_matmul(indices, grad, centered, n).T)
 
 
 def _in_layout_of(parameter: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ in a space of n latents (duplicate indices add up). With `dense` a matrix:
 
 Each costs batch·k·d multiply-adds instead of the batch·n·d of the dense product. On CUDA with
 Triton they run as Triton kernels (`triton_ops.py`), each once checked against its reference
-(`self_check.py`); elsewhere as torch's sparse CSR products (MKL
-on x86), which never materialise a [batch, k, d] tensor. `reference.py` holds the dense definitions.
+(`self_check.py`); on the CPU `rows_transpose_matmul` runs compiled where numba is installed
+(`compiled_sparse.py`); elsewhere as torch's embedding_bag and sparse CSR products (MKL on x86),
+which never materialise a [batch, k, d] tensor. `reference.py` holds the dense definitions.
 
 Rows that hold every latent in order (`full_rows`: what a selection returns when most pairs are kept,
 as a ReLU SAE's early in training) are a dense matrix, and each product is then one dense matmul:
@@ -24,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from saelab.kernels.backend import use_triton_kernel
+from saelab.kernels.backend import use_compiled, use_triton_kernel
 
 # torch flags every CSR tensor as beta; these products are covered by saelab's own tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -65,14 +66,24 @@ def rows_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor
     return F.embedding_bag(indices, dense, per_sample_weights=values.to(dense.dtype), mode="sum")
 
 
-def rows_transpose_matmul(indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
-    """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]; dense: [batch, d] → [n, d]."""
+def rows_transpose_matmul(
+    indices: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int, transposed: bool = False
+) -> torch.Tensor:
+    """out[i] = Σ_{b,j: indices[b,j]=i} values[b, j] · dense[b]; dense: [batch, d] → [n, d], or with
+    `transposed` its transpose [d, n] laid out row-major (a row-major W_enc's gradient)."""
     if is_full(indices, n):
-        return values.to(dense.dtype).T @ dense
+        return dense.T @ values.to(dense.dtype) if transposed else values.to(dense.dtype).T @ dense
     if use_triton_kernel("rows_transpose_matmul", dense):
         from saelab.kernels import triton_ops
 
-        return triton_ops.rows_transpose_matmul(indices, values, dense, n)
+        out = triton_ops.rows_transpose_matmul(indices, values, dense, n)
+        return out.T.contiguous() if transposed else out
+    if use_compiled(dense):
+        from saelab.kernels import compiled_sparse
+
+        return compiled_sparse.rows_transpose_matmul(indices, values, dense.contiguous(), n, transposed)
+    if transposed:
+        return rows_transpose_matmul(indices, values, dense, n).T.contiguous()
     # addmm with beta 0 into an uninitialised `out` (beta 0 ignores its contents, NaNs included) skips the
     # zero-fill and the copy around MKL's product: at 9216 × 576, batch 4096, 4.1 ms against 6.3 for
     # mm(out=) and 7.2 for `@`.
