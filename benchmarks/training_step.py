@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -92,6 +93,7 @@ def saelab_step(
     row_major: bool = False,
 ) -> Step:
     """`row_major`: W_enc stored row-major whatever the device (saelab stores it column-major on CUDA)."""
+    from saelab.kernels.backend import NUMBA_ENV_VAR
     from saelab.sae import SAEConfig, build_sae
     from saelab.train.dead_latents import DeadLatentTracker
     from saelab.train.step import KernelOptions, train_step
@@ -103,7 +105,14 @@ def saelab_step(
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
     tracker = DeadLatentTracker(shape.n, dead_tokens=10**15, device=device)
     kernels = KernelOptions(tile, matmul_dtype)
-    return lambda x: train_step(sae, optimizer, x, None, tracker, 1 / 32, shape.d_model // 2, kernels)
+
+    def step(x: torch.Tensor) -> None:
+        train_step(sae, optimizer, x, None, tracker, 1 / 32, shape.d_model // 2, kernels)
+
+    if device == "cpu":  # numba's import and its kernels' load, which a run pays once, before memory is measured:
+        with mock.patch.dict(os.environ, {NUMBA_ENV_VAR: "1"}):  # compiled even on a warm-up's few rows
+            step(torch.randn(64, shape.d_model))
+    return step
 
 
 def sparsify_step(shape: Shape, device: str) -> Step:
