@@ -20,8 +20,6 @@ from saelab.out_of_memory import out_of_memory_error
 if TYPE_CHECKING:  # saelab.sae loads every SAE class and the kernels: commands import what they need
     from types import ModuleType
 
-    from saelab.sae.config import SAEConfig
-
 
 def _distributed() -> ModuleType:
     """`saelab.distributed`, imported on first use: it imports torch, and `saelab doctor` must run (and say
@@ -56,9 +54,8 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if _distributed().is_main():
-        for sae in cfg.saes:
-            if sae.architecture == "gba":
-                print(f"{sae.label}: GBA target frequencies by group (highest first): {_ladder(sae)}")
+        for notice in filter(None, (sae.variant.config_notice(sae) for sae in cfg.saes)):
+            print(notice)
     saes = train(cfg, resume=args.resume, progress=not args.quiet, distribute_saes=args.distribute_saes)
     if not _distributed().is_main():
         return
@@ -73,18 +70,8 @@ def _train(args: argparse.Namespace) -> None:
         ],
     )
     for label, sae in saes.items():
-        if sae.cfg.architecture == "gba":
-            print(f"  {label}: GBA in the {sae.cfg.gba_form()}")
-
-
-def _ladder(sae: SAEConfig) -> str:
-    """GBA's targets, and what `target_l0` did to the configured ladder."""
-    targets = ", ".join(f"{t:.2g}" for t in sae.group_targets())
-    if sae.target_l0 is None:
-        return targets
-    scale = sae.group_targets()[0] / sae.target_high
-    configured = f"{sae.target_high:g}…{sae.target_low:g}"
-    return f"{targets} (target_l0 {sae.target_l0:g} scaled the ladder {configured} by {scale:.3g})"
+        if form := sae.form():
+            print(f"  {label}: {form}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -73,9 +73,17 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] 
     return config_from_dict(cls, data)
 
 
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping, unbuilt (for a caller that adapts it first)."""
+    return _read_yaml(Path(path))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain nested dicts and lists, for manifests and `save_config`."""
-    return {f.name: _to_plain(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
+    """The config as plain nested dicts and lists, for manifests and `save_config`; a section that names its
+    own keys (`own_keys`: an SAE's, by its variant) holds only those."""
+    own = config.own_keys() if hasattr(config, "own_keys") else None
+    fields = [f for f in dataclasses.fields(config) if f.init and (own is None or f.name in own)]
+    return {f.name: _to_plain(getattr(config, f.name)) for f in fields}
 
 
 def config_identity(config: Any, ignore: Sequence[str]) -> dict[str, Any]:
@@ -123,6 +131,8 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
     for key in data:
         if key not in fields:
             raise _unknown_key(key, prefix, list(fields))
+    if hasattr(cls, "check_keys"):  # a section whose keys depend on a value in it (an SAE's on its variant)
+        cls.check_keys(data, prefix)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -143,6 +153,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return _convert_literal(value, tp, key)
     if tp is list or origin is list:
         return _convert_list(value, tp, key)
+    if origin is dict:
+        return _convert_dict(value, tp, key)
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else _build(tp, value, key)
     if tp in _SCALAR_NAMES:
@@ -165,6 +177,14 @@ def _convert_scalar(value: Any, tp: type, key: str) -> Any:
         except OverflowError:
             raise ConfigError(f"{key}: {_show(value)} is too large for a float") from None
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}")
+
+
+def _convert_dict(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    """A mapping whose keys and values are each checked against `dict[K, V]`'s K and V."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of names to values, got {_show(value)}")
+    key_type, value_type = get_args(tp)
+    return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
 
 
 def _convert_union(value: Any, tp: Any, key: str) -> Any:

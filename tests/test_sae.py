@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from saelab.config import config_to_dict
 from saelab.errors import ConfigError, SaelabError
 from saelab.sae import (
     GBASAE,
@@ -571,7 +572,8 @@ def test_save_then_load_gives_the_same_sae(tmp_path, architecture):
     sae = trained_looking(architecture).eval()
     save_sae(sae, tmp_path / "sae")
     loaded = load_sae(tmp_path / "sae")
-    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    # every key the variant reads comes back (saved configs hold only those: `SAEConfig.own_keys`)
+    assert type(loaded) is type(sae) and config_to_dict(loaded.cfg) == config_to_dict(sae.cfg) and not loaded.training
     assert torch.equal(loaded.input_scale, sae.input_scale)
     for name, buffer in sae.named_buffers():
         assert torch.equal(loaded.get_buffer(name), buffer), name
@@ -711,6 +713,26 @@ def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_wi
     assert loaded.cfg.input_norm == "none" and SAEConfig(architecture=architecture).input_norm == "layer_norm"
     x = randn(64, D_IN, seed=4)
     torch.testing.assert_close(loaded(x).reconstruction, sae(x).reconstruction)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES + FAMILY)
+def test_a_folder_saved_with_every_variants_keys_loads_unchanged(tmp_path, architecture):
+    """Before each variant declared its keys, saelab saved all of SAEConfig's, other variants' included (a
+    user's `beta` on a GBA among them, ignored then as now): such a folder loads as the same SAE."""
+    sae = trained_looking(architecture).eval()
+    save_sae(sae, tmp_path / "sae")
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    every_key = {field: getattr(SAEConfig(), field) for field in SAEConfig.__dataclass_fields__}
+    every_key = json.loads(json.dumps(every_key | {"beta": 5.0, "l1_coefficient": 9.0}))  # as JSON holds them
+    saved = cfg["metadata"]["saelab_config"]
+    assert set(saved) < set(every_key), "today's folders hold the variant's own keys only"
+    cfg["metadata"]["saelab_config"] = every_key | saved
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_sae(tmp_path / "sae")
+    assert type(loaded) is type(sae) and config_to_dict(loaded.cfg) == config_to_dict(sae.cfg)
+    x = randn(64, D_IN, seed=5)
+    assert torch.equal(loaded(x).reconstruction, sae(x).reconstruction)
 
 
 @pytest.mark.parametrize("architecture, cls", [("standard", StandardSAE), ("jumprelu", JumpReLUSAE)])

@@ -322,6 +322,27 @@ def test_resuming_a_checkpoint_from_an_older_gba_is_a_one_line_error(tmp_path):
         train(config(), source=sparse_data(), resume=True, progress=False)
 
 
+def test_a_run_saved_with_every_variants_keys_resumes_and_is_read(tmp_path):
+    """saelab saved all of SAEConfig's keys for every SAE before each variant declared its own (a user's
+    `beta` on a GBA among them, ignored then as now): such a run resumes, and the later stages read it."""
+    import yaml
+
+    from saelab.train.run_folder import read_run_config
+
+    sae = SAEConfig(architecture="gba", d_sae=32, n_groups=4, target_l0=2, update_tokens=256)
+    cfg = run_config(tmp_path / "run", n_tokens=1024, saes=[sae])
+    trained = train(cfg, source=sparse_data(), progress=False)[sae.label]
+    saved = tmp_path / "run" / CONFIG_FILE
+    data = yaml.safe_load(saved.read_text())
+    every_key = {field: getattr(SAEConfig(), field) for field in SAEConfig.__dataclass_fields__} | {"beta": 5.0}
+    assert set(data["saes"][0]) < set(every_key), "today's runs save each SAE's own keys only"
+    data["saes"] = [every_key | data["saes"][0]]
+    saved.write_text(yaml.safe_dump(data))
+    resumed = train(cfg, source=sparse_data(), resume=True, progress=False)[sae.label]  # finished: loads it
+    assert torch.equal(resumed.W_dec, trained.W_dec)
+    assert read_run_config(tmp_path / "run").saes[0].label == sae.label
+
+
 def test_a_run_saved_when_gba_was_always_tied_resumes_in_that_form(tmp_path):
     """Runs saved before GBA's form followed its ladder's regime hold `tied: true` (with a trained output
     scale); a config that leaves both unset resumes them as they were, one that sets another form is refused."""

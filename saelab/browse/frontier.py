@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from saelab.browse.runs import SAEInfo
+from saelab.sae.registry import registered
 
 UNKNOWN_ARCHITECTURE = "unknown"
 
@@ -27,7 +28,8 @@ class FrontierPoint:
     @property
     def is_transcoder(self) -> bool:
         """Transcoders reconstruct another hook's output, so their FVU and CE numbers measure a different task."""
-        return "transcoder" in self.architecture
+        variant = registered(self.architecture)
+        return variant is not None and variant.transcoder
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Frontier:
 
 
 def sae_frontier(saes: Iterable[SAEInfo]) -> Frontier:
-    """Group `saes` by architecture into frontier points from their `eval.json`; an SAE without one (or
+    """Group `saes` by their architecture, as frontier points from their `eval.json`; an SAE without one (or
     whose eval.json has no positive L0, which a log-scale axis cannot place) goes to `not_evaluated`."""
     frontier = Frontier()
     for sae in saes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saelab.config import load_config
+from saelab.config import config_from_dict
 from saelab.errors import SaelabError
 from saelab.harvest.manifest import MANIFEST_FILE
 from saelab.run_layout import (
@@ -35,9 +35,10 @@ from saelab.run_layout import (
     SAE_DIR,
     SUMMARY_FILE,
 )
-from saelab.sae.config import PENALISED, SAEConfig
-from saelab.sae.saelens_format import CFG_FILE, FROM_SAELENS, WEIGHTS_FILE
-from saelab.train.config import TrainConfig
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import architectures
+from saelab.sae.saelens_format import CFG_FILE, WEIGHTS_FILE, from_saelens
+from saelab.train.config import load_saved_train_config
 
 RUNS_ENV = "SAELAB_RUNS"  # the dashboard's runs root, set by `saelab dashboard --runs DIR`
 DEFAULT_RUNS_ROOT = "runs"
@@ -55,9 +56,7 @@ class SAEInfo:
     label: str
     architecture: str | None = None
     d_sae: int | None = None
-    k: int | None = None  # TopK-style selection only
-    target_l0: float | None = None  # GBA, and JumpReLU with a quadratic L0 penalty
-    penalty: str | None = None  # penalised SAEs: "L1 coefficient 5", "L0 coefficient 3"
+    sparsity: str = ""  # what sets it, in words (`sparsity_in_words`): "k 32", "L1 coefficient 5"…
     model: str | None = None
     hook: str | None = None
     tokens: int | None = None  # tokens trained on
@@ -86,16 +85,6 @@ class SAEInfo:
     @property
     def has_features(self) -> bool:
         return self.features_path.is_file()
-
-    @property
-    def sparsity(self) -> str:
-        """`k 32` for TopK-style selection, `L0 target 32` for GBA, `L1 coefficient 5` for a penalised SAE,
-        else empty."""
-        if self.architecture == "gba":
-            return f"L0 target {self.target_l0:g}" if self.target_l0 is not None else "per-group targets"
-        if self.penalty:
-            return self.penalty
-        return f"k {self.k}" if self.k is not None else ""
 
 
 @dataclass
@@ -144,7 +133,7 @@ def read_run(path: str | Path, root: str | Path | None = None) -> RunInfo:
     path = Path(path)
     name = str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
     run = RunInfo(path, name if name != "." else path.name, finished=(path / SUMMARY_FILE).is_file())
-    train_cfg = _attempt(run, lambda: load_config(TrainConfig, path / CONFIG_FILE), CONFIG_FILE)
+    train_cfg = _attempt(run, lambda: load_saved_train_config(path / CONFIG_FILE), CONFIG_FILE)
     summary = _attempt(run, lambda: _read_json(path / SUMMARY_FILE), SUMMARY_FILE) if run.finished else None
     last = last_training_records(read_metrics(path))
 
@@ -229,23 +218,18 @@ def _read_sae(
 ) -> SAEInfo:
     info = SAEInfo(run.path, label)
     if configured is not None:
-        info.architecture, info.d_sae, info.target_l0 = configured.architecture, configured.d_sae, configured.target_l0
-        info.k = configured.k
-        info.penalty = _penalty(configured.architecture, vars(configured))
+        info.architecture, info.d_sae = configured.architecture, configured.d_sae
+        info.sparsity = configured.variant.sparsity_in_words(configured)
     folder = run.path / SAE_DIR / label
     cfg = _attempt(run, lambda: _read_json(folder / CFG_FILE), f"{SAE_DIR}/{label}/{CFG_FILE}")
     if cfg:
         metadata = cfg.get("metadata") or {}
         saelab_cfg = metadata.get("saelab_config") or {}
-        info.architecture = metadata.get("saelab_architecture") or FROM_SAELENS.get(cfg.get("architecture"))
+        info.architecture = metadata.get("saelab_architecture") or from_saelens().get(cfg.get("architecture"))
         info.d_sae = cfg.get("d_sae", info.d_sae)
-        info.k = saelab_cfg.get("k", cfg.get("k"))
-        info.target_l0 = saelab_cfg.get("target_l0", info.target_l0)
-        info.penalty = _penalty(info.architecture, saelab_cfg) if saelab_cfg else info.penalty
+        info.sparsity = _saved_sparsity(run, label, cfg, saelab_cfg) or info.sparsity
         info.model = metadata.get("model_name") or cfg.get("model_name") or None
         info.hook = metadata.get("hook_name") or cfg.get("hook_name") or None
-    if info.architecture == "gba" or info.penalty:
-        info.k = None
     hooks = store.get("hooks") or []
     info.model = info.model or store.get("model")
     info.hook = info.hook or (hooks[0] if len(hooks) == 1 else None)
@@ -289,15 +273,16 @@ def _store_manifest(run: Path, store: str) -> dict[str, Any]:
     return {}
 
 
-def _penalty(architecture: str | None, fields: dict[str, Any]) -> str | None:
-    """The coefficient that sets a penalised SAE's sparsity, in words; None for the others."""
-    if architecture == "jumprelu" and fields.get("target_l0"):
-        return f"L0 target {fields['target_l0']:g} (quadratic penalty)"
-    if architecture == "jumprelu":
-        return f"L0 coefficient {fields.get('l0_coefficient', SAEConfig.l0_coefficient):g}"
-    if architecture in PENALISED:
-        return f"L1 coefficient {fields.get('l1_coefficient', SAEConfig.l1_coefficient):g}"
-    return None
+def _saved_sparsity(run: RunInfo, label: str, cfg: dict[str, Any], saelab_cfg: dict[str, Any]) -> str:
+    """What sets a saved SAE's sparsity, in words: its variant's, from the saelab config it was saved with;
+    for a folder SAELens wrote, its k if it has one."""
+    if not saelab_cfg:
+        return f"k {cfg['k']}" if "k" in cfg else ""
+    if saelab_cfg.get("architecture") not in architectures():
+        return ""  # a variant of one's own that this process has not imported
+    where = f"{SAE_DIR}/{label}/{CFG_FILE} metadata.saelab_config"
+    saved = _attempt(run, lambda: config_from_dict(SAEConfig, SAEConfig.own_fields(saelab_cfg)), where)
+    return saved.variant.sparsity_in_words(saved) if saved else ""
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -52,7 +52,6 @@ from saelab.locking import folder_lock
 from saelab.models import load_model, resolve_device
 from saelab.run_layout import EVAL_FILE, METRICS_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder, load_sae
-from saelab.sae.config import TRANSCODERS
 from saelab.train.run_folder import open_run_store, read_run_config, sae_hook, sae_labels
 
 
@@ -186,7 +185,7 @@ def _splice(
         metrics.update(target, out.reconstruction, out.latents)
         return out.reconstruction
 
-    return Transcoding(reads, predict) if sae.cfg.architecture in TRANSCODERS else reconstruct
+    return Transcoding(reads, predict) if sae.transcoder else reconstruct
 
 
 WITH_GRADIENT = "_with_gradient"
@@ -194,7 +193,7 @@ _GRADIENT_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "dense_
 
 
 def _uses_gradient(sae: SparseAutoencoder) -> bool:
-    return sae.cfg.architecture == "gsae" and sae.cfg.beta > 0
+    return sae.selects_with_gradient(sae.cfg)
 
 
 class _GradientSelection:

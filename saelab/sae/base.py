@@ -24,6 +24,7 @@ Training uses `sparse_forward`, the same maths through `saelab.kernels`: the var
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from saelab.kernels import RowTopK, sparse_decode, sparse_encode
 from saelab.kernels.encode import SelectionRule, TileObserver, Workspace
 from saelab.kernels.row_constraints import normalize_rows_, remove_parallel_
 from saelab.sae.config import SAEConfig
+
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
 LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in
 # Parameters that hold one scalar per latent and set whether it fires (`parameter_groups`).
@@ -86,14 +90,37 @@ class SparseAutoencoder(nn.Module):
     """Encoder/decoder weights in SAELens's layout: W_enc [d_in, d_sae], W_dec [d_sae, d_out] (d_out = d_in
     but for transcoders).
 
-    Class attributes a variant may change: `unit_norm_decoder` (the trainer keeps decoder rows at unit
-    norm; penalised variants weigh the norms instead), `decoder_init_norm` and `fast_per_latent`
-    (`parameter_groups`).
+    A variant is one subclass in its own module, registered by name (`registry.register`); it declares
+    what makes it different here, as class attributes and the methods below, so that the trainer, the
+    step, evaluation, the CLI, the SAELens format and the dashboard ask it instead of its name
+    (docs/own-variant.md):
+    - `architecture`: its name in configs, run folders and saved SAEs; `config_keys`: the SAEConfig keys
+      it reads beyond `config.COMMON_KEYS` (any other variant's key in its YAML is an error);
+    - `unit_norm_decoder` (the trainer keeps decoder rows at unit norm; penalised variants weigh the
+      norms instead), `decoder_init_norm` and `fast_per_latent` (`parameter_groups`);
+    - `revives_with_auxk` (dead latents get AuxK's loss), `trains_on_gradients` (the trainer reads the
+      loss gradient from the store), `transcoder` (reads `hook_name`, predicts `hook_name_out`),
+      `normalises_input_by_default` (`input_norm` unset means layer_norm); a penalty is the `penalty`
+      method, warmed up over `penalty_warmup` when the variant lists that key;
+    - `saelens_architecture` (what SAELens loads it as), `loads_saelens` (the SAELens architectures that
+      load as this class), `saelens_note` and `saelens_renames` (its tensors' SAELens names);
+    - `option_defaults`: settings of its own that SAEConfig has no field for, given under `options`.
     """
 
-    unit_norm_decoder = True
-    decoder_init_norm = 1.0
-    fast_per_latent = False
+    architecture: ClassVar[str] = ""
+    config_keys: ClassVar[tuple[str, ...]] = ()
+    unit_norm_decoder: ClassVar[bool] = True
+    decoder_init_norm = 1.0  # a property where the config sets it (JumpReLU)
+    fast_per_latent: ClassVar[bool] = False
+    revives_with_auxk: ClassVar[bool] = False
+    trains_on_gradients: ClassVar[bool] = False
+    transcoder: ClassVar[bool] = False
+    normalises_input_by_default: ClassVar[bool] = False
+    saelens_architecture: ClassVar[str] = ""
+    loads_saelens: ClassVar[tuple[str, ...]] = ()
+    saelens_note: ClassVar[str] = ""
+    saelens_renames: ClassVar[dict[str, str]] = {}  # saelab tensor name → its name in SAELens's file
+    option_defaults: ClassVar[dict[str, float]] = {}  # its own numeric settings (`option`), by name
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -306,6 +333,76 @@ class SparseAutoencoder(nn.Module):
         if len(rules) > 1:
             aux = out_norm.direction(sparse_decode(encoded.indices[1], encoded.values[1].relu(), self.W_dec))
         return SparseOutput(reconstruction, indices, values, aux, pre, valid, inputs.detach())
+
+    # --- what a variant declares about its config and its runs (defaults: a plain TopK-like SAE) ---
+
+    def option(self, name: str) -> float:
+        """One of the variant's own settings (`option_defaults`): the config's `options`, else its default."""
+        return self.cfg.options.get(name, self.option_defaults[name])
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        """Checks of the variant's own keys beyond `SAEConfig.validate`'s (raise `ConfigError`)."""
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        """What sets its sparsity, in a label (`topk-4608-k32`): k32 unless the variant says otherwise."""
+        return f"k{cfg.k}"
+
+    @classmethod
+    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
+        """The same for people (the dashboard's runs table): `k 32` unless the variant says otherwise."""
+        return f"k {cfg.k}"
+
+    @classmethod
+    def selects_with_gradient(cls, cfg: SAEConfig) -> bool:
+        """Whether its choice of latents reads the loss gradient (evaluation then gives it one)."""
+        return False
+
+    @classmethod
+    def config_notice(cls, cfg: SAEConfig) -> str | None:
+        """A line `saelab train` prints about this config before training (GBA: its target ladder)."""
+        return None
+
+    @classmethod
+    def upgrade_saved_config(cls, fields: dict[str, Any]) -> None:
+        """Fill in, in place, what an SAE saved by an older saelab left unset and then meant otherwise."""
+
+    @classmethod
+    def keep_saved_form(cls, saved: SAEConfig, cfg: SAEConfig) -> None:
+        """On resume: carry over from the run's saved config what `cfg` leaves unset but meant otherwise then."""
+
+    @classmethod
+    def saved_as(cls, cfg: SAEConfig) -> str:
+        """The SAELens architecture this SAE is saved as (`saelens_architecture`, unless its config decides)."""
+        return cls.saelens_architecture
+
+    @classmethod
+    def note(cls, cfg: SAEConfig) -> str:
+        """What the saved folder's metadata says about reading it in SAELens."""
+        return cls.saelens_note
+
+    def form(self) -> str | None:
+        """Its trained form in words, for `saelab train`'s closing lines (GBA: tied or not); None: nothing to say."""
+        return None
+
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        """Add to or change, in place, the float64 tensors SAELens reads (W_enc, W_dec, b_enc, b_dec given,
+        the scales folded in as `saelens_format` describes), under saelab's names."""
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        """Undo `to_saelens_`: copy the saved tensors (float64, saelab's names) into this SAE; W_dec, b_enc
+        and b_dec are copied already."""
+        self.W_enc.copy_(tensors["W_enc"] / fold_in)
+
+    def use_data_parallel(self, parallel: DataParallel) -> None:
+        """Told once that this SAE trains data-parallel (GBA sums its window statistics over ranks)."""
+
+    def synchronize_(self, parallel: DataParallel) -> None:
+        """After each data-parallel step: make state that every rank updated from its own slice agree."""
+
+    def after_step(self) -> None:
+        """After each optimiser step (GBA adapts the biases of the groups whose window is full)."""
 
     @torch.no_grad()
     def constrain_(self) -> None:

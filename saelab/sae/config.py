@@ -3,43 +3,31 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from saelab.errors import ConfigError
 
-# Spelled as SAELens spells them where SAELens has the architecture (its `cfg.json` "architecture").
-Architecture = Literal[
-    "topk",
-    "batchtopk",
-    "gsae",
-    "gba",
-    "standard",
-    "jumprelu",
-    "gated",
-    "matryoshka_batchtopk",
-    "transcoder",
-    "skip_transcoder",
-]
-# Trained with a sparsity penalty whose coefficient warms up (`l1_coefficient` / `l0_coefficient`).
-PENALISED = ("standard", "jumprelu", "gated", "transcoder", "skip_transcoder")
-# Read one hook and predict another (`hook_name_out`).
-TRANSCODERS = ("transcoder", "skip_transcoder")
+if TYPE_CHECKING:
+    from saelab.sae.base import SparseAutoencoder
+
+# The keys every variant reads; each variant adds its own (`SparseAutoencoder.config_keys`).
+COMMON_KEYS = ("architecture", "d_in", "d_sae", "name", "input_norm", "train_b_dec", "hook_name", "model_name")
 GBAActivation = Literal["jumprelu", "relu"]
 GBABiasRule = Literal["balanced", "paper"]
 GBARegime = Literal["analysis", "reconstruction"]
 # A tied GBA's output scale in the analysis regime: small and fixed, as the paper's analysis takes a → 0.
 ANALYSIS_OUTPUT_SCALE = 0.01
 InputNorm = Literal["none", "layer_norm"]
-# Architectures whose tokens are layer-normalised unless `input_norm` says otherwise (SAEConfig docstring).
-NORMALISED_BY_DEFAULT = ("batchtopk", "gba", "matryoshka_batchtopk")
 # A latent firing on more than this fraction of tokens is dense (eval counts them, analysis sets them aside).
 DENSE_THRESHOLD = 0.1
 
 
 @dataclass
 class SAEConfig:
-    """One SAE. Fields that do not apply to `architecture` are ignored.
+    """One SAE. Each variant reads COMMON_KEYS and its own `config_keys`; in a YAML config any other key is an
+    error naming the variant and its keys (`check_keys`), and saved configs hold only those keys.
 
     - topk / batchtopk / gsae: `k` latents per token (batchtopk: `k` on average over a batch).
     - gsae: `beta` weighs the gradient term of the selection score (0 is exactly TopK).
@@ -87,7 +75,7 @@ class SAEConfig:
       largest norm (synthetic recovery 92.0 % against 88.9 %, README); "none" for the others.
     """
 
-    architecture: Architecture = "topk"
+    architecture: str = "topk"  # a registered variant's name (`saelab.sae.registry`), as SAELens spells it
     d_in: int = 576
     d_sae: int = 4608
     k: int = 32
@@ -118,12 +106,53 @@ class SAEConfig:
     hook_name: str = ""
     hook_name_out: str = ""
     model_name: str = ""
+    # a variant's own numeric settings that no field above holds (`option_defaults`; docs/own-variant.md)
+    options: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.input_norm is None:
-            self.input_norm = "layer_norm" if self.architecture in NORMALISED_BY_DEFAULT else "none"
+            variant = _registered(self.architecture)  # an unknown one is `validate`'s error, with its key's path
+            self.input_norm = "layer_norm" if variant is not None and variant.normalises_input_by_default else "none"
+
+    @property
+    def variant(self) -> type[SparseAutoencoder]:
+        """The class registered under `architecture`: what every caller asks about the variant."""
+        from saelab.sae.registry import variant_class
+
+        return variant_class(self.architecture)
+
+    def own_keys(self) -> tuple[str, ...]:
+        """The keys this SAE's variant reads: COMMON_KEYS, its `config_keys`, and `options` if it has any."""
+        return _own_keys(self.variant)
+
+    @classmethod
+    def check_keys(cls, data: Mapping[str, Any], prefix: str) -> None:
+        """A YAML mapping's keys against its variant's (`config.config_from_dict` calls this before building):
+        a key another variant reads is an error naming this one's keys."""
+        variant = _registered(data.get("architecture", "topk"))
+        if variant is None:
+            return  # `validate` says the architecture is unknown
+        own = set(_own_keys(variant))
+        for key in data:
+            if key not in own:
+                where = f"{prefix}.{key}" if prefix else key
+                raise ConfigError(
+                    f"{where}: not a key of a {variant.architecture} SAE, whose own keys are "
+                    f"{', '.join(variant.config_keys) or 'none'} (besides {', '.join(COMMON_KEYS[1:])})"
+                )
+
+    @classmethod
+    def own_fields(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """`fields` without the keys its variant does not read: what saelab saved before configs held only their
+        own keys, and before the variants declared theirs (those keys were ignored then too)."""
+        variant = _registered(fields.get("architecture", "topk"))
+        if variant is None:
+            return dict(fields)
+        return {key: value for key, value in fields.items() if key in _own_keys(variant)}
 
     def validate(self) -> None:
+        if _registered(self.architecture) is None:
+            self.variant  # noqa: B018 (raises the error that lists the registered variants)
         for key in ("d_in", "d_sae", "k", "n_groups", "update_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
@@ -133,8 +162,6 @@ class SAEConfig:
             raise ConfigError(f"beta: must be ≥ 0, got {self.beta}")
         if not 0 < self.target_low <= self.target_high <= 1:
             raise ConfigError("target_high/target_low: need 0 < target_low ≤ target_high ≤ 1")
-        if self.architecture == "gba" and self.n_groups > self.d_sae:  # only GBA splits latents into groups
-            raise ConfigError(f"n_groups: {self.n_groups} groups cannot be made from d_sae {self.d_sae} latents")
         if self.target_l0 is not None and not self.target_l0 > 0:
             raise ConfigError(f"target_l0: must be positive (or unset), got {self.target_l0}")
         if isinstance(self.output_scale, float) and not self.output_scale > 0:
@@ -150,17 +177,11 @@ class SAEConfig:
             raise ConfigError(f"jumprelu_bandwidth: must be positive, got {self.jumprelu_bandwidth}")
         if not 0 <= self.penalty_warmup <= 1:
             raise ConfigError(f"penalty_warmup: must be a fraction of the run in [0, 1], got {self.penalty_warmup}")
-        if self.architecture == "matryoshka_batchtopk":
-            widths = self.nested_widths()
-            if any(b <= a for a, b in zip([0, *widths], widths, strict=False)) or widths[-1] != self.d_sae:
-                raise ConfigError(
-                    f"matryoshka_widths: must increase strictly and end at d_sae {self.d_sae}, got {widths}"
-                )
-        if self.architecture in TRANSCODERS and self.input_norm != "none":
-            raise ConfigError(
-                f"input_norm: a {self.architecture} predicts another hook, so its tokens cannot be layer-normalised "
-                "(the output would be un-normalised with the input's statistics); use input_norm: none"
-            )
+        for name in self.options:
+            if name not in self.variant.option_defaults:
+                known = ", ".join(self.variant.option_defaults) or "none"
+                raise ConfigError(f"options.{name}: not an option of a {self.architecture} SAE (its options: {known})")
+        self.variant.validate_config(self)
 
     @property
     def label(self) -> str:
@@ -172,18 +193,12 @@ class SAEConfig:
     @property
     def sparsity_label(self) -> str:
         """What sets the SAE's sparsity, in a label: k32, l032 (a target L0: GBA, JumpReLU), l1c5 / l0c1 (a penalty)."""
-        if self.architecture in ("gba", "jumprelu") and self.target_l0:
-            return f"l0{self.target_l0:g}"
-        if self.architecture == "jumprelu":
-            return f"l0c{self.l0_coefficient:g}"
-        if self.architecture in PENALISED:
-            return f"l1c{self.l1_coefficient:g}"
-        return f"k{self.k}"
+        return self.variant.sparsity_label(self)
 
     @property
     def output_width(self) -> int:
         """The width of what the SAE reconstructs: d_in, or a transcoder's d_out."""
-        return self.d_out if self.architecture in TRANSCODERS and self.d_out else self.d_in
+        return self.d_out if self.variant.transcoder and self.d_out else self.d_in
 
     def nested_widths(self) -> list[int]:
         """Matryoshka's prefix widths, the last one d_sae."""
@@ -238,3 +253,13 @@ class SAEConfig:
 def default_lr(d_sae: int) -> float:
     """Gao et al.'s learning-rate rule: 2e-4 scaled by 1/sqrt(n_latents / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def _own_keys(variant: type[SparseAutoencoder]) -> tuple[str, ...]:
+    return COMMON_KEYS + variant.config_keys + (("options",) if variant.option_defaults else ())
+
+
+def _registered(architecture: Any) -> type[SparseAutoencoder] | None:
+    from saelab.sae.registry import registered
+
+    return registered(architecture)

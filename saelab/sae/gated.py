@@ -31,12 +31,18 @@ from saelab.kernels.encode import SelectionRule
 from saelab.kernels.sparse_ops import gather_latents
 from saelab.sae.base import SparseAutoencoder, SparseOutput
 from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 from saelab.sae.standard import DECODER_INIT_NORM, weighted_l1
 
 
 class GatedSAE(SparseAutoencoder):
     """A gate (π > 0) and a magnitude (its own scale r and bias b_mag on the same W_enc) per latent."""
 
+    architecture = "gated"
+    config_keys = ("l1_coefficient", "penalty_warmup")
+    saelens_architecture = "gated"
+    loads_saelens = ("gated",)
+    saelens_renames = {"b_enc": "b_gate"}  # the gate's bias; SAELens's magnitude path has its own b_mag
     unit_norm_decoder = False
     decoder_init_norm = DECODER_INIT_NORM
     fast_per_latent = True
@@ -45,6 +51,22 @@ class GatedSAE(SparseAutoencoder):
         super().__init__(cfg, generator)
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        return f"l1c{cfg.l1_coefficient:g}"
+
+    @classmethod
+    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
+        return f"L1 coefficient {cfg.l1_coefficient:g}"
+
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        weights |= {"r_mag": self.r_mag.double(), "b_mag": self.b_mag.double()}
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        super().from_saelens_(tensors, fold_in, fold_out)
+        self.r_mag.copy_(tensors["r_mag"])
+        self.b_mag.copy_(tensors["b_mag"])
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """π: [..., d_sae] → z = 1[π > 0] · relu(exp(r)(π − b_gate) + b_mag)."""
@@ -77,3 +99,6 @@ class GatedSAE(SparseAutoencoder):
         via_gate = sparse_decode(out.indices, gate, self.W_dec.detach()) + self.b_dec.detach()
         auxiliary = (via_gate - out.inputs).pow(2).sum(-1).mean()
         return self.cfg.l1_coefficient * coefficient_scale * l1 + auxiliary
+
+
+register(GatedSAE)

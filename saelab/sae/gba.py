@@ -87,16 +87,18 @@ adapts its biases identically.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from saelab.errors import ConfigError
 from saelab.kernels import AboveThreshold
 from saelab.kernels.encode import SelectionRule, TileObserver
 from saelab.kernels.sparse_ops import is_full
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
@@ -111,6 +113,24 @@ _NEVER = 1e-12  # keeps log2(target / p̂) finite; a latent that never fired tak
 class GBASAE(SparseAutoencoder):
     """JumpReLU (or ReLU) latents; `b_enc` is moved by `adapt_biases`, never by the optimiser."""
 
+    architecture = "gba"
+    config_keys = (
+        "n_groups",
+        "target_high",
+        "target_low",
+        "target_l0",
+        "update_tokens",
+        "gamma",
+        "activation",
+        "tied",
+        "output_scale",
+        "bias_rule",
+        "dead_eps",
+        "bias_min",
+        "bias_max",
+    )
+    normalises_input_by_default = True  # its analysis assumes unit-norm inputs (its bias range [−1, 0])
+    saelens_architecture = "jumprelu"
     group: torch.Tensor  # [d_sae] long, the group of each latent
     target: torch.Tensor  # [d_sae], the target frequency of each latent's group
     fires: torch.Tensor  # [d_sae] long, tokens on which each latent had u > 0 in this window
@@ -142,6 +162,88 @@ class GBASAE(SparseAutoencoder):
         windows = torch.tensor([self._window(target) for target in cfg.group_targets()])
         # [n_groups] tokens each group's window must hold before its biases adapt (`_window`)
         self.register_buffer("window", windows, persistent=False)
+
+    # --- what GBA declares as a variant (`SparseAutoencoder`) ---
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        if cfg.n_groups > cfg.d_sae:
+            raise ConfigError(f"n_groups: {cfg.n_groups} groups cannot be made from d_sae {cfg.d_sae} latents")
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        return f"l0{cfg.target_l0:g}" if cfg.target_l0 else f"k{cfg.k}"
+
+    @classmethod
+    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
+        return f"L0 target {cfg.target_l0:g}" if cfg.target_l0 is not None else "per-group targets"
+
+    @classmethod
+    def config_notice(cls, cfg: SAEConfig) -> str:
+        """Its target frequencies by group, and what `target_l0` did to the configured ladder."""
+        targets = ", ".join(f"{t:.2g}" for t in cfg.group_targets())
+        notice = f"{cfg.label}: GBA target frequencies by group (highest first): {targets}"
+        if cfg.target_l0 is None:
+            return notice
+        scale = cfg.group_targets()[0] / cfg.target_high
+        configured = f"{cfg.target_high:g}…{cfg.target_low:g}"
+        return f"{notice} (target_l0 {cfg.target_l0:g} scaled the ladder {configured} by {scale:.3g})"
+
+    @classmethod
+    def upgrade_saved_config(cls, fields: dict[str, Any]) -> None:
+        """Saved before GBA's paper form: an untied ReLU SAE."""
+        fields.setdefault("activation", "relu")
+        fields.setdefault("tied", False)
+
+    @classmethod
+    def keep_saved_form(cls, saved: SAEConfig, cfg: SAEConfig) -> None:
+        """A run saved when GBA was always tied (with a trained output scale) keeps that form when resumed from a
+        config that leaves `tied` and `output_scale` unset, which now mean "by the ladder's regime"."""
+        cfg.tied = saved.tied if cfg.tied is None else cfg.tied
+        cfg.output_scale = saved.output_scale if cfg.output_scale is None else cfg.output_scale
+
+    @classmethod
+    def saved_as(cls, cfg: SAEConfig) -> str:
+        """A JumpReLU SAE exactly (thresholds −a·b); with the ReLU activation a standard one (b_enc a·b)."""
+        return "standard" if cfg.activation == "relu" else "jumprelu"
+
+    @classmethod
+    def note(cls, cfg: SAEConfig) -> str:
+        if cfg.activation == "relu":
+            return "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc."
+        return "GBA: a JumpReLU SAE whose thresholds (−b_enc) were adapted to per-group firing targets."
+
+    def form(self) -> str:
+        return f"GBA in the {self.cfg.gba_form()}"
+
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        """Tied, latent i's output scale a_i > 0 goes into its encoder column: a·(w·x')·1[w·x' + b > 0] =
+        h·1[h > −a·b] with h = (a·w)·x' (JumpReLU: threshold −a·b, b_enc 0), and a·relu(w·x' + b) =
+        relu((a·w)·x' + a·b) (ReLU: b_enc a·b)."""
+        a = self.output_scale.double() if self.cfg.gba_tied else torch.ones_like(self.b_enc, dtype=torch.float64)
+        b = self.b_enc.double()
+        weights["W_enc"] = self.W_enc.double() * a * fold_in
+        if self.cfg.activation == "jumprelu":
+            weights |= {"threshold": -a * b, "b_enc": torch.zeros_like(b)}
+        else:
+            weights["b_enc"] = a * b
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        """Undo `to_saelens_`: tied, a_i = ‖column i‖ (the w_i are the unit decoder rows) and b = b_enc / a or
+        −threshold / a; untied, W_enc as it is and b = b_enc or −threshold."""
+        W_enc, threshold = tensors["W_enc"] / fold_in, tensors.get("threshold")
+        a = W_enc.norm(dim=0) if self.cfg.gba_tied else torch.ones_like(tensors["b_enc"])
+        if self.cfg.gba_tied:
+            self.output_scale.copy_(a)
+        else:
+            self.W_enc.copy_(W_enc)
+        self.b_enc.copy_((tensors["b_enc"] if threshold is None else -threshold.double()) / a)
+
+    def use_data_parallel(self, parallel: DataParallel) -> None:
+        self.data_parallel = parallel  # its window statistics are summed over ranks (`observe`)
+
+    def after_step(self) -> None:
+        self.adapt_biases()  # adapts the groups whose window is full, if any
 
     def parameter_groups(self) -> list[dict]:
         """Tied: a_i learns √d_in times faster than the weights. Adam moves every parameter by about lr a
@@ -329,3 +431,6 @@ class GBASAE(SparseAutoencoder):
     def _group_sum(self, values: torch.Tensor) -> torch.Tensor:
         """[d_sae] → [n_groups]: the sum of `values` over each group's latents."""
         return values.new_zeros(self.cfg.n_groups).index_add_(0, self.group, values)
+
+
+register(GBASAE)

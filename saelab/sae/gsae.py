@@ -26,11 +26,25 @@ import torch
 from saelab.kernels import RowTopK
 from saelab.kernels.encode import SelectionRule
 from saelab.kernels.selection import ScoreHook
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 from saelab.sae.topk import TopKSAE
 
 
 class GradientTopKSAE(TopKSAE):
     """k latents per token, chosen by activation and by alignment of their decoder row with the loss gradient."""
+
+    architecture = "gsae"
+    config_keys = ("k", "beta")
+    trains_on_gradients = True
+    loads_saelens = ()  # SAELens's topk folders load as TopK
+    saelens_note = (
+        "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK."
+    )
+
+    @classmethod
+    def selects_with_gradient(cls, cfg: SAEConfig) -> bool:
+        return cfg.beta > 0
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [..., d_sae], gradient: [..., d_in] (model units; only its direction is used) → z: [..., d_sae]."""
@@ -59,3 +73,6 @@ class GradientTopKSAE(TopKSAE):
             return z + self.cfg.beta * z * alignment
 
         return score
+
+
+register(GradientTopKSAE)

@@ -41,6 +41,7 @@ from saelab.kernels.encode import SelectionRule
 from saelab.kernels.sparse_ops import gather_latents
 from saelab.sae.base import SparseAutoencoder, SparseOutput
 from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 from saelab.sae.standard import DECODER_INIT_NORM
 
 
@@ -83,6 +84,10 @@ class StepFunction(torch.autograd.Function):
 class JumpReLUSAE(SparseAutoencoder):
     """z = u·H(u − θ) with a trained threshold per latent (`threshold`, [d_sae]) and an L0 penalty."""
 
+    architecture = "jumprelu"
+    config_keys = ("l0_coefficient", "penalty_warmup", "jumprelu_init_threshold", "jumprelu_bandwidth", "target_l0")
+    saelens_architecture = "jumprelu"
+    loads_saelens = ("jumprelu",)
     unit_norm_decoder = False
     fast_per_latent = True
     threshold: nn.Parameter
@@ -95,6 +100,24 @@ class JumpReLUSAE(SparseAutoencoder):
         within 20 steps on SmolLM2 (L0 982 for a target of 32): Adam moves each entry by about the lr a step,
         ~10 % of a column of norm 0.1 but 1 % of a unit one, and a threshold by ~0.01 a step."""
         return 1.0 if self.cfg.target_l0 is not None else DECODER_INIT_NORM
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        """l032 with a target L0 of 32 (its quadratic penalty), else l0c1 (the L0 coefficient)."""
+        return f"l0{cfg.target_l0:g}" if cfg.target_l0 else f"l0c{cfg.l0_coefficient:g}"
+
+    @classmethod
+    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
+        if cfg.target_l0:
+            return f"L0 target {cfg.target_l0:g} (quadratic penalty)"
+        return f"L0 coefficient {cfg.l0_coefficient:g}"
+
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        weights["threshold"] = self.threshold.double()
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        super().from_saelens_(tensors, fold_in, fold_out)
+        self.threshold.copy_(tensors["threshold"])
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
@@ -147,3 +170,6 @@ class JumpReLUSAE(SparseAutoencoder):
     def constrain_(self) -> None:
         super().constrain_()
         self.threshold.clamp_(min=0.0)
+
+
+register(JumpReLUSAE)

@@ -19,13 +19,26 @@ from __future__ import annotations
 
 import torch
 
+from saelab.errors import ConfigError
 from saelab.kernels.decode import sparse_decode
 from saelab.sae.base import SparseOutput
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 from saelab.sae.topk import BatchTopKSAE
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """BatchTopK with nested reconstruction losses over the prefixes `cfg.nested_widths()`."""
+
+    architecture = "matryoshka_batchtopk"
+    config_keys = ("k", "matryoshka_widths")
+    saelens_note = "Matryoshka BatchTopK: at inference a JumpReLU with the threshold learned in training."
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        widths = cfg.nested_widths()
+        if any(b <= a for a, b in zip([0, *widths], widths, strict=False)) or widths[-1] != cfg.d_sae:
+            raise ConfigError(f"matryoshka_widths: must increase strictly and end at d_sae {cfg.d_sae}, got {widths}")
 
     def sparse_forward(self, x: torch.Tensor, *args, **kwargs) -> SparseOutput:  # noqa: ANN002, ANN003
         """BatchTopK's `sparse_forward`, plus (in training) `nested`: every inner prefix's reconstruction."""
@@ -37,3 +50,6 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
                 for width in self.cfg.nested_widths()[:-1]
             ]
         return out
+
+
+register(MatryoshkaBatchTopKSAE)

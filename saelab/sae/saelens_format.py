@@ -26,14 +26,17 @@ What SAELens sees (the closest architecture it runs at inference):
     gsae      → "topk"      its gradient-aware selection exists only in training; inference is TopK
     gba       → "jumprelu"  (activation jumprelu, the default) exactly: b_enc 0, threshold −a·b and a folded
                 into W_enc, since a·(u − b)·1[u > 0] = h·1[h > −a·b] with h = a·(u − b), the scaled
-                bias-free projection (`_gba_weights`)
+                bias-free projection (`GBASAE.to_saelens_`)
     gba       → "standard"  (activation relu) a ReLU SAE; b_enc a·b, a folded into W_enc
     batchtopk → "jumprelu"  with threshold θ for every latent. SAELens does the same: its
                 BatchTopKTrainingSAE names JumpReLUSAEConfig as its inference config and turns
                 `topk_threshold` into `threshold = θ·ones(d_sae)` when saving; "batchtopk" is registered
                 only as a training class (sae_lens/saes/batchtopk_sae.py, sae_lens/__init__.py).
 Folders SAELens wrote load too (input scale 1; normalize_activations "none" or "layer_norm") as the saelab
-class of the same name (`FROM_SAELENS`).
+class whose `loads_saelens` lists the SAELens architecture they name (the same name).
+
+Each variant says all of this about itself (`SparseAutoencoder`: `saved_as`, `note`, `to_saelens_`,
+`from_saelens_`, `saelens_renames`, `transcoder`); this module knows only SAELens's side of the format.
 """
 
 from __future__ import annotations
@@ -55,27 +58,14 @@ from saelab.atomic import atomic_write_bytes, atomic_write_json
 from saelab.config import config_from_dict, config_to_dict
 from saelab.errors import SaelabError
 from saelab.sae.base import SparseAutoencoder
-from saelab.sae.config import TRANSCODERS, SAEConfig
-from saelab.sae.gated import GatedSAE
-from saelab.sae.gba import GBASAE
-from saelab.sae.jumprelu import JumpReLUSAE
-from saelab.sae.registry import build_sae
-from saelab.sae.topk import BatchTopKSAE
-from saelab.sae.transcoder import SkipTranscoder, Transcoder
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import SAE_CLASSES, architectures, build_sae, variant_class
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 BUFFERS_FILE = "saelab_buffers.safetensors"
 FOLDED_BUFFERS = ("input_scale", "target_scale")  # kept in the metadata and folded into the weights
 
-SAELENS_ARCHITECTURE = {
-    "topk": "topk",
-    "gsae": "topk",
-    "gba": "jumprelu",
-    "batchtopk": "jumprelu",
-    "matryoshka_batchtopk": "jumprelu",
-    **{same: same for same in ("standard", "jumprelu", "gated", "transcoder", "skip_transcoder")},
-}
 # The tensors of each SAELens architecture beyond W_enc, W_dec and b_dec.
 SAELENS_TENSORS = {
     "topk": ("b_enc",),
@@ -85,39 +75,28 @@ SAELENS_TENSORS = {
     "transcoder": ("b_enc",),
     "skip_transcoder": ("b_enc", "W_skip"),
 }
-NOTES = {
-    "gsae": "g-SAE: its gradient-aware selection needs the loss gradient; without one (as here) it is exactly TopK.",
-    "gba": "GBA: a JumpReLU SAE whose thresholds (−b_enc) were adapted to per-group firing targets.",
-    "gba-relu": "GBA: a ReLU SAE whose encoder biases were adapted to per-group firing targets; they are b_enc.",
-    "batchtopk": "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens.",
-    "matryoshka_batchtopk": "Matryoshka BatchTopK: at inference a JumpReLU with the threshold learned in training.",
-}
 NORM_NOTES = {
     "none": "The input scale is folded into the weights.",
     "layer_norm": "Each token is layer-normalised on the way in (normalize_activations layer_norm).",
 }
-# A SAELens folder without saelab metadata becomes this saelab architecture.
-FROM_SAELENS = {name: name for name in ("topk", "standard", "jumprelu", "gated", "transcoder", "skip_transcoder")}
+# SAELens architectures whose cfg.json holds k
+SAELENS_WITH_K = ("topk",)
 
 
 def saelens_architecture(cfg: SAEConfig) -> str:
     """The SAELens architecture a saelab SAE is saved as (see the module docstring)."""
-    if cfg.architecture == "gba" and cfg.activation == "relu":
-        return "standard"
-    return SAELENS_ARCHITECTURE[cfg.architecture]
+    return cfg.variant.saved_as(cfg)
 
 
-def _note_key(cfg: SAEConfig) -> str:
-    return "gba-relu" if saelens_architecture(cfg) == "standard" else cfg.architecture
+def from_saelens() -> dict[str, str]:
+    """SAELens architecture → the saelab architecture its folders load as (the variants' `loads_saelens`)."""
+    architectures()  # the variants registered
+    return {saelens: name for name, cls in SAE_CLASSES.items() for saelens in vars(cls).get("loads_saelens", ())}
 
 
 def _folded_scale(cfg: SAEConfig, input_scale: float) -> float:
     """The factor folded into the saved weights: the input scale, or 1 where SAELens normalises each token."""
     return input_scale if cfg.input_norm == "none" else 1.0
-
-
-def _is_transcoder(cfg: SAEConfig) -> bool:
-    return cfg.architecture in TRANSCODERS
 
 
 def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -131,11 +110,11 @@ def _expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
 def _scales(sae: SparseAutoencoder) -> tuple[float, float]:
     """(input side, output side) factors folded into the saved weights (module docstring)."""
     fold_in = _folded_scale(sae.cfg, float(sae.input_scale))
-    return fold_in, float(sae.target_scale) if isinstance(sae, Transcoder) else fold_in
+    return fold_in, float(sae.target_scale) if sae.transcoder else fold_in
 
 
 def _saved_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
-    """The tensors SAELens reads, in float64, the scales folded in."""
+    """The tensors SAELens reads, in float64, the scales folded in, under SAELens's names."""
     fold_in, fold_out = _scales(sae)
     weights = {
         "W_enc": sae.W_enc.double() * fold_in,
@@ -143,27 +122,8 @@ def _saved_weights(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
         "b_enc": sae.b_enc.double(),
         "b_dec": sae.b_dec.double() / fold_out,
     }
-    if isinstance(sae, BatchTopKSAE | JumpReLUSAE):
-        weights["threshold"] = sae.threshold.double()
-    if isinstance(sae, GBASAE):
-        weights |= _gba_weights(sae, fold_in)
-    if isinstance(sae, GatedSAE):
-        weights |= {"b_gate": weights.pop("b_enc"), "r_mag": sae.r_mag.double(), "b_mag": sae.b_mag.double()}
-    if isinstance(sae, SkipTranscoder):
-        weights["W_skip"] = sae.W_skip.double() * fold_in / fold_out
-    return weights
-
-
-def _gba_weights(sae: GBASAE, scale: float) -> dict[str, torch.Tensor]:
-    """GBA's encoder side for SAELens. Tied, latent i's output scale a_i > 0 goes into its encoder column:
-    a·(w·x')·1[w·x' + b > 0] = h·1[h > −a·b] with h = (a·w)·x' (JumpReLU: threshold −a·b, b_enc 0), and
-    a·relu(w·x' + b) = relu((a·w)·x' + a·b) (ReLU: b_enc a·b)."""
-    a = sae.output_scale.double() if sae.cfg.gba_tied else torch.ones_like(sae.b_enc, dtype=torch.float64)
-    b = sae.b_enc.double()
-    weights = {"W_enc": sae.W_enc.double() * a * scale}
-    if sae.cfg.activation == "jumprelu":
-        return weights | {"threshold": -a * b, "b_enc": torch.zeros_like(b)}
-    return weights | {"b_enc": a * b}
+    sae.to_saelens_(weights, fold_in, fold_out)
+    return {sae.saelens_renames.get(name, name): tensor for name, tensor in weights.items()}
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
@@ -173,7 +133,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     _check_replaceable(folder)
     cfg = sae.cfg
     scale = float(sae.input_scale)
-    architecture = saelens_architecture(cfg)
+    saved_as = saelens_architecture(cfg)
     dtype = sae.W_enc.dtype
     with torch.no_grad():
         weights = {name: tensor.to("cpu", dtype).contiguous() for name, tensor in _saved_weights(sae).items()}
@@ -186,26 +146,26 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         "saelab_architecture": cfg.architecture,
         "saelab_input_scale": scale,
         "saelab_config": config_to_dict(cfg),
-        "saelab_note": " ".join([NOTES.get(_note_key(cfg), ""), NORM_NOTES[cfg.input_norm]]).strip(),
+        "saelab_note": " ".join([cfg.variant.note(cfg), NORM_NOTES[cfg.input_norm]]).strip(),
     }
     sae_lens_cfg: dict[str, Any] = {
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": str(dtype).removeprefix("torch."),
         "device": "cpu",
-        "apply_b_dec_to_input": not _is_transcoder(cfg),
+        "apply_b_dec_to_input": not sae.transcoder,
         "normalize_activations": cfg.input_norm,
         "reshape_activations": "none",
         "metadata": metadata,
     }
-    if isinstance(sae, Transcoder):
+    if sae.transcoder:
         sae_lens_cfg["d_out"] = cfg.output_width
         metadata["hook_name_out"] = cfg.hook_name_out
         metadata["saelab_target_scale"] = float(sae.target_scale)
-    if architecture == "topk":
+    if saved_as in SAELENS_WITH_K:
         sae_lens_cfg["k"] = cfg.k
     sae_lens_cfg["rescale_acts_by_decoder_norm"] = False
-    sae_lens_cfg["architecture"] = architecture
+    sae_lens_cfg["architecture"] = saved_as
 
     files = {WEIGHTS_FILE: safetensors.torch.save(weights)}
     if buffers:
@@ -254,14 +214,13 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SparseAu
                 f"{weights_path}: {name} has shape {list(tensors[name].shape)}, "
                 f"but {CFG_FILE} (d_in {cfg.d_in}, d_sae {cfg.d_sae}, d_out {cfg.output_width}) needs {list(shape)}"
             )
-    tensors = {name: tensor.double() for name, tensor in tensors.items()}
-    if isinstance(sae, GatedSAE):
-        tensors["b_enc"] = tensors.pop("b_gate")
-    if not raw.get("apply_b_dec_to_input", True) and not _is_transcoder(cfg):
+    saelab_names = {saved: name for name, saved in sae.saelens_renames.items()}
+    tensors = {saelab_names.get(name, name): tensor.double() for name, tensor in tensors.items()}
+    if not raw.get("apply_b_dec_to_input", True) and not sae.transcoder:
         _fold_input_bias(tensors)
     with torch.no_grad():
         sae.input_scale.fill_(scale)
-        if isinstance(sae, Transcoder):
+        if sae.transcoder:
             target_scale = metadata.get("saelab_target_scale", 1.0)
             sae.target_scale.fill_(_positive_number(target_scale, "saelab_target_scale", cfg_path))
         _copy_weights(sae, tensors)
@@ -285,28 +244,7 @@ def _copy_weights(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> N
     sae.W_dec.copy_(tensors["W_dec"] * fold_out)
     sae.b_enc.copy_(tensors["b_enc"])
     sae.b_dec.copy_(tensors["b_dec"] * fold_out)
-    if isinstance(sae, GBASAE):
-        _load_gba_encoder(sae, tensors["W_enc"] / fold_in, tensors["b_enc"], tensors.get("threshold"))
-    else:
-        sae.W_enc.copy_(tensors["W_enc"] / fold_in)
-    if isinstance(sae, BatchTopKSAE | JumpReLUSAE):
-        sae.threshold.copy_(tensors["threshold"])
-    if isinstance(sae, GatedSAE):
-        sae.r_mag.copy_(tensors["r_mag"])
-        sae.b_mag.copy_(tensors["b_mag"])
-    if isinstance(sae, SkipTranscoder):
-        sae.W_skip.copy_(tensors["W_skip"] * fold_out / fold_in)
-
-
-def _load_gba_encoder(sae: GBASAE, W_enc: torch.Tensor, b_enc: torch.Tensor, threshold: torch.Tensor | None) -> None:
-    """Undo `_gba_weights`: tied, a_i = ‖column i‖ (the w_i are the unit decoder rows) and b = b_enc / a or
-    −threshold / a; untied, W_enc as it is and b = b_enc or −threshold."""
-    a = W_enc.norm(dim=0) if sae.cfg.gba_tied else torch.ones_like(b_enc)
-    if sae.cfg.gba_tied:
-        sae.output_scale.copy_(a)
-    else:
-        sae.W_enc.copy_(W_enc)
-    sae.b_enc.copy_((b_enc if threshold is None else -threshold.double()) / a)
+    sae.from_saelens_(tensors, fold_in, fold_out)
 
 
 def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, float]:
@@ -314,22 +252,21 @@ def _saelab_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path
         raise SaelabError(f"{cfg_path}: metadata.saelab_config must be a JSON object")
     fields = dict(metadata["saelab_config"])
     fields.setdefault("input_norm", "none")  # saved before input_norm existed: every SAE was scaled, not normed
-    if fields.get("architecture") == "gba":  # saved before GBA's paper form: an untied ReLU SAE
-        fields.setdefault("activation", "relu")
-        fields.setdefault("tied", False)
     try:
+        fields = SAEConfig.own_fields(fields)  # saved with every variant's keys (before they held their own)
+        variant_class(fields.get("architecture", "topk")).upgrade_saved_config(fields)
         cfg = config_from_dict(SAEConfig, fields, prefix="metadata.saelab_config")
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error
     scale = _positive_number(metadata.get("saelab_input_scale"), "saelab_input_scale", cfg_path)
     # saelab wrote every one of these; a value that disagrees is an edit that would be silently ignored.
     written = {key: getattr(cfg, key) for key in ("d_in", "d_sae")}
-    if saelens_architecture(cfg) == "topk":
+    if saelens_architecture(cfg) in SAELENS_WITH_K:
         written["k"] = cfg.k
-    if _is_transcoder(cfg):
+    if cfg.variant.transcoder:
         written["d_out"] = cfg.output_width
     written |= {
-        "apply_b_dec_to_input": not _is_transcoder(cfg),
+        "apply_b_dec_to_input": not cfg.variant.transcoder,
         "normalize_activations": cfg.input_norm,
         "rescale_acts_by_decoder_norm": False,
     }
@@ -362,11 +299,12 @@ def _positive_number(value: Any, key: str, cfg_path: Path) -> float:
 def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Path) -> SAEConfig:
     """The saelab config for a folder SAELens wrote (hook and model names under metadata, or at the top
     level as older SAELens versions wrote them)."""
-    architecture = raw.get("architecture")
-    if architecture not in FROM_SAELENS:
+    saved_as, loads_as = raw.get("architecture"), from_saelens()
+    if saved_as not in loads_as:
         raise SaelabError(
-            f"{cfg_path}: architecture {architecture!r} is not one saelab runs (it reads {', '.join(FROM_SAELENS)})"
+            f"{cfg_path}: architecture {saved_as!r} is not one saelab runs (it reads {', '.join(loads_as)})"
         )
+    variant = SAE_CLASSES[loads_as[saved_as]]
     input_norm = raw.get("normalize_activations", "none")
     if input_norm not in ("none", "layer_norm"):
         raise SaelabError(
@@ -378,12 +316,12 @@ def _saelens_config(raw: dict[str, Any], metadata: dict[str, Any], cfg_path: Pat
             f"{cfg_path}: rescale_acts_by_decoder_norm true is not supported (fold the decoder norms first)"
         )
     sizes = {key: _positive_int(raw, key, cfg_path) for key in ("d_in", "d_sae")}
-    if architecture in TRANSCODERS:
+    if variant.transcoder:
         sizes["d_out"] = _positive_int(raw, "d_out", cfg_path)
-    k = _positive_int(raw, "k", cfg_path) if architecture == "topk" else min(SAEConfig.k, sizes["d_sae"])
+    k = _positive_int(raw, "k", cfg_path) if saved_as in SAELENS_WITH_K else min(SAEConfig.k, sizes["d_sae"])
     names = {key: metadata.get(key) or raw.get(key) or "" for key in ("hook_name", "hook_name_out", "model_name")}
     try:  # k is unused by the architectures without one
-        cfg = SAEConfig(architecture=FROM_SAELENS[architecture], k=k, input_norm=input_norm, **sizes, **names)
+        cfg = SAEConfig(architecture=variant.architecture, k=k, input_norm=input_norm, **sizes, **names)
         cfg.validate()
     except SaelabError as error:
         raise SaelabError(f"{cfg_path}: {error}") from error

@@ -22,6 +22,8 @@ from saelab.kernels import AboveThreshold
 from saelab.kernels.encode import SelectionRule
 from saelab.kernels.sparse_ops import gather_latents
 from saelab.sae.base import SparseAutoencoder, SparseOutput
+from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 
 # Anthropic's April 2024 update starts every decoder row at a small norm (0.05–1 by the model; 0.1 here).
 DECODER_INIT_NORM = 0.1
@@ -30,9 +32,21 @@ DECODER_INIT_NORM = 0.1
 class StandardSAE(SparseAutoencoder):
     """z = relu(u); an L1 penalty weighted by decoder norms (`SAEConfig.l1_coefficient`)."""
 
+    architecture = "standard"
+    config_keys = ("l1_coefficient", "penalty_warmup")
+    saelens_architecture = "standard"
+    loads_saelens = ("standard",)
     unit_norm_decoder = False
     decoder_init_norm = DECODER_INIT_NORM
     fast_per_latent = True
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        return f"l1c{cfg.l1_coefficient:g}"
+
+    @classmethod
+    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
+        return f"L1 coefficient {cfg.l1_coefficient:g}"
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [..., d_sae] → relu(u)."""
@@ -49,3 +63,6 @@ class StandardSAE(SparseAutoencoder):
 def weighted_l1(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """mean_b Σ_j |values[b, j]| · ‖W_dec[indices[b, j]]‖ for sparse rows ([batch, k']); differentiable."""
     return (values.abs() * gather_latents(W_dec.norm(dim=1), indices)).sum(-1).mean()
+
+
+register(StandardSAE)

@@ -19,12 +19,18 @@ after a short run) or at the first observation (whose weight λ^T is never forgo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from saelab.kernels import AboveThreshold, BatchTopK, RowTopK
 from saelab.kernels.encode import SelectionRule
 from saelab.sae.base import SparseAutoencoder
 from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
+
+if TYPE_CHECKING:
+    from saelab.distributed import DataParallel
 
 # θ's memory, ~1/(1 − λ) = 10 steps. SAELens's BatchTopKTrainingSAE uses 0.99 (`topk_threshold_lr` 0.01),
 # dictionary_learning 0.999: both made for long runs. The batch cutoff falls while the encoder learns, so
@@ -36,6 +42,12 @@ THRESHOLD_DECAY = 0.9
 
 class TopKSAE(SparseAutoencoder):
     """Exactly k latents per token, each ≥ 0 (fewer nonzero only when fewer than k pre-activations are > 0)."""
+
+    architecture = "topk"
+    config_keys = ("k",)
+    revives_with_auxk = True
+    saelens_architecture = "topk"
+    loads_saelens = ("topk",)
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [..., d_sae] → z: same shape, the k largest of relu(u) per row and zeros elsewhere."""
@@ -54,6 +66,12 @@ class BatchTopKSAE(SparseAutoencoder):
     JumpReLU SAEs, whose thresholds differ per latent, load into this class and run exactly in eval mode.
     """
 
+    architecture = "batchtopk"
+    config_keys = ("k",)
+    revives_with_auxk = True
+    normalises_input_by_default = True  # the batch's budget goes to what stands out within a token (module docstring)
+    saelens_architecture = "jumprelu"
+    saelens_note = "BatchTopK: at inference a JumpReLU with the threshold learned in training, as in SAELens."
     threshold: torch.Tensor
     threshold_weight: torch.Tensor  # [] 1 − λ^T after T observations: how much of θ is data
 
@@ -85,6 +103,21 @@ class BatchTopKSAE(SparseAutoencoder):
         if self.training:
             self._update_threshold(values.flatten())
 
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        weights["threshold"] = self.threshold.double()
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        super().from_saelens_(tensors, fold_in, fold_out)
+        self.threshold.copy_(tensors["threshold"])
+
+    @torch.no_grad()
+    def synchronize_(self, parallel: DataParallel) -> None:
+        """Each rank keeps the top k·(its rows) of its own slice, and θ moves toward the mean over ranks of
+        each rank's smallest kept value (θ's update is linear in the observation, so averaging the updated
+        θs is exactly that). The rule, stated and tested: the same as 1-rank BatchTopK whose batch-level
+        top-k runs per slice. Not the global top-k."""
+        parallel.sum_(self.threshold).div_(parallel.world_size)
+
     @torch.no_grad()
     def fit_threshold(self, x: torch.Tensor, l0: float | None = None) -> float:
         """Set θ so that the tokens x: [n, d_in] average `l0` (default k) latents in eval mode; returns θ.
@@ -115,3 +148,7 @@ class BatchTopKSAE(SparseAutoencoder):
         updated = (self.threshold * self.threshold_weight * THRESHOLD_DECAY + share * smallest) / weight
         self.threshold.copy_(torch.where(seen, updated, self.threshold))
         self.threshold_weight.copy_(torch.where(seen, weight, self.threshold_weight))
+
+
+register(TopKSAE)
+register(BatchTopKSAE)

@@ -20,15 +20,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from saelab.errors import ConfigError
 from saelab.sae.base import TokenNorm
 from saelab.sae.config import SAEConfig
+from saelab.sae.registry import register
 from saelab.sae.standard import StandardSAE
 
 
 class Transcoder(StandardSAE):
     """A ReLU, L1-trained map from `hook_name` (d_in wide) to `hook_name_out` (d_out wide)."""
 
+    architecture = "transcoder"
+    config_keys = ("l1_coefficient", "penalty_warmup", "d_out", "hook_name_out")
+    transcoder = True
+    saelens_architecture = "transcoder"
+    loads_saelens = ("transcoder",)
     target_scale: torch.Tensor
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        if cfg.input_norm != "none":
+            raise ConfigError(
+                f"input_norm: a {cfg.architecture} predicts another hook, so its tokens cannot be layer-normalised "
+                "(the output would be un-normalised with the input's statistics); use input_norm: none"
+            )
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
@@ -49,9 +64,24 @@ class Transcoder(StandardSAE):
 class SkipTranscoder(Transcoder):
     """A transcoder plus a linear skip connection x' W_skipᵀ (W_skip: [d_out, d_in], from zeros)."""
 
+    architecture = "skip_transcoder"
+    saelens_architecture = "skip_transcoder"
+    loads_saelens = ("skip_transcoder",)
+
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, generator)
         self.W_skip = nn.Parameter(torch.zeros(cfg.output_width, cfg.d_in))
 
     def skip(self, x: torch.Tensor, norm: TokenNorm) -> torch.Tensor:
         return norm.into(x) @ self.W_skip.T
+
+    def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        weights["W_skip"] = self.W_skip.double() * fold_in / fold_out
+
+    def from_saelens_(self, tensors: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
+        super().from_saelens_(tensors, fold_in, fold_out)
+        self.W_skip.copy_(tensors["W_skip"] * fold_out / fold_in)
+
+
+register(Transcoder)
+register(SkipTranscoder)

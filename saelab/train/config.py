@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from saelab.config import config_from_dict, read_config_mapping
 from saelab.errors import ConfigError
-from saelab.sae.config import TRANSCODERS, SAEConfig
+from saelab.sae.config import SAEConfig
 
 
 @dataclass
@@ -84,12 +86,12 @@ class TrainConfig:
             except ConfigError as error:
                 raise ConfigError(f"saes[{index}].{error}") from None
         for index, sae in enumerate(self.saes):
-            if sae.architecture == "gsae" and sae.hook_name and self.hook and sae.hook_name != self.hook:
+            if sae.variant.trains_on_gradients and sae.hook_name and self.hook and sae.hook_name != self.hook:
                 raise ConfigError(
-                    f"saes[{index}].hook_name: a gsae reads the store's gradients, which are the run's hook's "
-                    f"({self.hook}); train it on that hook or make it the run's `hook`"
+                    f"saes[{index}].hook_name: a {sae.architecture} reads the store's gradients, which are the run's "
+                    f"hook's ({self.hook}); train it on that hook or make it the run's `hook`"
                 )
-            if sae.architecture in TRANSCODERS and not sae.hook_name_out:
+            if sae.variant.transcoder and not sae.hook_name_out:
                 raise ConfigError(
                     f"saes[{index}].hook_name_out: a {sae.architecture} predicts another hook; name it, e.g. "
                     "{architecture: transcoder, hook_name: blocks.15.hook_resid_mid, "
@@ -125,3 +127,12 @@ class TrainConfig:
 
     def resolved_dead_tokens(self) -> int:
         return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, self.n_tokens // 10)
+
+
+def load_saved_train_config(path: Path) -> TrainConfig:
+    """A run folder's config.yaml, which saelab wrote: each SAE's keys that its variant does not read are
+    dropped first (saelab saved every variant's keys before each declared its own; they were ignored)."""
+    data = read_config_mapping(path)
+    if isinstance(data.get("saes"), list):
+        data["saes"] = [SAEConfig.own_fields(e) if isinstance(e, dict) else e for e in data["saes"]]
+    return config_from_dict(TrainConfig, data)

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saelab.config import load_config
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.run_layout import CONFIG_FILE, SAE_DIR
 from saelab.sae import SparseAutoencoder
 from saelab.sae.saelens_format import CFG_FILE
-from saelab.train.config import TrainConfig
+from saelab.train.config import TrainConfig, load_saved_train_config
 
 
 def read_run_config(run: Path) -> TrainConfig:
     """The TrainConfig the run at `run` was trained with."""
     if not (run / CONFIG_FILE).is_file():
         raise SaelabError(f"{run} is not a training run (no {CONFIG_FILE}); make one with `saelab train`")
-    return load_config(TrainConfig, run / CONFIG_FILE)
+    return load_saved_train_config(run / CONFIG_FILE)
 
 
 def sae_labels(run: Path, wanted: list[str]) -> list[str]:

@@ -1,11 +1,11 @@
 """One training step of one SAE: sparse forward, loss, backward, the decoder-norm constraint, Adam.
 
-loss = FVU(x̂, y) + α · AuxK + P / Var(y)   y: x, or a transcoder's target; AuxK: TopK family;
+loss = FVU(x̂, y) + α · AuxK + P / Var(y)   y: x, or a transcoder's target; AuxK: `revives_with_auxk`;
                                          P: the variant's penalty (L1, L0, Gated's auxiliary loss)
 ∇W_dec ← ∇W_dec − (∇W_dec · d̂) d̂   (no gradient along a decoder row…)
 Adam step; W_dec rows ← unit norm     (…because the renormalisation would undo it; variants whose
                                        penalty weighs the decoder norms leave them free)
-GBA: the forward pass counts firings; adapt the encoder biases every `update_tokens` tokens
+then the variant's `after_step` (GBA, which counts firings in the forward pass: adapt the encoder biases)
 
 Var(y) is the batch's ‖y − ȳ‖² per token in the SAE's space, so FVU + P / Var(y) is SAELens's loss
 (summed squared error + penalty) over the variance: a coefficient means what it means in SAELens.
@@ -33,7 +33,6 @@ from saelab.train.loss import batch_variance, normalized_mse
 if TYPE_CHECKING:
     from saelab.distributed import DataParallel
 
-TOPK_FAMILY = ("topk", "batchtopk", "gsae", "matryoshka_batchtopk")
 StepMetrics = dict[str, torch.Tensor]  # name → a 0-d tensor on the device
 
 
@@ -65,7 +64,7 @@ def train_step(
     kernels = kernels or KernelOptions()
     target = x if target is None else target
     dead = None
-    if sae.cfg.architecture in TOPK_FAMILY and k_aux > 0 and tracker.may_have_dead():
+    if sae.revives_with_auxk and k_aux > 0 and tracker.may_have_dead():
         dead = tracker.dead.to(x.device)
     out = sae.sparse_forward(x, gradient, dead, k_aux, kernels.tile, kernels.matmul_dtype)
     fvu = normalized_mse(out.reconstruction, target, data_parallel)
@@ -98,8 +97,7 @@ def train_step(
     metrics = {"loss": loss, "fvu": fvu, "aux_loss": aux, "l0": (out.values > 0).sum(-1).float().mean()}
     if penalty.requires_grad:
         metrics["penalty"] = penalty
-    if sae.cfg.architecture == "gba":
-        sae.adapt_biases()  # adapts the groups whose window is full, if any
+    sae.after_step()  # GBA adapts the biases of the groups whose window is full
     return {name: value.detach() for name, value in metrics.items()}
 
 

@@ -8,7 +8,7 @@ Under `torchrun` (several ranks), one of two ways:
 - data-parallel (the default): each global batch of `batch_size` rows is cut into one contiguous
   slice per rank, every rank holds every SAE, and `train_step` makes each step the one 1-rank
   training takes on the whole batch (losses normalised by the global batch, gradients summed, dead
-  counters and GBA windows all-reduced; BatchTopK: see `_synchronize_batchtopk`);
+  counters and GBA windows all-reduced; BatchTopK: see `BatchTopKSAE.synchronize_`);
 - `distribute_saes`: the sweep's SAEs are dealt round-robin to the ranks (SAE i to rank i mod
   world_size) and each rank trains its own on every whole batch, as one process would.
 Either way rank 0 alone writes the run folder (config, metrics, checkpoints, SAEs, summary), in the
@@ -37,18 +37,17 @@ from tqdm.auto import tqdm
 
 from saelab import distributed
 from saelab.atomic import atomic_write_json, removed_on_failure
-from saelab.config import config_changes, config_identity, load_config, save_config
+from saelab.config import config_changes, config_identity, save_config
 from saelab.distributed import DataParallel
 from saelab.errors import SaelabError
 from saelab.harvest.store import ActivationStore
 from saelab.kernels.cpu_bf16 import slow_bf16_notice
 from saelab.locking import folder_lock
 from saelab.run_layout import CONFIG_FILE, SAE_DIR, SUMMARY_FILE
-from saelab.sae import GBASAE, BatchTopKSAE, SparseAutoencoder, build_sae, load_sae, save_sae
-from saelab.sae.config import TRANSCODERS, default_lr
-from saelab.sae.transcoder import Transcoder
+from saelab.sae import SparseAutoencoder, build_sae, load_sae, save_sae
+from saelab.sae.config import default_lr
 from saelab.train.checkpoint import complete_checkpoints, load_checkpoint, load_optimizer_state, save_checkpoint
-from saelab.train.config import TrainConfig
+from saelab.train.config import TrainConfig, load_saved_train_config
 from saelab.train.dead_latents import DeadLatentTracker
 from saelab.train.initialization import geometric_median, input_scale
 from saelab.train.metrics_log import MetricsLog
@@ -219,9 +218,9 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, resume: bool) -> None:
     if saved.exists() and not resume:
         raise SaelabError(f"{out} already holds a training run; pass --resume to continue it, or choose a new `out`")
     if saved.exists():
-        before = load_config(TrainConfig, saved)
+        before = load_saved_train_config(saved)
         _pin_unset_input_norms(before, saved)
-        _keep_saved_gba_forms(before, cfg)
+        _keep_saved_forms(before, cfg)
         if changed := config_changes(_identity(before), _identity(cfg)):
             raise SaelabError(f"{out} was trained with a different config ({'; '.join(changed)}); resume it unchanged")
         return
@@ -237,13 +236,12 @@ def _pin_unset_input_norms(cfg: TrainConfig, path: Path) -> None:
             sae_cfg.input_norm = "none"
 
 
-def _keep_saved_gba_forms(saved: TrainConfig, cfg: TrainConfig) -> None:
-    """A run saved when GBA was always tied (with a trained output scale) keeps that form when resumed from a
-    config that leaves `tied` and `output_scale` unset, which now mean "by the ladder's regime"."""
+def _keep_saved_forms(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """What each SAE's saved config meant that the resumed config, leaving it unset, now means otherwise
+    (`keep_saved_form`: GBA's form from when it was always tied)."""
     for before, now in zip(saved.saes, cfg.saes, strict=False):
-        if before.architecture == now.architecture == "gba":
-            now.tied = before.tied if now.tied is None else now.tied
-            now.output_scale = before.output_scale if now.output_scale is None else now.output_scale
+        if before.variant is now.variant:
+            now.variant.keep_saved_form(before, now)
 
 
 def _build_states(
@@ -264,7 +262,7 @@ def _build_states(
         sae_cfg.hook_name = sae_cfg.hook_name or provenance["hook_name"]
         width = getattr(source, "width", lambda hook: d_in)  # a source of one hook's rows: d_in
         sae_cfg.d_in = width(sae_cfg.hook_name)
-        if sae_cfg.architecture in TRANSCODERS:
+        if sae_cfg.variant.transcoder:
             sae_cfg.d_out = width(sae_cfg.hook_name_out)
         sae_cfg.model_name = sae_cfg.model_name or provenance["model_name"]
         generator = torch.Generator().manual_seed(_init_seed(cfg.seed, index))
@@ -274,8 +272,8 @@ def _build_states(
         # fused: one kernel over all parameters (on the CPU ~6× faster than the per-tensor loop)
         optimizer = torch.optim.Adam(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         tracker = DeadLatentTracker(sae_cfg.d_sae, cfg.resolved_dead_tokens(), parallel, device)
-        if parallel is not None and isinstance(sae, GBASAE):
-            sae.data_parallel = parallel  # its window statistics are summed over ranks
+        if parallel is not None:
+            sae.use_data_parallel(parallel)  # GBA sums its window statistics over ranks
         states.append(SAEState(sae, optimizer, tracker, lr))
     return states
 
@@ -338,7 +336,7 @@ def _initialize(cfg: TrainConfig, source: BatchSource, states: list[SAEState]) -
             sae.input_scale.fill_(float(1 / typical_std))
         else:
             sae.input_scale.fill_(input_scale(sample) if cfg.normalize_activations else 1.0)
-        if isinstance(sae, Transcoder):  # b_dec lives in the target's space, scaled by its own factor
+        if sae.transcoder:  # b_dec lives in the target's space, scaled by its own factor
             sample = samples[sae.cfg.hook_name_out]
             sae.target_scale.fill_(input_scale(sample) if cfg.normalize_activations else 1.0)
         key = (sae.cfg.hook_name_out or sae.cfg.hook_name, sae.cfg.input_norm)
@@ -389,7 +387,7 @@ def _run_steps(
     the metrics, and only at the steps that log or checkpoint; batches arrive read ahead (`Prefetcher`)."""
     if position["step"] >= cfg.n_steps:  # resumed after it had finished
         return
-    needs_gradients = any(state.sae.cfg.architecture == "gsae" for state in states)
+    needs_gradients = any(state.sae.trains_on_gradients for state in states)
     if cfg.bf16_falls_back(str(device)) and distributed.is_main():
         print(f"saelab train: {slow_bf16_notice()}", file=sys.stderr)
     bf16 = cfg.resolved_dtype(str(device)) == "bfloat16"
@@ -451,12 +449,12 @@ def _step(
         k_aux,
         kernels,
         parallel,
-        target=rows[sae_cfg.hook_name_out] if sae_cfg.architecture in TRANSCODERS else None,
+        target=rows[sae_cfg.hook_name_out] if state.sae.transcoder else None,
         penalty_scale=_penalty_scale(sae_cfg.penalty_warmup, step, cfg),
     )
     if parallel is not None:
         metrics = _global_metrics(metrics, parallel, device)
-        _synchronize_batchtopk(state.sae, parallel)
+        state.sae.synchronize_(parallel)  # BatchTopK's threshold
     return metrics
 
 
@@ -537,16 +535,6 @@ def _global_metrics(metrics: StepMetrics, parallel: DataParallel, device: torch.
     values = parallel.sum_(torch.stack([metrics[key].to(device, torch.float64) for key in keys]))
     values[3] /= parallel.world_size  # equal slices: the mean of the ranks' means
     return {**metrics, **dict(zip(keys, values.unbind(), strict=True))}
-
-
-@torch.no_grad()
-def _synchronize_batchtopk(sae: SparseAutoencoder, parallel: DataParallel) -> None:
-    """BatchTopK under data parallelism: each rank keeps the top k·(its rows) of its own slice, and θ
-    moves toward the mean over ranks of each rank's smallest kept value (θ's update is linear in
-    the observation, so averaging the updated θs is exactly that). The rule, stated and tested:
-    the same as 1-rank BatchTopK whose batch-level top-k runs per slice. Not the global top-k."""
-    if isinstance(sae, BatchTopKSAE):
-        parallel.sum_(sae.threshold).div_(parallel.world_size)
 
 
 def _log_and_checkpoint(
