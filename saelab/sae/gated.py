@@ -32,14 +32,13 @@ from saelab.kernels.sparse_ops import gather_latents
 from saelab.sae.base import SparseAutoencoder, SparseOutput
 from saelab.sae.config import SAEConfig
 from saelab.sae.registry import register
-from saelab.sae.standard import DECODER_INIT_NORM, weighted_l1
+from saelab.sae.standard import DECODER_INIT_NORM, L1Penalised, weighted_l1
 
 
-class GatedSAE(SparseAutoencoder):
+class GatedSAE(L1Penalised, SparseAutoencoder):
     """A gate (π > 0) and a magnitude (its own scale r and bias b_mag on the same W_enc) per latent."""
 
     architecture = "gated"
-    config_keys = ("l1_coefficient", "penalty_warmup")
     saelens_architecture = "gated"
     loads_saelens = ("gated",)
     saelens_renames = {"b_enc": "b_gate"}  # the gate's bias; SAELens's magnitude path has its own b_mag
@@ -51,14 +50,6 @@ class GatedSAE(SparseAutoencoder):
         super().__init__(cfg, generator)
         self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
-
-    @classmethod
-    def sparsity_label(cls, cfg: SAEConfig) -> str:
-        return f"l1c{cfg.l1_coefficient:g}"
-
-    @classmethod
-    def sparsity_in_words(cls, cfg: SAEConfig) -> str:
-        return f"L1 coefficient {cfg.l1_coefficient:g}"
 
     def to_saelens_(self, weights: dict[str, torch.Tensor], fold_in: float, fold_out: float) -> None:
         weights |= {"r_mag": self.r_mag.double(), "b_mag": self.b_mag.double()}

@@ -29,16 +29,11 @@ from saelab.sae.registry import register
 DECODER_INIT_NORM = 0.1
 
 
-class StandardSAE(SparseAutoencoder):
-    """z = relu(u); an L1 penalty weighted by decoder norms (`SAEConfig.l1_coefficient`)."""
+class L1Penalised:
+    """What an SAE trained with a warmed-up L1 penalty shares (standard, Gated, transcoders): its keys and
+    how its sparsity setting is shown."""
 
-    architecture = "standard"
     config_keys = ("l1_coefficient", "penalty_warmup")
-    saelens_architecture = "standard"
-    loads_saelens = ("standard",)
-    unit_norm_decoder = False
-    decoder_init_norm = DECODER_INIT_NORM
-    fast_per_latent = True
 
     @classmethod
     def sparsity_label(cls, cfg: SAEConfig) -> str:
@@ -47,6 +42,17 @@ class StandardSAE(SparseAutoencoder):
     @classmethod
     def sparsity_in_words(cls, cfg: SAEConfig) -> str:
         return f"L1 coefficient {cfg.l1_coefficient:g}"
+
+
+class StandardSAE(L1Penalised, SparseAutoencoder):
+    """z = relu(u); an L1 penalty weighted by decoder norms (`SAEConfig.l1_coefficient`)."""
+
+    architecture = "standard"
+    saelens_architecture = "standard"
+    loads_saelens = ("standard",)
+    unit_norm_decoder = False
+    decoder_init_norm = DECODER_INIT_NORM
+    fast_per_latent = True
 
     def select(self, pre_activations: torch.Tensor, gradient: torch.Tensor | None = None) -> torch.Tensor:
         """u: [..., d_sae] → relu(u)."""

@@ -31,7 +31,7 @@ class Transcoder(StandardSAE):
     """A ReLU, L1-trained map from `hook_name` (d_in wide) to `hook_name_out` (d_out wide)."""
 
     architecture = "transcoder"
-    config_keys = ("l1_coefficient", "penalty_warmup", "d_out", "hook_name_out")
+    config_keys = (*StandardSAE.config_keys, "d_out", "hook_name_out")
     transcoder = True
     saelens_architecture = "transcoder"
     loads_saelens = ("transcoder",)
