@@ -329,18 +329,21 @@ def test_a_run_saved_with_every_variants_keys_resumes_and_is_read(tmp_path):
 
     from saelab.train.run_folder import read_run_config
 
-    sae = SAEConfig(architecture="gba", d_sae=32, n_groups=4, target_l0=2, update_tokens=256)
-    cfg = run_config(tmp_path / "run", n_tokens=1024, saes=[sae])
-    trained = train(cfg, source=sparse_data(), progress=False)[sae.label]
+    def config() -> TrainConfig:
+        sae = SAEConfig(architecture="gba", d_sae=32, n_groups=4, target_l0=2, update_tokens=256)
+        return run_config(tmp_path / "run", n_tokens=1024, saes=[sae])
+
+    label = config().saes[0].label
+    trained = train(config(), source=sparse_data(), progress=False)[label]
     saved = tmp_path / "run" / CONFIG_FILE
     data = yaml.safe_load(saved.read_text())
     every_key = {field: getattr(SAEConfig(), field) for field in SAEConfig.__dataclass_fields__} | {"beta": 5.0}
     assert set(data["saes"][0]) < set(every_key), "today's runs save each SAE's own keys only"
     data["saes"] = [every_key | data["saes"][0]]
     saved.write_text(yaml.safe_dump(data))
-    resumed = train(cfg, source=sparse_data(), resume=True, progress=False)[sae.label]  # finished: loads it
+    resumed = train(config(), source=sparse_data(), resume=True, progress=False)[label]  # finished: loads it
     assert torch.equal(resumed.W_dec, trained.W_dec)
-    assert read_run_config(tmp_path / "run").saes[0].label == sae.label
+    assert read_run_config(tmp_path / "run").saes[0].label == label
 
 
 def test_a_run_saved_when_gba_was_always_tied_resumes_in_that_form(tmp_path):
