@@ -103,7 +103,7 @@ def test_runs_are_found_with_numbers_from_the_best_file(runs_root, tmp_path):
     assert (topk.fvu, topk.l0, topk.dead_fraction) == (evaluation["fvu"], evaluation["l0"], evaluation["dead_fraction"])
     assert topk.ce_loss_recovered == evaluation["ce_loss_recovered"] is not None
     assert topk.metrics_from == "eval (held-out text)" and topk.tokens == 4096
-    assert (topk.model, topk.hook, topk.architecture, topk.d_sae, topk.k) == ("smollm2-135m", HOOK, "topk", 128, 8)
+    assert (topk.model, topk.hook, topk.architecture, topk.d_sae) == ("smollm2-135m", HOOK, "topk", 128)
     assert topk.has_features and topk.has_weights and topk.sparsity == "k 8"
 
     training = runs["tiny/training"]

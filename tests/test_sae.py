@@ -719,8 +719,8 @@ def test_a_folder_saved_before_input_norm_loads_with_the_scale_it_was_trained_wi
 def test_a_folder_saved_with_every_variants_keys_loads_unchanged(tmp_path, architecture):
     """Before each variant declared its keys, saelab saved all of SAEConfig's, other variants' included (a
     user's `beta` on a GBA among them, ignored then as now): such a folder loads as the same SAE."""
-    sae = trained_looking(architecture).eval()
-    save_sae(sae, tmp_path / "sae")
+    save_sae(trained_looking(architecture), tmp_path / "sae")
+    today = load_sae(tmp_path / "sae")
     cfg_path = tmp_path / "sae" / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     every_key = {field: getattr(SAEConfig(), field) for field in SAEConfig.__dataclass_fields__}
@@ -730,9 +730,9 @@ def test_a_folder_saved_with_every_variants_keys_loads_unchanged(tmp_path, archi
     cfg["metadata"]["saelab_config"] = every_key | saved
     cfg_path.write_text(json.dumps(cfg))
     loaded = load_sae(tmp_path / "sae")
-    assert type(loaded) is type(sae) and config_to_dict(loaded.cfg) == config_to_dict(sae.cfg)
+    assert type(loaded) is type(today) and config_to_dict(loaded.cfg) == config_to_dict(today.cfg)
     x = randn(64, D_IN, seed=5)
-    assert torch.equal(loaded(x).reconstruction, sae(x).reconstruction)
+    assert torch.equal(loaded(x).reconstruction, today(x).reconstruction)
 
 
 @pytest.mark.parametrize("architecture, cls", [("standard", StandardSAE), ("jumprelu", JumpReLUSAE)])
