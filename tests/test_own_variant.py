@@ -9,6 +9,10 @@ and appears in the dashboard's runs table; its config takes its own keys and ref
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -138,3 +142,30 @@ def test_its_config_takes_its_own_keys_and_refuses_another_variants():
         config_from_dict(SAEConfig, {"architecture": "shrunk_topk", "options": {"sharpness": 1.0}})
     with pytest.raises(ConfigError, match="architecture: 'shrunk_topc' is not a registered SAE variant"):
         config_from_dict(SAEConfig, {"architecture": "shrunk_topc"})
+
+
+def test_saelab_processes_import_a_variant_named_in_saelab_variants(tmp_path):
+    """`saelab` commands run in processes of their own: SAELAB_VARIANTS names the modules they import first."""
+    (tmp_path / "my_variants.py").write_text(
+        textwrap.dedent(
+            """
+            from saelab.sae.registry import register
+            from saelab.sae.topk import TopKSAE
+
+            class MyTopK(TopKSAE):
+                architecture = "my_topk"
+                loads_saelens = ()
+
+            register(MyTopK)
+            """
+        )
+    )
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    code = "from saelab.sae import SAEConfig; print(SAEConfig(architecture='my_topk', d_sae=64, k=4).label)"
+
+    def run(modules: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": path, "SAELAB_VARIANTS": modules}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    assert run("my_variants").stdout.strip() == "my_topk-64-k4"
+    assert "SAELAB_VARIANTS: cannot import 'no_such_module'" in run("no_such_module").stderr
