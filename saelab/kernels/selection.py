@@ -14,9 +14,9 @@ Rules whose number of pairs varies per token pad their rows: `valid` marks real 
 hold latent 0 and value 0 and get no gradient.
 
 On the CPU, `row_topk` finds each row's top-k through group maxima (exact; see its docstring),
-which is ~1.4× faster than `torch.topk` over 9216 latents, and compiled (`compiled_topk.py`, where
-numba is installed) 2.5× faster again, and `largest_relu` BatchTopK's through a
-sampled threshold (exact; ~7× faster over [4096, 4608]); on a GPU both are `torch.topk`.
+~1.4× faster than `torch.topk` over 9216 latents (and 2.5× faster again compiled, `compiled_topk.py`,
+where numba is installed); `largest_relu` finds BatchTopK's through a sampled threshold (exact; ~7×
+faster over [4096, 4608]). On a GPU both are `torch.topk`.
 """
 
 from __future__ import annotations
