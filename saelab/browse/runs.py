@@ -36,7 +36,7 @@ from saelab.run_layout import (
     SUMMARY_FILE,
 )
 from saelab.sae.config import SAEConfig
-from saelab.sae.registry import architectures
+from saelab.sae.registry import registered
 from saelab.sae.saelens_format import CFG_FILE, WEIGHTS_FILE, from_saelens
 from saelab.train.config import load_saved_train_config
 
@@ -278,7 +278,7 @@ def _saved_sparsity(run: RunInfo, label: str, cfg: dict[str, Any], saelab_cfg: d
     for a folder SAELens wrote, its k if it has one."""
     if not saelab_cfg:
         return f"k {cfg['k']}" if "k" in cfg else ""
-    if saelab_cfg.get("architecture") not in architectures():
+    if registered(saelab_cfg.get("architecture")) is None:
         return ""  # a variant of one's own that this process has not imported
     where = f"{SAE_DIR}/{label}/{CFG_FILE} metadata.saelab_config"
     saved = _attempt(run, lambda: config_from_dict(SAEConfig, SAEConfig.own_fields(saelab_cfg)), where)

@@ -129,7 +129,7 @@ class SAEConfig:
     def check_keys(cls, data: Mapping[str, Any], prefix: str) -> None:
         """A YAML mapping's keys against its variant's (`config.config_from_dict` calls this before building):
         a key another variant reads is an error naming this one's keys."""
-        variant = _registered(data.get("architecture", "topk"))
+        variant = _registered(data.get("architecture", cls.architecture))
         if variant is None:
             return  # `validate` says the architecture is unknown
         own = set(_own_keys(variant))
@@ -145,14 +145,13 @@ class SAEConfig:
     def own_fields(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
         """`fields` without the keys its variant does not read: what saelab saved before configs held only their
         own keys, and before the variants declared theirs (those keys were ignored then too)."""
-        variant = _registered(fields.get("architecture", "topk"))
+        variant = _registered(fields.get("architecture", cls.architecture))
         if variant is None:
             return dict(fields)
         return {key: value for key, value in fields.items() if key in _own_keys(variant)}
 
     def validate(self) -> None:
-        if _registered(self.architecture) is None:
-            self.variant  # noqa: B018 (raises the error that lists the registered variants)
+        variant = self.variant  # an unknown architecture: the error that lists the registered ones
         for key in ("d_in", "d_sae", "k", "n_groups", "update_tokens"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
@@ -178,10 +177,10 @@ class SAEConfig:
         if not 0 <= self.penalty_warmup <= 1:
             raise ConfigError(f"penalty_warmup: must be a fraction of the run in [0, 1], got {self.penalty_warmup}")
         for name in self.options:
-            if name not in self.variant.option_defaults:
-                known = ", ".join(self.variant.option_defaults) or "none"
+            if name not in variant.option_defaults:
+                known = ", ".join(variant.option_defaults) or "none"
                 raise ConfigError(f"options.{name}: not an option of a {self.architecture} SAE (its options: {known})")
-        self.variant.validate_config(self)
+        variant.validate_config(self)
 
     @property
     def label(self) -> str:
